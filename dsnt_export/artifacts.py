@@ -1,0 +1,154 @@
+"""Self-describing artifact directories: manifests and atomic writes.
+
+Every artifact directory (HF checkpoint, ONNX export, TensorRT engine, report) holds a
+``dsnt_manifest.json`` sidecar that current runtimes ignore (vLLM and transformers never read it).
+Loaders read metadata from it, never from file names.
+
+Manifest (schema_version 1), keys:
+    schema           "dsnt-export/manifest"
+    schema_version   1
+    kind             "hf" | "onnx" | "tensorrt" | "report"
+    tool             {"name": "dsnt-export", "version": ...}
+    created          ISO-8601 UTC timestamp
+    source_model     {"id": str, "model_type": str, ...}
+    pattern          Pattern.to_json()
+    recipe           the full recipe (config) as a dict;  recipe_hash: sha256 of its canonical JSON
+    calibration      description of the calibration data (source, nsamples, seqlen, tokens)
+    tensors          {param_name: {"shape": [out, in], "layout": "out_in" | "in_out",
+                                   "method": str, "sparsity": float, "check": MaskReport.to_json()}}
+    skipped          [{"name": str, "reason": str}]
+    timings          {stage: seconds}
+    files            {relative path: {"bytes": int, "sha256": str}}
+    extra            free-form, per kind
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import __version__
+from .errors import ArtifactError, UserInputError
+
+MANIFEST_NAME = "dsnt_manifest.json"
+SCHEMA = "dsnt-export/manifest"
+SCHEMA_VERSION = 1
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> dict:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def new_manifest(kind: str, **fields: Any) -> dict:
+    m = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "tool": {"name": "dsnt-export", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    m.update(fields)
+    if "recipe" in m and "recipe_hash" not in m:
+        m["recipe_hash"] = config_hash(m["recipe"])
+    return m
+
+
+def hash_files(directory: str | os.PathLike, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict:
+    root = Path(directory)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in exclude:
+            out[str(p.relative_to(root))] = file_digest(p)
+    return out
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict, *, with_file_hashes: bool = True) -> Path:
+    d = Path(directory)
+    if with_file_hashes:
+        manifest = dict(manifest, files=hash_files(d))
+    path = d / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | os.PathLike, *, required: bool = True) -> dict | None:
+    """Read the manifest of an artifact directory (or a manifest file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    if not p.exists():
+        if required:
+            raise ArtifactError(
+                f"no {MANIFEST_NAME} found at {p}; expected an artifact directory written by "
+                "dsnt-export (prune/export/run). Re-run the stage that produces it."
+            )
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{p} is not valid JSON ({e}); the artifact is corrupt, re-export it") from e
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA:
+        raise ArtifactError(f"{p} is not a dsnt-export manifest (schema {m.get('schema')!r} != {SCHEMA!r})")
+    if m.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{p} has schema_version {m.get('schema_version')}, newer than this tool understands "
+            f"({SCHEMA_VERSION}); upgrade dsnt-export"
+        )
+    return m
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; on success rename it to ``target``.
+
+    On any exception the temporary directory is removed and ``target`` is left untouched, so a
+    failed run never leaves a half-written artifact.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        else:
+            raise UserInputError(
+                f"output path {target} already exists; choose another --out or pass --overwrite"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
