@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 from .errors import PatternError
 
@@ -84,7 +83,7 @@ class Unstructured:
         return {"kind": "unstructured", "ratio": self.ratio, "string": str(self)}
 
 
-Pattern = Union[NM, Unstructured]
+Pattern = NM | Unstructured
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _UNSTRUCTURED_RE = re.compile(r"^\s*(?:unstructured\s*[:=]\s*)?([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(%?)\s*$")

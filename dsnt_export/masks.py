@@ -1,0 +1,130 @@
+"""Mask validation: does a keep-mask or a weight satisfy a sparsity pattern?
+
+Works on a bool keep-mask (True = kept) or on a weight (kept = non-zero; -0.0 counts as zero), as a
+torch tensor or a numpy array, in the HF layout ``[out, in]`` (groups along ``axis=-1``) or the ONNX
+``MatMul`` layout ``B = W^T [in, out]`` (groups along ``axis=0``). Always returns a structured
+:class:`MaskReport`; :func:`check_mask` raises :class:`MaskViolationError` carrying it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import MaskViolationError, ShapeError
+from .patterns import NM, Pattern, Unstructured, parse_pattern
+
+
+@dataclass(frozen=True)
+class MaskReport:
+    name: str | None
+    shape: tuple[int, ...]
+    pattern: str
+    axis: int
+    ok: bool
+    n_groups: int
+    n_violations: int
+    first_violation: dict | None
+    divisibility_error: str | None
+    sparsity: float
+    row_sparsity_min: float
+    row_sparsity_max: float
+    source: str  # "mask" or "weight"
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _as_keep(t: Any) -> tuple[torch.Tensor, str]:
+    if isinstance(t, np.ndarray):
+        if t.dtype == np.float16 or t.dtype.kind == "V":
+            t = torch.from_numpy(np.ascontiguousarray(t).view(np.uint16).astype(np.int32))
+            t = (t & 0x7FFF) != 0  # bit test: non-zero magnitude bits = kept (handles -0.0)
+            return t, "weight"
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    if not isinstance(t, torch.Tensor):
+        raise ShapeError(f"expected a torch tensor or numpy array, got {type(t).__name__}")
+    if t.dtype == torch.bool:
+        return t, "mask"
+    return t != 0, "weight"
+
+
+def validate_mask(
+    t: Any, pattern: Pattern | str, *, axis: int = -1, name: str | None = None
+) -> MaskReport:
+    """Check ``t`` (keep-mask or weight) against ``pattern`` along ``axis`` (the reduction axis)."""
+    pattern = parse_pattern(pattern)
+    keep, source = _as_keep(t)
+    shape = tuple(keep.shape)
+    if keep.dim() != 2:
+        raise ShapeError(f"{name or 'tensor'}: expected a 2-D weight or mask, got shape {shape}")
+    if axis not in (-1, 0, 1):
+        raise ShapeError(f"axis must be 0, 1 or -1 for a 2-D tensor, got {axis}")
+    ax = axis % 2
+    k = keep if ax == 1 else keep.t()  # rows x reduction axis
+    rows, red = k.shape
+    sparsity = 1.0 - float(k.sum()) / max(1, k.numel())
+    row_sp = 1.0 - k.sum(dim=1).double() / max(1, red)
+    rmin, rmax = (float(row_sp.min()), float(row_sp.max())) if rows else (0.0, 0.0)
+    base = dict(name=name, shape=shape, pattern=str(pattern), axis=ax, sparsity=sparsity,
+                row_sparsity_min=rmin, row_sparsity_max=rmax, source=source)
+    if isinstance(pattern, NM):
+        return _check_nm(k, pattern, ax, base)
+    return _check_unstructured(k, pattern, base)
+
+
+def _check_nm(k: torch.Tensor, pattern: NM, ax: int, base: dict) -> MaskReport:
+    rows, red = k.shape
+    label = base["name"] or "tensor"
+    if red % pattern.m:
+        msg = (f"{label}: reduction axis {ax} has {red} channels, not divisible by M={pattern.m}; "
+               f"an {pattern} pattern cannot hold (pad or exclude this tensor)")
+        return MaskReport(ok=False, n_groups=0, n_violations=0, first_violation=None,
+                          divisibility_error=msg, message=msg, **base)
+    counts = k.reshape(rows, red // pattern.m, pattern.m).sum(dim=-1)
+    bad = counts > pattern.n_keep
+    n_bad = int(bad.sum())
+    n_groups = counts.numel()
+    first = None
+    if n_bad:
+        r, g = (int(v) for v in bad.nonzero()[0])
+        span = [g * pattern.m, (g + 1) * pattern.m]
+        index = {"row": r, "cols": span} if ax == 1 else {"rows": span, "col": r}
+        first = {"group": g, "line": r, "kept": int(counts[r, g]), "allowed": pattern.n_keep,
+                 "index": index}
+        msg = (f"{label}: {n_bad} of {n_groups} groups of {pattern.m} along axis {ax} keep more than "
+               f"{pattern.n_keep} weights; first at {index} keeps {first['kept']}")
+    else:
+        msg = f"{label}: all {n_groups} groups satisfy {pattern} along axis {ax}"
+    return MaskReport(ok=n_bad == 0, n_groups=n_groups, n_violations=n_bad, first_violation=first,
+                      divisibility_error=None, message=msg, **base)
+
+
+def _check_unstructured(k: torch.Tensor, pattern: Unstructured, base: dict) -> MaskReport:
+    rows, red = k.shape
+    label = base["name"] or "tensor"
+    # each row of the reference prunes int(red * ratio); allow that rounding, nothing more
+    need = pattern.n_prune_per_row(red) * rows
+    pruned = int((~k).sum())
+    ok = pruned >= need
+    msg = (f"{label}: {pruned} of {k.numel()} weights pruned ({base['sparsity']:.4f}), "
+           f"{'meets' if ok else 'below'} the {pattern} target of {need}")
+    return MaskReport(ok=ok, n_groups=rows, n_violations=0 if ok else 1,
+                      first_violation=None if ok else {"pruned": pruned, "required": need},
+                      divisibility_error=None, message=msg, **base)
+
+
+def check_mask(
+    t: Any, pattern: Pattern | str, *, axis: int = -1, name: str | None = None
+) -> MaskReport:
+    """Like :func:`validate_mask` but raises :class:`MaskViolationError` when the check fails."""
+    report = validate_mask(t, pattern, axis=axis, name=name)
+    if not report.ok:
+        raise MaskViolationError(report.message, report)
+    return report

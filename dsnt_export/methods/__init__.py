@@ -1,0 +1,181 @@
+"""Initial (one-shot) masks: magnitude, Wanda, and SparseGPT (with its weight update).
+
+Pure tensor functions ``(weight, stats, pattern) -> keep`` (bool, True = kept, shape of ``weight``).
+Per-row semantics of the DSnoT reference code (spec section 4):
+
+* N:M: in every group of M consecutive input channels the ``M - N`` smallest metrics are pruned
+  (ties: lower column pruned first).
+* Unstructured(r): per row, the first ``int(in * r)`` of a stable ascending sort are pruned.
+
+Metrics are computed in float32 from the (possibly fp16) weight: magnitude ``|W|``, Wanda
+``|W| * sqrt(sq_sum)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .._keys import row_keys
+from ..errors import NonFiniteError, ShapeError, UserInputError
+from ..patterns import NM, Pattern, Unstructured, parse_pattern
+from ..stats import ActivationStats
+
+MetricFn = Callable[[torch.Tensor, "ActivationStats | None"], torch.Tensor]
+_METRICS: dict[str, MetricFn] = {}
+
+
+def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
+    def deco(fn: MetricFn) -> MetricFn:
+        _METRICS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_metric("magnitude")
+def magnitude_metric(weight: torch.Tensor, stats: ActivationStats | None = None) -> torch.Tensor:
+    return torch.abs(weight).to(torch.float32)
+
+
+@register_metric("wanda")
+def wanda_metric(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    if stats is None:
+        raise UserInputError("the Wanda metric needs activation statistics (stats=None was given)")
+    return torch.abs(weight) * torch.sqrt(stats.sq_sum.reshape((1, -1)))
+
+
+INITIAL_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def _check_weight(weight: torch.Tensor, stats: ActivationStats | None, name: str | None) -> None:
+    where = f"layer {name!r}: " if name else ""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ShapeError(f"{where}weight must be a 2-D tensor [out, in], got {shape}")
+    if not weight.is_floating_point():
+        raise ShapeError(f"{where}weight must be floating point, got {weight.dtype}")
+    if stats is not None and stats.in_features != weight.shape[1]:
+        raise ShapeError(
+            f"{where}statistics cover {stats.in_features} input channels but the weight has "
+            f"in_features={weight.shape[1]}; collect the stats on this layer's input"
+        )
+    if not bool(torch.isfinite(weight).all()):
+        raise NonFiniteError(f"{where}weight {tuple(weight.shape)} contains NaN or Inf")
+
+
+def initial_metric(
+    method: str, weight: torch.Tensor, stats: ActivationStats | None, *, name: str | None = None
+) -> torch.Tensor:
+    """Float32 importance metric ``[out, in]`` of ``method`` (higher = more important)."""
+    if method not in _METRICS:
+        raise UserInputError(
+            f"unknown metric {method!r}; known: {sorted(_METRICS)}"
+            + (" (sparsegpt has no standalone metric: use prune_initial)" if method == "sparsegpt" else "")
+        )
+    _check_weight(weight, stats, name)
+    return _METRICS[method](weight, stats)
+
+
+def nm_keep_from_metric(metric: torch.Tensor, pattern: NM) -> torch.Tensor:
+    """Keep the ``n_keep`` largest of every group of ``m`` (stable: ties prune lower column first)."""
+    rows, cols = metric.shape
+    if cols % pattern.m:
+        raise ShapeError(
+            f"in_features={cols} is not divisible by M={pattern.m} of pattern {pattern}; "
+            "exclude this layer or choose a pattern whose M divides it"
+        )
+    g = metric.reshape(rows, cols // pattern.m, pattern.m)
+    if pattern.m <= 16:
+        # rank of each element in a stable ascending sort of its group, by pairwise comparisons
+        rank = torch.zeros(g.shape, dtype=torch.int64, device=g.device)
+        for a in range(pattern.m):
+            for b in range(pattern.m):
+                if a == b:
+                    continue
+                xa, xb = g[..., a], g[..., b]
+                rank[..., a] += (xb < xa) if b > a else (xb <= xa)
+        keep = rank >= pattern.n_prune
+    else:
+        order = torch.sort(g, dim=-1, stable=True).indices
+        keep = torch.ones_like(g, dtype=torch.bool)
+        keep.scatter_(-1, order[..., : pattern.n_prune], False)
+    return keep.reshape(rows, cols)
+
+
+def unstructured_keep_from_metric(metric: torch.Tensor, pattern: Unstructured) -> torch.Tensor:
+    """Prune the first ``int(in * ratio)`` of a stable ascending sort of each row."""
+    k = pattern.n_prune_per_row(metric.shape[1])
+    if k == 0:
+        return torch.ones_like(metric, dtype=torch.bool)
+    keys = row_keys(metric)
+    kth = torch.kthvalue(keys, k, dim=1, keepdim=True).values
+    return keys > kth
+
+
+def keep_from_metric(metric: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    pattern = parse_pattern(pattern)
+    if isinstance(pattern, NM):
+        return nm_keep_from_metric(metric, pattern)
+    return unstructured_keep_from_metric(metric, pattern)
+
+
+def initial_mask(
+    method: str,
+    weight: torch.Tensor,
+    stats: ActivationStats | None,
+    pattern: Pattern | str,
+    *,
+    name: str | None = None,
+) -> torch.Tensor:
+    """Keep-mask (bool, True = kept) of ``method`` ("magnitude" or "wanda") for ``pattern``."""
+    if method == "sparsegpt":
+        raise UserInputError(
+            "sparsegpt updates the remaining weights, so a mask alone would throw that update away; "
+            "call dsnt_export.methods.prune_initial('sparsegpt', ...) which returns weight and mask"
+        )
+    return keep_from_metric(initial_metric(method, weight, stats, name=name), parse_pattern(pattern))
+
+
+@dataclass
+class InitialResult:
+    """Output of an initial pruner: the (possibly updated) dense weight, its keep-mask, and the
+    float32 metric DSnoT uses for its N:M prune choice."""
+
+    weight: torch.Tensor
+    keep: torch.Tensor
+    metric: torch.Tensor
+    method: str
+
+
+def prune_initial(
+    method: str,
+    weight: torch.Tensor,
+    stats: ActivationStats | None,
+    pattern: Pattern | str,
+    *,
+    name: str | None = None,
+    sparsegpt_blocksize: int = 128,
+    sparsegpt_percdamp: float = 0.01,
+) -> InitialResult:
+    """Run an initial pruner. For SparseGPT the returned weight carries the OBS update and the
+    metric is Wanda's on the updated weight (what DSnoT then refines)."""
+    pattern = parse_pattern(pattern)
+    if method not in INITIAL_METHODS:
+        raise UserInputError(f"unknown initial method {method!r}; known: {list(INITIAL_METHODS)}")
+    if method == "sparsegpt":
+        from .sparsegpt import sparsegpt_prune
+
+        _check_weight(weight, stats, name)
+        if stats is None or not stats.has_hessian:
+            raise UserInputError(
+                f"layer {name!r}: sparsegpt needs ActivationStats(..., hessian=True)"
+            )
+        new_w, keep = sparsegpt_prune(
+            weight, stats.hessian, pattern, blocksize=sparsegpt_blocksize, percdamp=sparsegpt_percdamp
+        )
+        return InitialResult(new_w, keep, wanda_metric(new_w, stats), method)
+    metric = initial_metric(method, weight, stats, name=name)
+    return InitialResult(weight, keep_from_metric(metric, pattern), metric, method)
