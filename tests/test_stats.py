@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from dsnt_export.errors import EmptyStatisticsError, NonFiniteError, ShapeError
+from dsnt_export.stats import ActivationStats
+
+
+def test_closed_form_two_updates():
+    st = ActivationStats(2, hessian=True)
+    st.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # one sample, T=2
+    st.update(torch.tensor([[5.0, 6.0]]))  # one sample, T=1
+    assert st.nsamples == 2 and st.ntokens == 3
+    torch.testing.assert_close(st.sq_sum, torch.tensor([17.5, 28.0]))
+    torch.testing.assert_close(st.sum, torch.tensor([4.5, 6.0]))
+    # token-weighted mean of per-update population variances (NOT the global variance)
+    torch.testing.assert_close(st.var, torch.tensor([2 / 3, 2 / 3]))
+    torch.testing.assert_close(st.hessian, torch.tensor([[35.0, 44.0], [44.0, 56.0]]))
+
+
+def test_random_matches_definitions():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 16, 8, generator=g) * 2 + 1 for _ in range(4)]  # batches of 3 samples
+    st = ActivationStats(8, hessian=True)
+    for x in xs:
+        st.update(x)
+    X = torch.cat([x.reshape(-1, 8) for x in xs]).double()
+    n = 12
+    torch.testing.assert_close(st.sq_sum.double(), (X**2).sum(0) / n, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(st.sum.double(), X.sum(0) / n, rtol=1e-5, atol=1e-4)
+    var = sum(x.reshape(-1, 8).double().var(0, unbiased=False) for x in xs) / 4
+    torch.testing.assert_close(st.var.double(), var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.hessian.double(), 2 / n * X.T @ X, rtol=1e-4, atol=1e-3)
+
+
+def test_reference_accumulation_order_bitwise():
+    """Mirror of the spec's update order, one sample per update, fp16 inputs."""
+    g = torch.Generator().manual_seed(1)
+    xs = [(torch.randn(1, 64, 32, generator=g) * 3).half() for _ in range(5)]
+    st = ActivationStats(32)
+    sq, sm, var = torch.zeros(32), torch.zeros(32), None
+    n = ntok = 0
+    for x in xs:
+        st.update(x)
+        inp = x.reshape(-1, 32).t().float()
+        vb = torch.var(inp, dim=1, unbiased=False)
+        var = vb if ntok == 0 else (var * ntok + vb * inp.shape[1]) / (ntok + inp.shape[1])
+        ntok += inp.shape[1]
+        sq *= n / (n + 1)
+        sm *= n / (n + 1)
+        n += 1
+        sq += torch.norm(inp, p=2, dim=1) ** 2 / n
+        sm += torch.sum(inp, dim=1) / n
+    assert torch.equal(st.sq_sum, sq) and torch.equal(st.sum, sm) and torch.equal(st.var, var)
+
+
+def test_2d_and_batched_are_consistent():
+    x = torch.randn(2, 10, 4)
+    a, b = ActivationStats(4), ActivationStats(4)
+    a.update(x)
+    b.update(x[0])
+    b.update(x[1])
+    torch.testing.assert_close(a.sq_sum, b.sq_sum)
+    torch.testing.assert_close(a.sum, b.sum)
+
+
+def test_bad_inputs():
+    st = ActivationStats(4, name="blk.0.q_proj")
+    with pytest.raises(EmptyStatisticsError, match="no calibration data"):
+        _ = st.sq_sum
+    with pytest.raises(ShapeError, match=r"in_features=4"):
+        st.update(torch.randn(3, 5))
+    with pytest.raises(ShapeError):
+        ActivationStats(0)
+    st.update(torch.tensor([[1.0, float("nan"), 0.0, 1.0]]))
+    with pytest.raises(NonFiniteError, match="blk.0.q_proj"):
+        _ = st.sum
+    with pytest.raises(EmptyStatisticsError, match="hessian=True"):
+        _ = st.hessian
