@@ -143,6 +143,17 @@ class RefineInfo:
         }
 
 
+def _grow_scores(Dz: torch.Tensor, var: torch.Tensor, power: float) -> torch.Tensor:
+    """Grow score D / var**p of pruned weights, 0 for kept ones (spec section 2; no epsilon)."""
+    if not power:
+        return Dz
+    denom = torch.pow(var.reshape((1, -1)), power)
+    grow = Dz / denom
+    if not bool(((denom > 0) & torch.isfinite(denom)).all()):
+        grow = torch.nan_to_num(grow, nan=0.0)  # 0/0 of degenerate channels: never a candidate
+    return grow
+
+
 def _resolve_metric(
     initial_metric, weight: torch.Tensor, keep: torch.Tensor, stats: ActivationStats, pattern
 ) -> tuple[torch.Tensor, str]:
@@ -204,25 +215,32 @@ def refine_with_info(
 
     D = weight * stats.sum.reshape((1, -1))  # float32 (type promotion from fp16 is exact)
     D = D.to(torch.float32)
-    err = torch.sum(D.masked_fill(keep, 0), dim=1, keepdim=True)
+    Dz = D.masked_fill(keep, 0)  # the reference's metric_for_regrowing
+    err = torch.sum(Dz, dim=1, keepdim=True)
     err_before = err.clone()
     keep = keep.clone()
     if config.max_cycles == 0 or keep.all() or not keep.any():
         return keep, RefineInfo(err_before[:, 0], err[:, 0], 0, 0, metric_name)
 
     sign0 = torch.sign(err)
-    pruned = ~keep
-    grow = D / torch.pow(stats.var.reshape((1, -1)), config.var_power) if config.var_power else D
     K = min(config.max_cycles, D.shape[1])
-    gp_idx, gp_n = select_candidates(grow, pruned & (grow > 0), K, descending=True)
-    gn_idx, gn_n = select_candidates(grow, pruned & (grow < 0), K, descending=False)
+    grow = _grow_scores(Dz, stats.var, config.var_power)
+    gp_idx, gp_n = select_candidates(grow, K, descending=True, valid_fn=lambda v: v > 0)
+    gn_idx, gn_n = select_candidates(grow, K, descending=False, valid_fn=lambda v: v < 0)
+    del grow
     unstructured = not isinstance(pattern, NM)
     if unstructured:
         wanda = wanda_metric(weight, stats)
-        pp_idx, pp_n = select_candidates(wanda, keep & (D > 0), K, descending=False)
-        pn_idx, pn_n = select_candidates(wanda, keep & (D < 0), K, descending=False)
+        inf = float("inf")
+        pp_idx, pp_n = select_candidates(
+            wanda.masked_fill(~keep | (D <= 0), inf), K, descending=False, valid_fn=torch.isfinite
+        )
+        pn_idx, pn_n = select_candidates(
+            wanda.masked_fill(~keep | (D >= 0), inf), K, descending=False, valid_fn=torch.isfinite
+        )
+        del wanda
     else:
-        avail = metric_t.masked_fill(pruned, float("inf"))
+        avail = metric_t.masked_fill(~keep, float("inf"))
         m_range = torch.arange(pattern.m, device=D.device)
 
     R = D.shape[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._keys import row_keys
+from .._keys import smallest_k_mask
 from ..errors import NonFiniteError, ShapeError, UserInputError
 from ..patterns import NM, Pattern, Unstructured, parse_pattern
 from ..stats import ActivationStats
@@ -87,21 +87,21 @@ def nm_keep_from_metric(metric: torch.Tensor, pattern: NM) -> torch.Tensor:
             f"in_features={cols} is not divisible by M={pattern.m} of pattern {pattern}; "
             "exclude this layer or choose a pattern whose M divides it"
         )
-    g = metric.reshape(rows, cols // pattern.m, pattern.m)
     if pattern.m <= 16:
-        # rank of each element in a stable ascending sort of its group, by pairwise comparisons
-        rank = torch.zeros(g.shape, dtype=torch.int64, device=g.device)
+        # Rank of every element in a stable ascending sort of its group, from one comparison per
+        # pair on contiguous [rows, groups] planes (no sort, no int64 temporaries).
+        planes = metric.reshape(rows, cols // pattern.m, pattern.m).permute(2, 0, 1).contiguous()
+        rank = torch.zeros(planes.shape, dtype=torch.uint8, device=metric.device)
         for a in range(pattern.m):
-            for b in range(pattern.m):
-                if a == b:
-                    continue
-                xa, xb = g[..., a], g[..., b]
-                rank[..., a] += (xb < xa) if b > a else (xb <= xa)
-        keep = rank >= pattern.n_prune
-    else:
-        order = torch.sort(g, dim=-1, stable=True).indices
-        keep = torch.ones_like(g, dtype=torch.bool)
-        keep.scatter_(-1, order[..., : pattern.n_prune], False)
+            for b in range(a + 1, pattern.m):
+                a_first = planes[a] <= planes[b]  # stable: the lower column wins a tie
+                rank[b] += a_first
+                rank[a] += ~a_first
+        return (rank >= pattern.n_prune).permute(1, 2, 0).reshape(rows, cols)
+    g = metric.reshape(rows, cols // pattern.m, pattern.m)
+    order = torch.sort(g, dim=-1, stable=True).indices
+    keep = torch.ones_like(g, dtype=torch.bool)
+    keep.scatter_(-1, order[..., : pattern.n_prune], False)
     return keep.reshape(rows, cols)
 
 
@@ -110,9 +110,7 @@ def unstructured_keep_from_metric(metric: torch.Tensor, pattern: Unstructured) -
     k = pattern.n_prune_per_row(metric.shape[1])
     if k == 0:
         return torch.ones_like(metric, dtype=torch.bool)
-    keys = row_keys(metric)
-    kth = torch.kthvalue(keys, k, dim=1, keepdim=True).values
-    return keys > kth
+    return ~smallest_k_mask(metric, k)
 
 
 def keep_from_metric(metric: torch.Tensor, pattern: Pattern) -> torch.Tensor:
