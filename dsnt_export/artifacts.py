@@ -87,7 +87,9 @@ def hash_files(directory: str | os.PathLike, exclude: tuple[str, ...] = (MANIFES
     return out
 
 
-def write_manifest(directory: str | os.PathLike, manifest: dict, *, with_file_hashes: bool = True) -> Path:
+def write_manifest(
+    directory: str | os.PathLike, manifest: dict, *, with_file_hashes: bool = True
+) -> Path:
     d = Path(directory)
     if with_file_hashes:
         manifest = dict(manifest, files=hash_files(d))
@@ -113,9 +115,13 @@ def read_manifest(path: str | os.PathLike, *, required: bool = True) -> dict | N
     try:
         m = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{p} is not valid JSON ({e}); the artifact is corrupt, re-export it") from e
+        raise ArtifactError(
+            f"{p} is not valid JSON ({e}); the artifact is corrupt, re-export it"
+        ) from e
     if not isinstance(m, dict) or m.get("schema") != SCHEMA:
-        raise ArtifactError(f"{p} is not a dsnt-export manifest (schema {m.get('schema')!r} != {SCHEMA!r})")
+        raise ArtifactError(
+            f"{p} is not a dsnt-export manifest (schema {m.get('schema')!r} != {SCHEMA!r})"
+        )
     if m.get("schema_version", 0) > SCHEMA_VERSION:
         raise ArtifactError(
             f"{p} has schema_version {m.get('schema_version')}, newer than this tool understands "

@@ -17,7 +17,10 @@ from .errors import DsntError, UserInputError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("run", "whole pipeline: prune, validate, evaluate, export, report (no args = embedded default)"),
+    "run": (
+        "run",
+        "whole pipeline: prune, validate, evaluate, export, report (no args = embedded default)",
+    ),
     "prune": ("prune", "sparsify a Hugging Face causal LM block by block (initial mask + DSnoT)"),
     "eval": ("eval", "perplexity of a checkpoint directory"),
     "check": ("check", "CI gate: re-validate an artifact's sparsity pattern and metadata"),
@@ -43,7 +46,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="DSnoT N:M sparsification of LLMs, mask checks, runtime export and benchmarks.",
     )
     parser.add_argument("--version", action="version", version=f"dsnt-export {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, helptext) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)

@@ -35,7 +35,7 @@ from ._keys import select_candidates
 from .errors import ShapeError, UserInputError
 from .masks import check_mask
 from .methods import initial_metric as _initial_metric
-from .methods import keep_from_metric, wanda_metric
+from .methods import _check_weight, keep_from_metric, wanda_metric
 from .patterns import NM, Pattern, parse_pattern
 from .stats import ActivationStats
 
@@ -63,7 +63,11 @@ class DSnoTConfig:
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self):
-        if isinstance(self.max_cycles, bool) or not isinstance(self.max_cycles, int) or self.max_cycles < 0:
+        if (
+            isinstance(self.max_cycles, bool)
+            or not isinstance(self.max_cycles, int)
+            or self.max_cycles < 0
+        ):
             raise UserInputError(f"max_cycles must be an int >= 0, got {self.max_cycles!r}")
         for name in ("update_threshold", "var_power"):
             v = getattr(self, name)
@@ -78,10 +82,10 @@ class DSnoTConfig:
     def _with(cls, preset: str, base: dict, overrides: dict) -> DSnoTConfig:
         unknown = sorted(set(overrides) - set(_OVERRIDABLE))
         if unknown:
-            raise UserInputError(
-                f"unknown DSnoT option(s) {unknown}; known: {list(_OVERRIDABLE)}"
-            )
-        return cls(**{**base, **overrides}, preset=preset if not overrides else f"{preset}+overrides")
+            raise UserInputError(f"unknown DSnoT option(s) {unknown}; known: {list(_OVERRIDABLE)}")
+        return cls(
+            **{**base, **overrides}, preset=preset if not overrides else f"{preset}+overrides"
+        )
 
     @classmethod
     def official(cls, **overrides) -> DSnoTConfig:
@@ -181,10 +185,15 @@ def _resolve_metric(
 
 def _validate(weight, keep, stats, pattern, name):
     where = f"layer {name!r}: " if name else ""
+    _check_weight(weight, stats, name)
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-        raise UserInputError(f"{where}keep must be a bool tensor (True = kept), got {getattr(keep, 'dtype', type(keep))}")
+        raise UserInputError(
+            f"{where}keep must be a bool tensor (True = kept), got {getattr(keep, 'dtype', type(keep))}"
+        )
     if keep.shape != weight.shape:
-        raise ShapeError(f"{where}keep has shape {tuple(keep.shape)} but weight has {tuple(weight.shape)}")
+        raise ShapeError(
+            f"{where}keep has shape {tuple(keep.shape)} but weight has {tuple(weight.shape)}"
+        )
     if isinstance(pattern, NM):
         check_mask(keep, pattern, name=name)
 
@@ -208,10 +217,16 @@ def refine_with_info(
     """
     pattern = parse_pattern(pattern)
     config = config if config is not None else DSnoTConfig.official()
-    metric_t, metric_name = _resolve_metric(initial_metric, weight, keep, stats, pattern) if isinstance(
-        pattern, NM
-    ) else (None, "wanda")
     _validate(weight, keep, stats, pattern, name)
+    metric_t, metric_name = (None, "wanda")
+    if isinstance(pattern, NM):
+        metric_t, metric_name = _resolve_metric(initial_metric, weight, keep, stats, pattern)
+    elif not (
+        isinstance(initial_metric, torch.Tensor) or initial_metric in ("auto", "wanda", "magnitude")
+    ):
+        raise UserInputError(
+            f"initial_metric must be 'auto', 'wanda', 'magnitude' or a tensor, got {initial_metric!r}"
+        )
 
     D = weight * stats.sum.reshape((1, -1))  # float32 (type promotion from fp16 is exact)
     D = D.to(torch.float32)
@@ -255,14 +270,22 @@ def refine_with_info(
     for cycle in range(config.max_cycles):
         cycles = cycle + 1
         pos = err > 0
-        gi = torch.where(pos, gp_idx.gather(1, ptr_gp.clamp(max=K - 1)), gn_idx.gather(1, ptr_gn.clamp(max=K - 1)))
+        gi = torch.where(
+            pos,
+            gp_idx.gather(1, ptr_gp.clamp(max=K - 1)),
+            gn_idx.gather(1, ptr_gn.clamp(max=K - 1)),
+        )
         g_ok = torch.where(pos, ptr_gp < gp_n[:, None], ptr_gn < gn_n[:, None])
         ptr_gp += pos
         ptr_gn += ~pos
         d_grow = D.gather(1, gi)
         if unstructured:
             neg = err < 0
-            pj = torch.where(neg, pp_idx.gather(1, ptr_pp.clamp(max=K - 1)), pn_idx.gather(1, ptr_pn.clamp(max=K - 1)))
+            pj = torch.where(
+                neg,
+                pp_idx.gather(1, ptr_pp.clamp(max=K - 1)),
+                pn_idx.gather(1, ptr_pn.clamp(max=K - 1)),
+            )
             p_ok = torch.where(neg, ptr_pp < pp_n[:, None], ptr_pn < pn_n[:, None])
             ptr_pp += neg
             ptr_pn += ~neg

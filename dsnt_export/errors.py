@@ -57,7 +57,9 @@ class MissingDependencyError(DsntError, ImportError):
     def __init__(self, package: str, extra: str | None = None, purpose: str = ""):
         how = f"pip install 'dsnt-export[{extra}]'" if extra else f"pip install {package}"
         what = f" (needed for {purpose})" if purpose else ""
-        super().__init__(f"the optional package '{package}' is not installed{what}; install it with: {how}")
+        super().__init__(
+            f"the optional package '{package}' is not installed{what}; install it with: {how}"
+        )
         self.package = package
 
 

@@ -72,8 +72,16 @@ def validate_mask(
     sparsity = 1.0 - float(k.sum()) / max(1, k.numel())
     row_sp = 1.0 - k.sum(dim=1).double() / max(1, red)
     rmin, rmax = (float(row_sp.min()), float(row_sp.max())) if rows else (0.0, 0.0)
-    base = dict(name=name, shape=shape, pattern=str(pattern), axis=ax, sparsity=sparsity,
-                row_sparsity_min=rmin, row_sparsity_max=rmax, source=source)
+    base = dict(
+        name=name,
+        shape=shape,
+        pattern=str(pattern),
+        axis=ax,
+        sparsity=sparsity,
+        row_sparsity_min=rmin,
+        row_sparsity_max=rmax,
+        source=source,
+    )
     if isinstance(pattern, NM):
         return _check_nm(k, pattern, ax, base)
     return _check_unstructured(k, pattern, base)
@@ -83,10 +91,19 @@ def _check_nm(k: torch.Tensor, pattern: NM, ax: int, base: dict) -> MaskReport:
     rows, red = k.shape
     label = base["name"] or "tensor"
     if red % pattern.m:
-        msg = (f"{label}: reduction axis {ax} has {red} channels, not divisible by M={pattern.m}; "
-               f"an {pattern} pattern cannot hold (pad or exclude this tensor)")
-        return MaskReport(ok=False, n_groups=0, n_violations=0, first_violation=None,
-                          divisibility_error=msg, message=msg, **base)
+        msg = (
+            f"{label}: reduction axis {ax} has {red} channels, not divisible by M={pattern.m}; "
+            f"an {pattern} pattern cannot hold (pad or exclude this tensor)"
+        )
+        return MaskReport(
+            ok=False,
+            n_groups=0,
+            n_violations=0,
+            first_violation=None,
+            divisibility_error=msg,
+            message=msg,
+            **base,
+        )
     counts = k.reshape(rows, red // pattern.m, pattern.m).sum(dim=-1)
     bad = counts > pattern.n_keep
     n_bad = int(bad.sum())
@@ -96,14 +113,28 @@ def _check_nm(k: torch.Tensor, pattern: NM, ax: int, base: dict) -> MaskReport:
         r, g = (int(v) for v in bad.nonzero()[0])
         span = [g * pattern.m, (g + 1) * pattern.m]
         index = {"row": r, "cols": span} if ax == 1 else {"rows": span, "col": r}
-        first = {"group": g, "line": r, "kept": int(counts[r, g]), "allowed": pattern.n_keep,
-                 "index": index}
-        msg = (f"{label}: {n_bad} of {n_groups} groups of {pattern.m} along axis {ax} keep more than "
-               f"{pattern.n_keep} weights; first at {index} keeps {first['kept']}")
+        first = {
+            "group": g,
+            "line": r,
+            "kept": int(counts[r, g]),
+            "allowed": pattern.n_keep,
+            "index": index,
+        }
+        msg = (
+            f"{label}: {n_bad} of {n_groups} groups of {pattern.m} along axis {ax} keep more than "
+            f"{pattern.n_keep} weights; first at {index} keeps {first['kept']}"
+        )
     else:
         msg = f"{label}: all {n_groups} groups satisfy {pattern} along axis {ax}"
-    return MaskReport(ok=n_bad == 0, n_groups=n_groups, n_violations=n_bad, first_violation=first,
-                      divisibility_error=None, message=msg, **base)
+    return MaskReport(
+        ok=n_bad == 0,
+        n_groups=n_groups,
+        n_violations=n_bad,
+        first_violation=first,
+        divisibility_error=None,
+        message=msg,
+        **base,
+    )
 
 
 def _check_unstructured(k: torch.Tensor, pattern: Unstructured, base: dict) -> MaskReport:
@@ -113,11 +144,19 @@ def _check_unstructured(k: torch.Tensor, pattern: Unstructured, base: dict) -> M
     need = pattern.n_prune_per_row(red) * rows
     pruned = int((~k).sum())
     ok = pruned >= need
-    msg = (f"{label}: {pruned} of {k.numel()} weights pruned ({base['sparsity']:.4f}), "
-           f"{'meets' if ok else 'below'} the {pattern} target of {need}")
-    return MaskReport(ok=ok, n_groups=rows, n_violations=0 if ok else 1,
-                      first_violation=None if ok else {"pruned": pruned, "required": need},
-                      divisibility_error=None, message=msg, **base)
+    msg = (
+        f"{label}: {pruned} of {k.numel()} weights pruned ({base['sparsity']:.4f}), "
+        f"{'meets' if ok else 'below'} the {pattern} target of {need}"
+    )
+    return MaskReport(
+        ok=ok,
+        n_groups=rows,
+        n_violations=0 if ok else 1,
+        first_violation=None if ok else {"pruned": pruned, "required": need},
+        divisibility_error=None,
+        message=msg,
+        **base,
+    )
 
 
 def check_mask(

@@ -86,7 +86,9 @@ class Unstructured:
 Pattern = NM | Unstructured
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_UNSTRUCTURED_RE = re.compile(r"^\s*(?:unstructured\s*[:=]\s*)?([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(%?)\s*$")
+_UNSTRUCTURED_RE = re.compile(
+    r"^\s*(?:unstructured\s*[:=]\s*)?([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(%?)\s*$"
+)
 
 
 def parse_pattern(s: str | Pattern) -> Pattern:
@@ -94,7 +96,9 @@ def parse_pattern(s: str | Pattern) -> Pattern:
     if isinstance(s, (NM, Unstructured)):
         return s
     if not isinstance(s, str):
-        raise PatternError(f"a sparsity pattern must be a string like '2:4' or 'unstructured:0.6', got {type(s).__name__} {s!r}")
+        raise PatternError(
+            f"a sparsity pattern must be a string like '2:4' or 'unstructured:0.6', got {type(s).__name__} {s!r}"
+        )
     m = _NM_RE.match(s)
     if m:
         return NM(int(m.group(1)), int(m.group(2)))

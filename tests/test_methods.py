@@ -35,7 +35,10 @@ def test_golden_asymmetric_1of4_keeps_one():
     assert keep.tolist() == [[True, False, False, False, False, False, True, False]]
 
 
-@pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4), NM(2, 8), NM(4, 8), NM(3, 8), Unstructured(0.5), Unstructured(0.7)])
+@pytest.mark.parametrize(
+    "pattern",
+    [NM(2, 4), NM(1, 4), NM(2, 8), NM(4, 8), NM(3, 8), Unstructured(0.5), Unstructured(0.7)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_random_masks_valid_and_match_stable_sort(pattern, dtype):
     g = torch.Generator().manual_seed(hash((str(pattern), str(dtype))) % 2**31)

@@ -22,7 +22,9 @@ def test_parse_valid(text, expected):
     assert parse_pattern(text) == expected
 
 
-@pytest.mark.parametrize("text", ["5:4", "2:0", "0:4", "4:4", "abc", "unstructured:1.2", "1.0", "0", "", "2:4:8", "-0.5"])
+@pytest.mark.parametrize(
+    "text", ["5:4", "2:0", "0:4", "4:4", "abc", "unstructured:1.2", "1.0", "0", "", "2:4:8", "-0.5"]
+)
 def test_parse_invalid_raises_clear_error(text):
     with pytest.raises(PatternError) as e:
         parse_pattern(text)

@@ -73,7 +73,11 @@ def initial_metric(
     if method not in _METRICS:
         raise UserInputError(
             f"unknown metric {method!r}; known: {sorted(_METRICS)}"
-            + (" (sparsegpt has no standalone metric: use prune_initial)" if method == "sparsegpt" else "")
+            + (
+                " (sparsegpt has no standalone metric: use prune_initial)"
+                if method == "sparsegpt"
+                else ""
+            )
         )
     _check_weight(weight, stats, name)
     return _METRICS[method](weight, stats)
@@ -134,7 +138,9 @@ def initial_mask(
             "sparsegpt updates the remaining weights, so a mask alone would throw that update away; "
             "call dsnt_export.methods.prune_initial('sparsegpt', ...) which returns weight and mask"
         )
-    return keep_from_metric(initial_metric(method, weight, stats, name=name), parse_pattern(pattern))
+    return keep_from_metric(
+        initial_metric(method, weight, stats, name=name), parse_pattern(pattern)
+    )
 
 
 @dataclass
@@ -172,7 +178,11 @@ def prune_initial(
                 f"layer {name!r}: sparsegpt needs ActivationStats(..., hessian=True)"
             )
         new_w, keep = sparsegpt_prune(
-            weight, stats.hessian, pattern, blocksize=sparsegpt_blocksize, percdamp=sparsegpt_percdamp
+            weight,
+            stats.hessian,
+            pattern,
+            blocksize=sparsegpt_blocksize,
+            percdamp=sparsegpt_percdamp,
         )
         return InitialResult(new_w, keep, wanda_metric(new_w, stats), method)
     metric = initial_metric(method, weight, stats, name=name)
