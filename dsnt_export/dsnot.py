@@ -34,8 +34,8 @@ import torch
 from ._keys import select_candidates
 from .errors import ShapeError, UserInputError
 from .masks import check_mask
-from .methods import initial_metric as _initial_metric
 from .methods import _check_weight, keep_from_metric, wanda_metric
+from .methods import initial_metric as _initial_metric
 from .patterns import NM, Pattern, parse_pattern
 from .stats import ActivationStats
 
