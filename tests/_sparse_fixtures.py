@@ -1,0 +1,144 @@
+"""Tiny sparse Hugging Face checkpoint directories, built in-process (no downloads).
+
+They have the layout ``dsnt-export prune`` writes: config.json, generation_config.json,
+model.safetensors (or shards + index), tokenizer files and a ``dsnt_manifest.json`` of kind "hf"
+whose "tensors" maps every pruned decoder linear to its shape, layout, method, sparsity and mask
+check. Masks are plain magnitude masks within groups: enough for structural tests, nothing more.
+
+Reusable by any test module::
+
+    from tests._sparse_fixtures import make_sparse_hf_dir
+    src = make_sparse_hf_dir(tmp_path / "src", "llama", pattern="2:4")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dsnt_export.artifacts import new_manifest, write_manifest
+from dsnt_export.masks import validate_mask
+from dsnt_export.patterns import NM, parse_pattern
+
+ARCHS = ("llama", "qwen2", "opt")
+VOCAB = 256
+# where each fixture architecture keeps its decoder blocks (test-side knowledge only)
+_BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers",
+           "qwen3": "model.layers", "opt": "model.decoder.layers"}
+
+
+def tiny_config(arch: str, *, hidden: int = 64, inter: int = 128, layers: int = 2):
+    import transformers as T
+
+    if arch == "opt":
+        return T.OPTConfig(vocab_size=VOCAB, hidden_size=hidden, ffn_dim=inter,
+                           num_hidden_layers=layers, num_attention_heads=4,
+                           max_position_embeddings=256, word_embed_proj_dim=hidden, dropout=0.0,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return T.AutoConfig.for_model(
+        arch, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=hidden // 4, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def nm_magnitude_keep(w: torch.Tensor, pattern) -> torch.Tensor:
+    """Keep-mask: the ``n_keep`` largest |w| in every group of ``m`` along the last axis."""
+    p = parse_pattern(pattern)
+    out, inp = w.shape
+    a = w.detach().abs().float()
+    if isinstance(p, NM):
+        g = a.reshape(out, inp // p.m, p.m)
+        idx = g.topk(p.n_keep, dim=-1).indices
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+        return keep.reshape(out, inp)
+    k = p.n_prune_per_row(inp)
+    idx = a.topk(k, dim=-1, largest=False).indices
+    return torch.ones_like(a, dtype=torch.bool).scatter_(-1, idx, False)
+
+
+def target_linears(model, arch: str) -> dict[str, torch.nn.Linear]:
+    blocks = model.get_submodule(_BLOCKS[arch])
+    prefix = _BLOCKS[arch]
+    out = {}
+    for i, block in enumerate(blocks):
+        for name, mod in block.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                out[f"{prefix}.{i}.{name}"] = mod
+    return out
+
+
+def tiny_sparse_model(arch: str = "llama", *, pattern="2:4", dtype=torch.float32, seed: int = 0,
+                      **cfg_kw):
+    """A random tiny causal LM with every decoder linear pruned to ``pattern`` (zeros in place).
+
+    Returns ``(model, masks)`` with ``masks[param_name] = keep`` (bool [out, in]).
+    """
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(arch, **cfg_kw)).eval()
+    masks = {}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+        for name, lin in target_linears(model, arch).items():
+            keep = nm_magnitude_keep(lin.weight, pattern)
+            lin.weight.mul_(keep)
+            masks[f"{name}.weight"] = keep
+    return model.to(dtype), masks
+
+
+def tiny_tokenizer(vocab: int = VOCAB):
+    """A word-level fast tokenizer over ``vocab`` tokens (``<pad> <s> </s> <unk> w4 w5 ...``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, vocab)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def sparse_manifest(model, masks: dict, pattern, *, arch: str, method: str = "magnitude") -> dict:
+    p = parse_pattern(pattern)
+    sd = model.state_dict()
+    tensors = {}
+    for name in masks:
+        w = sd[name]
+        rep = validate_mask(w, p, name=name)
+        tensors[name] = {"shape": list(w.shape), "layout": "out_in", "method": method,
+                         "sparsity": rep.sparsity, "check": rep.to_json()}
+    return new_manifest(
+        "hf", source_model={"id": f"tiny-random-{arch}", "model_type": arch}, pattern=p.to_json(),
+        recipe={"pattern": str(p), "init": method, "refine": "none"}, tensors=tensors, skipped=[],
+        calibration={"source": "none (test fixture)"}, timings={}, extra={},
+    )
+
+
+def make_sparse_hf_dir(path, arch: str = "llama", *, pattern="2:4", dtype=torch.float32,
+                       seed: int = 0, max_shard_size: str | None = None, tokenizer: bool = True,
+                       sparsity_config: dict | None = None, **cfg_kw) -> Path:
+    """Write a tiny sparse HF checkpoint directory as ``dsnt-export prune`` would; return its path.
+
+    ``sparsity_config``: if given, put it into config.json's quantization_config (to test that
+    exporters strip a leftover one).
+    """
+    path = Path(path)
+    model, masks = tiny_sparse_model(arch, pattern=pattern, dtype=dtype, seed=seed, **cfg_kw)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kw)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(path)
+    if sparsity_config is not None:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "compressed-tensors",
+                                      "sparsity_config": sparsity_config}
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_manifest(path, sparse_manifest(model, masks, pattern, arch=arch))
+    return path
