@@ -1,0 +1,127 @@
+"""Parity of an exported artifact against eager PyTorch: comparisons that collect, then raise.
+
+A :class:`ParityCheck` collects one row per compared output (max |runtime - torch|, the tolerance,
+pass/fail) and raises :class:`~dsnt_export.errors.ParityError` once, listing every mismatch with its
+per-output maximum difference, never just the first one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dsnt_export.errors import ParityError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What "same outputs" means for one converter and dtype.
+
+    ``logits_atol``: max |logits_runtime - logits_torch| allowed, scaled by
+    ``max(1, max|logits_torch|)`` so that it is a relative bound for large logits.
+    ``ppl_rel``: max |ppl_runtime / ppl_torch - 1|.
+    """
+
+    logits_atol: float
+    ppl_rel: float
+
+    def logits_bound(self, reference: np.ndarray) -> float:
+        scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
+        return self.logits_atol * scale
+
+    def to_json(self) -> dict:
+        return {"logits_atol": self.logits_atol, "ppl_rel": self.ppl_rel,
+                "logits_scaling": "atol * max(1, max|torch logits|)"}
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+@dataclass
+class ParityCheck:
+    """Collects comparisons of named outputs; :meth:`raise_if_failed` raises one ParityError."""
+
+    what: str
+    rows: dict[str, dict] = field(default_factory=dict)
+
+    def compare(self, name: str, runtime, reference, tol: Tolerance) -> dict:
+        a, b = _np(runtime), _np(reference)
+        if a.shape != b.shape:
+            row = {"ok": False, "max_abs_diff": math.inf, "bound": None,
+                   "error": f"shape {a.shape} != torch {b.shape}"}
+        elif not np.isfinite(a).all():
+            row = {"ok": False, "max_abs_diff": math.inf, "bound": tol.logits_bound(b),
+                   "error": "non-finite values in the runtime output"}
+        else:
+            diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+            bound = tol.logits_bound(b)
+            row = {"ok": diff <= bound, "max_abs_diff": diff, "bound": bound}
+        self.rows[name] = row
+        return row
+
+    def compare_ppl(self, name: str, runtime_ppl: float, torch_ppl: float, tol: Tolerance) -> dict:
+        rel = abs(runtime_ppl / torch_ppl - 1.0) if torch_ppl > 0 else math.inf
+        ok = math.isfinite(runtime_ppl) and rel <= tol.ppl_rel
+        self.rows[name] = {"ok": ok, "ppl_runtime": runtime_ppl, "ppl_torch": torch_ppl,
+                           "rel_diff": rel, "bound": tol.ppl_rel,
+                           "max_abs_diff": abs(runtime_ppl - torch_ppl)}
+        return self.rows[name]
+
+    def fail(self, name: str, error: str) -> None:
+        self.rows[name] = {"ok": False, "max_abs_diff": math.inf, "bound": None, "error": error}
+
+    @property
+    def ok(self) -> bool:
+        return all(r["ok"] for r in self.rows.values())
+
+    def raise_if_failed(self) -> None:
+        bad = {k: r for k, r in self.rows.items() if not r["ok"]}
+        if not bad:
+            return
+        lines = []
+        for k, r in bad.items():
+            extra = f" ({r['error']})" if "error" in r else ""
+            if "rel_diff" in r:
+                lines.append(f"{k}: perplexity {r['ppl_runtime']:.6g} vs torch {r['ppl_torch']:.6g}"
+                             f", relative diff {r['rel_diff']:.3g} > {r['bound']:.3g}{extra}")
+            else:
+                bound = "n/a" if r["bound"] is None else f"{r['bound']:.3g}"
+                lines.append(f"{k}: max |diff| {r['max_abs_diff']:.3g} > {bound}{extra}")
+        raise ParityError(
+            f"{self.what}: {len(bad)} of {len(self.rows)} outputs differ from eager torch:\n  "
+            + "\n  ".join(lines),
+            max_abs_diff={k: r["max_abs_diff"] for k, r in bad.items()},
+        )
+
+
+def nll_sum(logits, ids) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
+    lg = torch.as_tensor(_np(logits), dtype=torch.float64)
+    t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    logp = torch.log_softmax(lg[:, :-1], dim=-1)
+    tgt = t[:, 1:]
+    nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return float(nll.sum()), int(tgt.numel())
+
+
+def perplexity(logits_batches, id_batches) -> float:
+    """exp(mean NLL) over batches of [B, T] windows (each window scored on its own)."""
+    total, n = 0.0, 0
+    for lg, ids in zip(logits_batches, id_batches, strict=True):
+        s, k = nll_sum(lg, ids)
+        total += s
+        n += k
+    return math.exp(total / max(n, 1))
+
+
+def parity_ids(vocab_size: int, *, batch: int = 2, seqlen: int = 32, seed: int = 0,
+               low: int = 0) -> torch.Tensor:
+    """Deterministic random token ids for parity runs (random tokens are fine for parity)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab_size, (batch, seqlen), generator=g)

@@ -1,0 +1,46 @@
+"""``dsnt-export check PATH``: the CI gate for sparse artifacts.
+
+Re-derives the sparsity pattern from the stored tensors of PATH (a Hugging Face checkpoint
+directory, a single .safetensors file, an ONNX file or export directory, a TensorRT report JSON or
+engine directory), compares it with the artifact's manifest (pattern, per-tensor shape and
+sparsity, file sha256) and checks the config against current vLLM's contract (no
+sparsity_config, known architecture).
+
+Exit codes: 0 every check holds; 1 a violation (pattern broken, tensor missing or transposed,
+sparsity/hash differing from the manifest, config vLLM refuses); 2 unreadable or bad input
+(path missing, not an artifact, truncated or corrupt file, bad --pattern).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n", 1)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("path", help="artifact: checkpoint dir, .safetensors, .onnx or ONNX dir, "
+                        "TensorRT report .json or engine dir")
+    parser.add_argument("--pattern", default=None,
+                        help="expected pattern, e.g. 2:4 (default: the manifest's; 2:4 if none)")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument("--junit", metavar="FILE", default=None,
+                        help="also write a JUnit XML report (one testcase per tensor/subject)")
+    parser.add_argument("--require-sparse-tactics", action="store_true",
+                        help="TensorRT: fail unless the engine picked sparse tactics for a layer")
+
+
+def run(args: argparse.Namespace) -> int:
+    from converters.check import check_path
+
+    report = check_path(args.path, pattern=args.pattern,
+                        require_sparse_tactics=args.require_sparse_tactics)
+    if args.junit:
+        report.write_junit(args.junit)
+    if args.json:
+        print(report.dumps())
+    else:
+        out = sys.stdout if report.ok else sys.stderr
+        print("\n".join(report.summary_lines()), file=out)
+    return report.exit_code
