@@ -69,28 +69,30 @@ def validate_mask(
     ax = axis % 2
     k = keep if ax == 1 else keep.t()  # rows x reduction axis
     rows, red = k.shape
-    sparsity = 1.0 - float(k.sum()) / max(1, k.numel())
-    row_sp = 1.0 - k.sum(dim=1).double() / max(1, red)
-    rmin, rmax = (float(row_sp.min()), float(row_sp.max())) if rows else (0.0, 0.0)
+    kept = int(torch.count_nonzero(k))
+    sparsity = 1.0 - kept / max(1, k.numel())
     base = dict(
-        name=name,
-        shape=shape,
-        pattern=str(pattern),
-        axis=ax,
-        sparsity=sparsity,
-        row_sparsity_min=rmin,
-        row_sparsity_max=rmax,
-        source=source,
+        name=name, shape=shape, pattern=str(pattern), axis=ax, sparsity=sparsity, source=source
     )
     if isinstance(pattern, NM):
         return _check_nm(k, pattern, ax, base)
     return _check_unstructured(k, pattern, base)
 
 
+def _row_range(kept_per_row: torch.Tensor, red: int) -> dict:
+    if kept_per_row.numel() == 0:
+        return {"row_sparsity_min": 0.0, "row_sparsity_max": 0.0}
+    return {
+        "row_sparsity_min": 1.0 - int(kept_per_row.max()) / max(1, red),
+        "row_sparsity_max": 1.0 - int(kept_per_row.min()) / max(1, red),
+    }
+
+
 def _check_nm(k: torch.Tensor, pattern: NM, ax: int, base: dict) -> MaskReport:
     rows, red = k.shape
     label = base["name"] or "tensor"
     if red % pattern.m:
+        base.update(_row_range(k.contiguous().view(torch.uint8).sum(dim=1, dtype=torch.int32), red))
         msg = (
             f"{label}: reduction axis {ax} has {red} channels, not divisible by M={pattern.m}; "
             f"an {pattern} pattern cannot hold (pad or exclude this tensor)"
@@ -104,7 +106,9 @@ def _check_nm(k: torch.Tensor, pattern: NM, ax: int, base: dict) -> MaskReport:
             message=msg,
             **base,
         )
-    counts = k.reshape(rows, red // pattern.m, pattern.m).sum(dim=-1)
+    u8 = k.contiguous().view(torch.uint8).reshape(rows, red // pattern.m, pattern.m)
+    counts = u8.sum(dim=-1, dtype=torch.uint8 if pattern.m < 256 else torch.int32)
+    base.update(_row_range(counts.sum(dim=1, dtype=torch.int32), red))
     bad = counts > pattern.n_keep
     n_bad = int(bad.sum())
     n_groups = counts.numel()
@@ -142,6 +146,7 @@ def _check_unstructured(k: torch.Tensor, pattern: Unstructured, base: dict) -> M
     label = base["name"] or "tensor"
     # each row of the reference prunes int(red * ratio); allow that rounding, nothing more
     need = pattern.n_prune_per_row(red) * rows
+    base.update(_row_range(k.contiguous().view(torch.uint8).sum(dim=1, dtype=torch.int32), red))
     pruned = int((~k).sum())
     ok = pruned >= need
     msg = (
