@@ -148,8 +148,12 @@ def initial_mask(
 
 @dataclass
 class InitialResult:
-    """Output of an initial pruner: the (possibly updated) dense weight, its keep-mask, and the
-    float32 metric DSnoT uses for its N:M prune choice."""
+    """Output of an initial pruner (the hand-off contract to DSnoT and the exporters).
+
+    ``weight`` is dense: the sparse layer is ``weight * keep``. For SparseGPT, kept entries carry
+    the OBS update and each pruned entry holds the value it had when SparseGPT pruned it, which
+    is what a DSnoT grow restores. ``metric`` (float32) is what DSnoT's N:M prune choice ranks:
+    the initial method's own metric, Wanda's on the updated weight for SparseGPT."""
 
     weight: torch.Tensor
     keep: torch.Tensor
@@ -180,13 +184,15 @@ def prune_initial(
             raise UserInputError(
                 f"layer {name!r}: sparsegpt needs ActivationStats(..., hessian=True)"
             )
-        new_w, keep = sparsegpt_prune(
+        new_w, keep, pruned_vals = sparsegpt_prune(
             weight,
             stats.hessian,
             pattern,
             blocksize=sparsegpt_blocksize,
             percdamp=sparsegpt_percdamp,
+            return_pruned_values=True,
         )
-        return InitialResult(new_w, keep, wanda_metric(new_w, stats), method)
+        dense = torch.where(keep, new_w, pruned_vals)
+        return InitialResult(dense, keep, wanda_metric(dense, stats), method)
     metric = initial_metric(method, weight, stats, name=name)
     return InitialResult(weight, keep_from_metric(metric, pattern), metric, method)

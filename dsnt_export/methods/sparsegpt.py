@@ -50,8 +50,13 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_pruned_values: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prune ``weight`` [out, in] to ``pattern`` with SparseGPT's OBS update.
+
+    With ``return_pruned_values=True`` a third tensor is returned: the value each pruned weight had
+    (after the updates of the columns before it) at the moment it was pruned, 0 where kept. It is
+    what a later refinement (DSnoT) restores when it grows that weight back.
 
     ``hessian`` is ``2/n X^T X`` [in, in] of the layer's inputs (``ActivationStats.hessian``); it is
     not modified. Work happens in float32 on ``device`` (default: ``weight.device``). Returns the
@@ -75,6 +80,7 @@ def sparsegpt_prune(
 
     prune = torch.zeros(cols, rows, dtype=torch.bool, device=dev)
     loss = torch.zeros(rows, dtype=torch.float32, device=dev)
+    pruned_vals = torch.zeros_like(Wt) if return_pruned_values else None
     total_prune = rows * pattern.n_prune_per_row(cols) if isinstance(pattern, Unstructured) else 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -85,6 +91,8 @@ def sparsegpt_prune(
             prune[i1:i2] = _smallest_in_tile(Wt[i1:i2], torch.diagonal(U1), k)
         err1 = _prune_block(Wt[i1:i2], U1, pattern, prune[i1:i2])
         loss += (err1 * err1).sum(dim=0)
+        if pruned_vals is not None:  # err = (w - q) / d, non-zero only where pruned
+            pruned_vals[i1:i2] = err1 * torch.diagonal(U1)[:, None]
         if i2 < cols:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), err1, alpha=-1.0)
 
@@ -104,6 +112,9 @@ def sparsegpt_prune(
             logger.debug(
                 "%d kept weights became exactly 0 in the cast to %s", n_under, weight.dtype
             )
+    if pruned_vals is not None:
+        vals = pruned_vals.t().to(device=weight.device, dtype=weight.dtype).contiguous()
+        return out, keep, vals.masked_fill_(keep, 0)
     return out, keep
 
 
