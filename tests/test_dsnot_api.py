@@ -108,3 +108,30 @@ def test_bad_inputs():
         refine(torch.randn(8, 20), torch.ones(8, 20, dtype=torch.bool), st, "0.5")
     with pytest.raises(UserInputError, match="initial_metric"):
         refine(w, keep, st, "2:4", initial_metric="random")
+
+
+@pytest.mark.parametrize("init", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "unstructured:0.5"])
+def test_loss_guard_never_raises_the_second_order_loss(init, pattern):
+    from dsnt_export.methods import prune_initial
+
+    g = torch.Generator().manual_seed(11)
+    cols = 64
+    X = torch.randn(512, cols, generator=g) @ torch.randn(cols, cols, generator=g) * 0.2 + 1.5
+    st = ActivationStats(cols, hessian=True)
+    for i in range(8):
+        st.update(X[i * 64 : (i + 1) * 64])
+    w = torch.randn(48, cols, generator=g)
+    r = prune_initial(init, w, st, pattern)
+    cfg = DSnoTConfig.default(update_threshold=0.0)
+    keep, info = refine_with_info(
+        r.weight, r.keep, st, pattern, cfg, initial_metric=r.metric, reference_weight=w
+    )
+    delta = w - r.weight * keep
+    loss = float(torch.einsum("ri,ij,rj->", delta, st.hessian, delta))
+    assert info.loss_after == pytest.approx(loss, rel=1e-3)
+    assert info.loss_after <= info.loss_before * (1 + 1e-6)
+    assert validate_mask(keep, pattern).ok and torch.equal(keep.sum(1), r.keep.sum(1))
+    with pytest.raises(UserInputError, match="hessian=True"):
+        st2 = ActivationStats.from_tensors(st.sq_sum, st.sum, st.var)
+        refine(r.weight, r.keep, st2, pattern, cfg)
