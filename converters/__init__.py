@@ -30,8 +30,15 @@ from .parity import ParityCheck, Tolerance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Converter", "ExportResult", "Tolerance", "register", "get_converter", "MODULES",
-           "converter_names"]
+__all__ = [
+    "Converter",
+    "ExportResult",
+    "Tolerance",
+    "register",
+    "get_converter",
+    "MODULES",
+    "converter_names",
+]
 
 # converter name -> module that defines (and registers) it
 MODULES: dict[str, str] = {
@@ -81,8 +88,15 @@ class Converter(ABC):
     tolerance: ClassVar[dict[str, Tolerance]]  # per dtype name ("float32", "float16")
     description: ClassVar[str] = ""
 
-    def export(self, src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-               check_parity: bool = True, **opts: Any) -> ExportResult:
+    def export(
+        self,
+        src_dir: str | Path,
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        check_parity: bool = True,
+        **opts: Any,
+    ) -> ExportResult:
         """Write the artifact atomically; re-validate masks and parity before it appears."""
         self.check_environment(src_dir, **opts)
         result = ExportResult(self.name, Path(out_dir))
@@ -98,7 +112,9 @@ class Converter(ABC):
                 first = next(iter(failed.values()))
                 raise MaskViolationError(
                     f"{self.name} export: the pattern does not hold in the written artifact for "
-                    f"{len(failed)} tensor(s); first: {first.get('message', first)}", failed)
+                    f"{len(failed)} tensor(s); first: {first.get('message', first)}",
+                    failed,
+                )
             if check_parity:
                 t0 = time.perf_counter()
                 check = ParityCheck(f"{self.name} export parity")
@@ -143,7 +159,8 @@ def converter_names() -> list[str]:
 def get_converter(name: str) -> Converter:
     """A new converter instance by name; an unknown name lists the known ones."""
     if name not in MODULES:
-        raise UserInputError(f"unknown export target {name!r}; known targets: "
-                             f"{', '.join(converter_names())}")
+        raise UserInputError(
+            f"unknown export target {name!r}; known targets: {', '.join(converter_names())}"
+        )
     importlib.import_module(MODULES[name])
     return _REGISTRY[name]()

@@ -35,16 +35,21 @@ def keep_positions_24(weight: torch.Tensor, *, name: str | None = None) -> torch
     """
     label = name or "weight"
     if weight.dim() != 2:
-        raise ShapeError(f"{label}: sparse-24-bitmask needs a 2-D [out, in] weight, got shape "
-                         f"{tuple(weight.shape)}")
+        raise ShapeError(
+            f"{label}: sparse-24-bitmask needs a 2-D [out, in] weight, got shape "
+            f"{tuple(weight.shape)}"
+        )
     out, inp = weight.shape
     if inp % 4:
-        raise ShapeError(f"{label}: in_features={inp} is not divisible by 4; a 2:4 layout "
-                         "cannot hold it (exclude this linear from the targets)")
+        raise ShapeError(
+            f"{label}: in_features={inp} is not divisible by 4; a 2:4 layout "
+            "cannot hold it (exclude this linear from the targets)"
+        )
     report = validate_mask(weight, "2:4", name=label)
     if not report.ok:
-        raise MaskViolationError(f"cannot pack {label} as sparse-24-bitmask: {report.message}",
-                                 report)
+        raise MaskViolationError(
+            f"cannot pack {label} as sparse-24-bitmask: {report.message}", report
+        )
     nonzero = (weight != 0) | torch.isnan(weight)
     neg_zero = (weight == 0) & torch.signbit(weight)
     col = torch.arange(inp, device=weight.device) % 4
@@ -69,8 +74,9 @@ def pack_24(weight: torch.Tensor, *, name: str | None = None) -> dict[str, torch
     }
 
 
-def unpack_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor, *,
-              name: str | None = None) -> torch.Tensor:
+def unpack_24(
+    compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor, *, name: str | None = None
+) -> torch.Tensor:
     """The dense [out, in] weight (zeros in place) from its sparse-24-bitmask tensors."""
     label = name or "weight"
     dims = [int(v) for v in shape.reshape(-1).tolist()]
@@ -78,18 +84,24 @@ def unpack_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tens
         raise ArtifactError(f"{label}.shape holds {dims}; expected two positive sizes [out, in]")
     out, inp = dims
     if tuple(compressed.shape) != (out, inp // 2) or inp % 4:
-        raise ArtifactError(f"{label}.compressed has shape {tuple(compressed.shape)}; expected "
-                            f"({out}, {inp // 2}) for a 2:4 weight of shape ({out}, {inp})")
+        raise ArtifactError(
+            f"{label}.compressed has shape {tuple(compressed.shape)}; expected "
+            f"({out}, {inp // 2}) for a 2:4 weight of shape ({out}, {inp})"
+        )
     nbytes = (inp + 7) // 8
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (out, nbytes):
-        raise ArtifactError(f"{label}.bitmask is {bitmask.dtype} {tuple(bitmask.shape)}; expected "
-                            f"uint8 ({out}, {nbytes})")
+        raise ArtifactError(
+            f"{label}.bitmask is {bitmask.dtype} {tuple(bitmask.shape)}; expected "
+            f"uint8 ({out}, {nbytes})"
+        )
     keep = np.unpackbits(bitmask.cpu().numpy(), axis=1, count=inp, bitorder="little").astype(bool)
     per_row = keep.sum(axis=1)
     if (per_row != inp // 2).any():
         bad = int(np.argmax(per_row != inp // 2))
-        raise ArtifactError(f"{label}.bitmask row {bad} marks {int(per_row[bad])} positions; "
-                            f"expected {inp // 2} (the bitmask is corrupt)")
+        raise ArtifactError(
+            f"{label}.bitmask row {bad} marks {int(per_row[bad])} positions; "
+            f"expected {inp // 2} (the bitmask is corrupt)"
+        )
     dense = torch.zeros(out, inp, dtype=compressed.dtype)
     dense[torch.from_numpy(keep)] = compressed.cpu().reshape(-1)
     return dense
@@ -98,8 +110,9 @@ def unpack_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tens
 def module_of(param_name: str) -> str:
     """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj``."""
     if not param_name.endswith(".weight"):
-        raise ShapeError(f"{param_name!r} is not a linear weight (expected a name ending in "
-                         "'.weight')")
+        raise ShapeError(
+            f"{param_name!r} is not a linear weight (expected a name ending in '.weight')"
+        )
     return param_name[: -len(".weight")]
 
 
@@ -133,6 +146,7 @@ def decompress_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     drop = {f"{m}.{s}" for m in mods for s in SUFFIXES}
     out = {k: v for k, v in state.items() if k not in drop}
     for m in mods:
-        out[f"{m}.weight"] = unpack_24(state[f"{m}.compressed"], state[f"{m}.bitmask"],
-                                       state[f"{m}.shape"], name=m)
+        out[f"{m}.weight"] = unpack_24(
+            state[f"{m}.compressed"], state[f"{m}.bitmask"], state[f"{m}.shape"], name=m
+        )
     return out

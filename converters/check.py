@@ -42,23 +42,43 @@ def derive_nm(keep_or_weight, axis: int, m: int) -> str | None:
 
 def looks_sparse(t: torch.Tensor, pattern: Pattern) -> bool:
     """A tensor counts as a sparse target (when no manifest says so) at half the pattern's zeros."""
-    return t.dim() == 2 and t.is_floating_point() and t.numel() > 0 and \
-        float((t == 0).float().mean()) >= 0.5 * pattern.sparsity
+    return (
+        t.dim() == 2
+        and t.is_floating_point()
+        and t.numel() > 0
+        and float((t == 0).float().mean()) >= 0.5 * pattern.sparsity
+    )
 
 
-def check_tensor(report: CheckReport, name: str, t: torch.Tensor, pattern: Pattern, *, axis: int,
-                 expected_shape: list[int] | None = None,
-                 expected_sparsity: float | None = None, extra: dict | None = None) -> None:
+def check_tensor(
+    report: CheckReport,
+    name: str,
+    t: torch.Tensor,
+    pattern: Pattern,
+    *,
+    axis: int,
+    expected_shape: list[int] | None = None,
+    expected_sparsity: float | None = None,
+    extra: dict | None = None,
+) -> None:
     """Validate one stored weight and compare it with what the manifest recorded."""
     shape = list(t.shape)
     if expected_shape is not None and shape != list(expected_shape):
         if len(shape) == 2 and shape == list(expected_shape)[::-1]:
-            report.add(VIOLATION, "transposed", name,
-                       f"stored shape {shape} is the transpose of the manifest's {expected_shape}: "
-                       "the weight was exported transposed, its groups lie on the wrong axis")
+            report.add(
+                VIOLATION,
+                "transposed",
+                name,
+                f"stored shape {shape} is the transpose of the manifest's {expected_shape}: "
+                "the weight was exported transposed, its groups lie on the wrong axis",
+            )
         else:
-            report.add(VIOLATION, "shape", name,
-                       f"stored shape {shape} differs from the manifest's {expected_shape}")
+            report.add(
+                VIOLATION,
+                "shape",
+                name,
+                f"stored shape {shape} differs from the manifest's {expected_shape}",
+            )
     if t.dim() != 2:
         report.add(VIOLATION, "shape", name, f"expected a 2-D weight, got shape {shape}")
         return
@@ -74,10 +94,14 @@ def check_tensor(report: CheckReport, name: str, t: torch.Tensor, pattern: Patte
     if expected_sparsity is not None:
         entry["manifest_sparsity"] = expected_sparsity
         if abs(rep.sparsity - float(expected_sparsity)) > 0.5 / max(t.numel(), 1):
-            report.add(VIOLATION, "sparsity-mismatch", name,
-                       f"stored sparsity {rep.sparsity:.6f} != manifest {float(expected_sparsity):.6f}"
-                       f" ({round(abs(rep.sparsity - float(expected_sparsity)) * t.numel())} "
-                       "weights differ in zero/non-zero)")
+            report.add(
+                VIOLATION,
+                "sparsity-mismatch",
+                name,
+                f"stored sparsity {rep.sparsity:.6f} != manifest {float(expected_sparsity):.6f}"
+                f" ({round(abs(rep.sparsity - float(expected_sparsity)) * t.numel())} "
+                "weights differ in zero/non-zero)",
+            )
     report.tensors[name] = entry
 
 
@@ -91,15 +115,20 @@ def weakest(derived: list[str | None]) -> str | None:
     return max(vals, key=lambda s: int(s.split(":")[0]) / int(s.split(":")[1]))
 
 
-def resolve_pattern(report: CheckReport, cli: str | None, manifest: dict | None,
-                    config: dict | None = None) -> Pattern:
+def resolve_pattern(
+    report: CheckReport, cli: str | None, manifest: dict | None, config: dict | None = None
+) -> Pattern:
     man = (manifest or {}).get("pattern", {}).get("string") if manifest else None
     sc = sparsity_config_of(config or {}) or {}
     if cli is not None:
         p, src = parse_pattern(cli), "--pattern"
         if man is not None and parse_pattern(man) != p:
-            report.add(VIOLATION, "pattern-mismatch", "manifest",
-                       f"the manifest records pattern {man}, but --pattern {p} was asked for")
+            report.add(
+                VIOLATION,
+                "pattern-mismatch",
+                "manifest",
+                f"the manifest records pattern {man}, but --pattern {p} was asked for",
+            )
     elif man is not None:
         p, src = parse_pattern(man), "manifest"
     elif sc.get("sparsity_structure"):
@@ -110,8 +139,9 @@ def resolve_pattern(report: CheckReport, cli: str | None, manifest: dict | None,
     return p
 
 
-def check_files(report: CheckReport, root: Path, manifest: dict | None, *,
-                only: set[str] | None = None) -> None:
+def check_files(
+    report: CheckReport, root: Path, manifest: dict | None, *, only: set[str] | None = None
+) -> None:
     """Compare files on disk with the manifest's ``files`` (size and sha256)."""
     if not manifest or "files" not in manifest:
         if manifest is not None:
@@ -126,11 +156,20 @@ def check_files(report: CheckReport, root: Path, manifest: dict | None, *,
             continue
         got = file_digest(p)
         if got["bytes"] != want.get("bytes"):
-            report.add(VIOLATION, "sha256", rel, f"{got['bytes']} bytes on disk, manifest says "
-                       f"{want.get('bytes')} (truncated or replaced)")
+            report.add(
+                VIOLATION,
+                "sha256",
+                rel,
+                f"{got['bytes']} bytes on disk, manifest says "
+                f"{want.get('bytes')} (truncated or replaced)",
+            )
         elif got["sha256"] != want.get("sha256"):
-            report.add(VIOLATION, "sha256", rel, "content differs from the manifest's sha256 "
-                       "(modified after export)")
+            report.add(
+                VIOLATION,
+                "sha256",
+                rel,
+                "content differs from the manifest's sha256 (modified after export)",
+            )
     if only is None:
         listed = set(manifest["files"])
         for p in sorted(root.rglob("*")):
@@ -158,16 +197,24 @@ def _unpack_legacy(report: CheckReport, tensors: dict[str, torch.Tensor]) -> lis
     mods = bitmask.packed_modules(tensors)
     for m in mods:
         try:
-            tensors[f"{m}.weight"] = bitmask.unpack_24(tensors.pop(f"{m}.compressed"),
-                                                       tensors.pop(f"{m}.bitmask"),
-                                                       tensors.pop(f"{m}.shape"), name=m)
+            tensors[f"{m}.weight"] = bitmask.unpack_24(
+                tensors.pop(f"{m}.compressed"),
+                tensors.pop(f"{m}.bitmask"),
+                tensors.pop(f"{m}.shape"),
+                name=m,
+            )
         except DsntError as e:
             report.add(VIOLATION, "bitmask", m, str(e))
     return mods
 
 
-def check_hf_dir(path: str | Path, *, pattern: str | None = None,
-                 manifest: dict | None = None, hashes: bool = True) -> CheckReport:
+def check_hf_dir(
+    path: str | Path,
+    *,
+    pattern: str | None = None,
+    manifest: dict | None = None,
+    hashes: bool = True,
+) -> CheckReport:
     """Check a Hugging Face checkpoint directory (``manifest``: use this one, not the file's)."""
     root = Path(path)
     report = CheckReport(str(root), "hf")
@@ -177,8 +224,12 @@ def check_hf_dir(path: str | Path, *, pattern: str | None = None,
         report.add(UNREADABLE, "manifest", MANIFEST_NAME, str(e))
         man = None
     if man is not None and man.get("kind") != "hf":
-        report.add(VIOLATION, "kind", MANIFEST_NAME, f"manifest kind {man.get('kind')!r}, expected "
-                   "'hf' for a checkpoint directory")
+        report.add(
+            VIOLATION,
+            "kind",
+            MANIFEST_NAME,
+            f"manifest kind {man.get('kind')!r}, expected 'hf' for a checkpoint directory",
+        )
     if hashes:
         check_files(report, root, man)
     config: dict = {}
@@ -195,12 +246,18 @@ def check_hf_dir(path: str | Path, *, pattern: str | None = None,
     tensors, bad_files = _read_all(report, [f for f in files if f.exists()])
     for f in files:
         if not f.exists() and f.name not in (man or {}).get("files", {}):
-            report.add(VIOLATION, "missing-file", f.name, "weight shard named by the index is absent")
+            report.add(
+                VIOLATION, "missing-file", f.name, "weight shard named by the index is absent"
+            )
     if index is not None:
         for k, fname in index["weight_map"].items():
             if fname not in bad_files and (root / fname).exists() and k not in tensors:
-                report.add(VIOLATION, "missing-tensor", k, f"the index maps it to {fname}, which "
-                           "does not hold it")
+                report.add(
+                    VIOLATION,
+                    "missing-tensor",
+                    k,
+                    f"the index maps it to {fname}, which does not hold it",
+                )
     mods = _unpack_legacy(report, tensors)
     _check_vllm(report, config, man, legacy=bool(mods))
     _check_targets(report, tensors, man, p, skip_unreadable=bool(bad_files))
@@ -212,13 +269,23 @@ def _check_vllm(report: CheckReport, config: dict, man: dict | None, *, legacy: 
         return
     declared = ((man or {}).get("extra", {}).get("export", {}) or {}).get("format")
     if declared == bitmask.FORMAT and not legacy:
-        report.add(VIOLATION, "layout", "weights", "the manifest declares sparse-24-bitmask but no "
-                   "packed tensors (.compressed/.bitmask/.shape) were found")
+        report.add(
+            VIOLATION,
+            "layout",
+            "weights",
+            "the manifest declares sparse-24-bitmask but no "
+            "packed tensors (.compressed/.bitmask/.shape) were found",
+        )
     sc = sparsity_config_of(config)
     if legacy:
         if not sc or sc.get("format") != bitmask.FORMAT:
-            report.add(VIOLATION, "layout", CONFIG_NAME, "weights are packed as sparse-24-bitmask but "
-                       "config.json lacks the matching sparsity_config: no runtime can load this")
+            report.add(
+                VIOLATION,
+                "layout",
+                CONFIG_NAME,
+                "weights are packed as sparse-24-bitmask but "
+                "config.json lacks the matching sparsity_config: no runtime can load this",
+            )
         else:
             report.add(WARNING, "vllm-legacy", CONFIG_NAME, vllm_compat.LEGACY_CAVEAT)
     for problem in vllm_compat.config_problems(config, legacy_layout=legacy):
@@ -227,24 +294,45 @@ def _check_vllm(report: CheckReport, config: dict, man: dict | None, *, legacy: 
     report.info["vllm_layout"] = "sparse-24-bitmask (vLLM <= 0.18)" if legacy else "plain"
 
 
-def _check_targets(report: CheckReport, tensors: dict[str, torch.Tensor], man: dict | None,
-                   p: Pattern, *, skip_unreadable: bool) -> None:
+def _check_targets(
+    report: CheckReport,
+    tensors: dict[str, torch.Tensor],
+    man: dict | None,
+    p: Pattern,
+    *,
+    skip_unreadable: bool,
+) -> None:
     if man is not None and man.get("tensors"):
         for name, meta in sorted(man["tensors"].items()):
             if name not in tensors:
                 if not skip_unreadable:
-                    report.add(VIOLATION, "missing-tensor", name, "listed in the manifest, absent "
-                               "from the weights")
+                    report.add(
+                        VIOLATION,
+                        "missing-tensor",
+                        name,
+                        "listed in the manifest, absent from the weights",
+                    )
                 continue
             axis = -1 if meta.get("layout", "out_in") == "out_in" else 0
-            check_tensor(report, name, tensors[name], p, axis=axis,
-                         expected_shape=meta.get("shape"), expected_sparsity=meta.get("sparsity"))
+            check_tensor(
+                report,
+                name,
+                tensors[name],
+                p,
+                axis=axis,
+                expected_shape=meta.get("shape"),
+                expected_sparsity=meta.get("sparsity"),
+            )
     else:
         targets = sorted(k for k, t in tensors.items() if looks_sparse(t, p))
         report.info["targets"] = "inferred: 2-D tensors with at least half the pattern's zeros"
         if not targets:
-            report.add(VIOLATION, "no-sparse-tensors", "weights",
-                       f"no tensor has even half the zeros of {p}; not a sparse checkpoint?")
+            report.add(
+                VIOLATION,
+                "no-sparse-tensors",
+                "weights",
+                f"no tensor has even half the zeros of {p}; not a sparse checkpoint?",
+            )
         for name in targets:
             check_tensor(report, name, tensors[name], p, axis=-1)
     report.derived_pattern = weakest([e.get("derived") for e in report.tensors.values()])
@@ -270,8 +358,14 @@ def check_safetensors_file(path: str | Path, *, pattern: str | None = None) -> C
     _unpack_legacy(report, tensors)
     if man is not None:
         mine = _names_in_file(f)
-        sub = dict(man, tensors={k: v for k, v in man.get("tensors", {}).items()
-                                 if k in tensors or mine is None or k in mine})
+        sub = dict(
+            man,
+            tensors={
+                k: v
+                for k, v in man.get("tensors", {}).items()
+                if k in tensors or mine is None or k in mine
+            },
+        )
         _check_targets(report, tensors, sub, p, skip_unreadable=False)
     else:
         _check_targets(report, tensors, None, p, skip_unreadable=False)
@@ -299,8 +393,11 @@ def detect_kind(path: Path) -> str:
             pass
         if man is not None and man.get("kind") in ("hf", "onnx", "tensorrt"):
             return man["kind"]
-        if (path / CONFIG_NAME).exists() or (path / INDEX_NAME).exists() or \
-                any(path.glob("*.safetensors")):
+        if (
+            (path / CONFIG_NAME).exists()
+            or (path / INDEX_NAME).exists()
+            or any(path.glob("*.safetensors"))
+        ):
             return "hf"
         if any(path.rglob("*.onnx")):
             return "onnx"
@@ -315,8 +412,9 @@ def detect_kind(path: Path) -> str:
     return "unknown"
 
 
-def check_path(path: str | Path, *, pattern: str | None = None,
-               require_sparse_tactics: bool = False) -> CheckReport:
+def check_path(
+    path: str | Path, *, pattern: str | None = None, require_sparse_tactics: bool = False
+) -> CheckReport:
     """Detect the artifact kind of ``path`` and check it."""
     p = Path(path)
     if not p.exists():
@@ -339,9 +437,13 @@ def check_path(path: str | Path, *, pattern: str | None = None,
 
         return check_tensorrt(p, pattern=pattern, require_sparse_tactics=require_sparse_tactics)
     r = CheckReport(str(p), "unknown")
-    r.add(UNREADABLE, "unknown-kind", str(p),
-          "not an artifact this tool knows: expected a checkpoint dir (config.json + safetensors), "
-          "a .safetensors file, an ONNX file/dir, or a TensorRT report .json")
+    r.add(
+        UNREADABLE,
+        "unknown-kind",
+        str(p),
+        "not an artifact this tool knows: expected a checkpoint dir (config.json + safetensors), "
+        "a .safetensors file, an ONNX file/dir, or a TensorRT report .json",
+    )
     return r
 
 

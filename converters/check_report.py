@@ -29,8 +29,12 @@ class Finding:
     message: str
 
     def to_json(self) -> dict[str, str]:
-        return {"severity": self.severity, "code": self.code, "subject": self.subject,
-                "message": self.message}
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "subject": self.subject,
+            "message": self.message,
+        }
 
 
 @dataclass
@@ -84,9 +88,11 @@ class CheckReport:
 
     def summary_lines(self) -> list[str]:
         status = "OK" if self.ok else ("UNREADABLE" if self.unreadable else "FAILED")
-        lines = [f"{status}: {self.kind} artifact {self.path}",
-                 f"  pattern {self.pattern} (from {self.pattern_source}); derived from tensors: "
-                 f"{self.derived_pattern}; {len(self.tensors)} tensors checked"]
+        lines = [
+            f"{status}: {self.kind} artifact {self.path}",
+            f"  pattern {self.pattern} (from {self.pattern_source}); derived from tensors: "
+            f"{self.derived_pattern}; {len(self.tensors)} tensors checked",
+        ]
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} {f.subject}: {f.message}")
         return lines

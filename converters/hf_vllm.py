@@ -38,8 +38,9 @@ DEFAULT_MAX_SHARD = "5GB"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def legacy_quantization_config(pattern: NM, targets: list[str], ignore: list[str],
-                               global_sparsity: float) -> dict:
+def legacy_quantization_config(
+    pattern: NM, targets: list[str], ignore: list[str], global_sparsity: float
+) -> dict:
     """compressed-tensors' quantization_config for a sparse-24-bitmask checkpoint."""
     return {
         "quant_method": "compressed-tensors",
@@ -69,36 +70,53 @@ def _linear_modules(src: SparseSource) -> list[str]:
 class HfVllmConverter(Converter):
     name = "hf"
     extras = ()
-    tolerance = {"float32": Tolerance(1e-6, 1e-6), "float16": Tolerance(1e-6, 1e-6),
-                 "bfloat16": Tolerance(1e-6, 1e-6)}
+    tolerance = {
+        "float32": Tolerance(1e-6, 1e-6),
+        "float16": Tolerance(1e-6, 1e-6),
+        "bfloat16": Tolerance(1e-6, 1e-6),
+    }
     description = "plain HF checkpoint for current vLLM (or legacy sparse-24-bitmask)"
 
-    def write(self, src_dir: Path, tmp: Path, result: ExportResult, *, format: str = "plain",
-              max_shard_size: int | str = DEFAULT_MAX_SHARD, dtype: str | None = None,
-              allow_unknown_architecture: bool = False, **_: Any) -> dict:
+    def write(
+        self,
+        src_dir: Path,
+        tmp: Path,
+        result: ExportResult,
+        *,
+        format: str = "plain",
+        max_shard_size: int | str = DEFAULT_MAX_SHARD,
+        dtype: str | None = None,
+        allow_unknown_architecture: bool = False,
+        **_: Any,
+    ) -> dict:
         if format not in FORMATS:
             raise UserInputError(f"unknown hf export format {format!r}; choose one of {FORMATS}")
         parse_size(max_shard_size)
         src = read_source(src_dir)
         config, removed = vllm_compat.strip_sparsity_config(src.config)
         if removed:
-            msg = (f"stripped {', '.join(removed)} from config.json: current vLLM refuses to load "
-                   "a checkpoint with a sparsity_config; sparsity metadata is kept in "
-                   "dsnt_manifest.json")
+            msg = (
+                f"stripped {', '.join(removed)} from config.json: current vLLM refuses to load "
+                "a checkpoint with a sparsity_config; sparsity metadata is kept in "
+                "dsnt_manifest.json"
+            )
             log.warning(msg)
             result.warnings.append(msg)
         problems = vllm_compat.config_problems(config)
         if problems and not allow_unknown_architecture:
-            raise UnsupportedModelError(f"{src.path}: {'; '.join(problems)}. vLLM would not load "
-                                        "this model; pass allow_unknown_architecture "
-                                        "(--allow-unknown-architecture) to export anyway")
+            raise UnsupportedModelError(
+                f"{src.path}: {'; '.join(problems)}. vLLM would not load "
+                "this model; pass allow_unknown_architecture "
+                "(--allow-unknown-architecture) to export anyway"
+            )
         result.warnings.extend(problems)
         state = src.state_dict()
         if dtype is not None:
             if dtype not in _DTYPES:
                 raise UserInputError(f"dtype {dtype!r} not one of {sorted(_DTYPES)}")
-            state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v
-                     for k, v in state.items()}
+            state = {
+                k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()
+            }
             config["dtype"] = dtype
             config.pop("torch_dtype", None)
         if format == bitmask.FORMAT:
@@ -109,23 +127,29 @@ class HfVllmConverter(Converter):
             shutil.copy2(f, tmp / f.name)
         if not (tmp / GENERATION_CONFIG_NAME).exists():
             self._generation_config(tmp)
-        if not any((tmp / n).exists() for n in ("tokenizer.json", "tokenizer.model",
-                                                "vocab.json", "tokenizer_config.json")):
-            result.warnings.append("the source has no tokenizer files; vLLM needs one (or "
-                                   "skip_tokenizer_init=True)")
+        if not any(
+            (tmp / n).exists()
+            for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+        ):
+            result.warnings.append(
+                "the source has no tokenizer files; vLLM needs one (or skip_tokenizer_init=True)"
+            )
         return self._manifest(src, format, max_shard_size, written, removed, dtype)
 
     def _legacy(self, src: SparseSource, config: dict, state: dict, result: ExportResult):
         if src.pattern != NM(2, 4):
-            raise PatternError(f"the sparse-24-bitmask layout holds only 2:4 sparsity; this "
-                               f"checkpoint is {src.pattern}. Export the plain layout instead")
+            raise PatternError(
+                f"the sparse-24-bitmask layout holds only 2:4 sparsity; this "
+                f"checkpoint is {src.pattern}. Export the plain layout instead"
+            )
         targets = sorted(bitmask.module_of(t) for t in src.targets)
         ignore = sorted(set(_linear_modules(src)) - set(targets))
         zeros = sum(int((state[t] == 0).sum()) for t in src.targets)
         total = sum(state[t].numel() for t in src.targets)
         config = dict(config)
         config["quantization_config"] = legacy_quantization_config(
-            src.pattern, targets, ignore, zeros / max(total, 1))
+            src.pattern, targets, ignore, zeros / max(total, 1)
+        )
         result.notes.append(vllm_compat.LEGACY_CAVEAT)
         log.warning(vllm_compat.LEGACY_CAVEAT)
         return config, bitmask.compress_state_dict(state, src.targets)
@@ -137,30 +161,47 @@ class HfVllmConverter(Converter):
         cfg = AutoConfig.from_pretrained(tmp)
         GenerationConfig.from_model_config(cfg).save_pretrained(tmp)
 
-    def _manifest(self, src: SparseSource, format: str, max_shard_size, written: list[str],
-                  removed: list[str], dtype: str | None) -> dict:
+    def _manifest(
+        self,
+        src: SparseSource,
+        format: str,
+        max_shard_size,
+        written: list[str],
+        removed: list[str],
+        dtype: str | None,
+    ) -> dict:
         sm = src.manifest or {}
         tensors = {k: dict(v) for k, v in sm.get("tensors", {}).items()}
         if not tensors:
             tensors = {t: {"layout": "out_in"} for t in src.targets}
         return new_manifest(
             "hf",
-            source_model=sm.get("source_model", {"id": str(src.path),
-                                                 "model_type": src.model_type}),
+            source_model=sm.get(
+                "source_model", {"id": str(src.path), "model_type": src.model_type}
+            ),
             pattern=src.pattern.to_json(),
             recipe=sm.get("recipe", {}),
             calibration=sm.get("calibration", {}),
             tensors=tensors,
             skipped=sm.get("skipped", []),
             timings={},
-            extra={"export": {
-                "converter": self.name, "target": "vllm", "format": format,
-                "max_shard_size": str(max_shard_size), "weight_files": written,
-                "dtype": dtype, "stripped_from_config": removed,
-                "source": {"path": str(src.path), "recipe_hash": sm.get("recipe_hash")},
-                "vllm": (vllm_compat.LEGACY_CAVEAT if format == bitmask.FORMAT
-                         else "plain HF checkpoint; runs dense on current vLLM (no 2:4 kernels)"),
-            }},
+            extra={
+                "export": {
+                    "converter": self.name,
+                    "target": "vllm",
+                    "format": format,
+                    "max_shard_size": str(max_shard_size),
+                    "weight_files": written,
+                    "dtype": dtype,
+                    "stripped_from_config": removed,
+                    "source": {"path": str(src.path), "recipe_hash": sm.get("recipe_hash")},
+                    "vllm": (
+                        vllm_compat.LEGACY_CAVEAT
+                        if format == bitmask.FORMAT
+                        else "plain HF checkpoint; runs dense on current vLLM (no 2:4 kernels)"
+                    ),
+                }
+            },
         )
 
     def check_masks(self, tmp: Path, manifest: dict) -> dict[str, dict]:
@@ -169,8 +210,11 @@ class HfVllmConverter(Converter):
         out = {}
         for name, entry in report.tensors.items():
             mine = [f.message for f in problems if f.subject == name]
-            out[name] = dict(entry, ok=entry["ok"] and not mine,
-                             message="; ".join(mine) if mine else entry["message"])
+            out[name] = dict(
+                entry,
+                ok=entry["ok"] and not mine,
+                message="; ".join(mine) if mine else entry["message"],
+            )
             meta = manifest["tensors"].setdefault(name, {})
             meta.update(shape=entry["shape"], sparsity=entry["sparsity"], check=entry)
             meta.setdefault("layout", "out_in")
@@ -179,8 +223,17 @@ class HfVllmConverter(Converter):
                 out[f.subject] = {"ok": False, "message": f.message}
         return out
 
-    def parity(self, src_dir: Path, tmp: Path, manifest: dict, check: ParityCheck, *,
-               parity_batch: int = 2, parity_seqlen: int = 32, **_: Any) -> None:
+    def parity(
+        self,
+        src_dir: Path,
+        tmp: Path,
+        manifest: dict,
+        check: ParityCheck,
+        *,
+        parity_batch: int = 2,
+        parity_seqlen: int = 32,
+        **_: Any,
+    ) -> None:
         src = read_source(src_dir)
         out = read_source(tmp, manifest=manifest)
         ref_model = src.load_model()

@@ -33,8 +33,11 @@ class Tolerance:
         return self.logits_atol * scale
 
     def to_json(self) -> dict:
-        return {"logits_atol": self.logits_atol, "ppl_rel": self.ppl_rel,
-                "logits_scaling": "atol * max(1, max|torch logits|)"}
+        return {
+            "logits_atol": self.logits_atol,
+            "ppl_rel": self.ppl_rel,
+            "logits_scaling": "atol * max(1, max|torch logits|)",
+        }
 
 
 def _np(x) -> np.ndarray:
@@ -53,13 +56,23 @@ class ParityCheck:
     def compare(self, name: str, runtime, reference, tol: Tolerance) -> dict:
         a, b = _np(runtime), _np(reference)
         if a.shape != b.shape:
-            row = {"ok": False, "max_abs_diff": math.inf, "bound": None,
-                   "error": f"shape {a.shape} != torch {b.shape}"}
+            row = {
+                "ok": False,
+                "max_abs_diff": math.inf,
+                "bound": None,
+                "error": f"shape {a.shape} != torch {b.shape}",
+            }
         elif not np.isfinite(a).all():
-            row = {"ok": False, "max_abs_diff": math.inf, "bound": tol.logits_bound(b),
-                   "error": "non-finite values in the runtime output"}
+            row = {
+                "ok": False,
+                "max_abs_diff": math.inf,
+                "bound": tol.logits_bound(b),
+                "error": "non-finite values in the runtime output",
+            }
         else:
-            diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+            diff = (
+                float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+            )
             bound = tol.logits_bound(b)
             row = {"ok": diff <= bound, "max_abs_diff": diff, "bound": bound}
         self.rows[name] = row
@@ -68,9 +81,14 @@ class ParityCheck:
     def compare_ppl(self, name: str, runtime_ppl: float, torch_ppl: float, tol: Tolerance) -> dict:
         rel = abs(runtime_ppl / torch_ppl - 1.0) if torch_ppl > 0 else math.inf
         ok = math.isfinite(runtime_ppl) and rel <= tol.ppl_rel
-        self.rows[name] = {"ok": ok, "ppl_runtime": runtime_ppl, "ppl_torch": torch_ppl,
-                           "rel_diff": rel, "bound": tol.ppl_rel,
-                           "max_abs_diff": abs(runtime_ppl - torch_ppl)}
+        self.rows[name] = {
+            "ok": ok,
+            "ppl_runtime": runtime_ppl,
+            "ppl_torch": torch_ppl,
+            "rel_diff": rel,
+            "bound": tol.ppl_rel,
+            "max_abs_diff": abs(runtime_ppl - torch_ppl),
+        }
         return self.rows[name]
 
     def fail(self, name: str, error: str) -> None:
@@ -88,8 +106,10 @@ class ParityCheck:
         for k, r in bad.items():
             extra = f" ({r['error']})" if "error" in r else ""
             if "rel_diff" in r:
-                lines.append(f"{k}: perplexity {r['ppl_runtime']:.6g} vs torch {r['ppl_torch']:.6g}"
-                             f", relative diff {r['rel_diff']:.3g} > {r['bound']:.3g}{extra}")
+                lines.append(
+                    f"{k}: perplexity {r['ppl_runtime']:.6g} vs torch {r['ppl_torch']:.6g}"
+                    f", relative diff {r['rel_diff']:.3g} > {r['bound']:.3g}{extra}"
+                )
             else:
                 bound = "n/a" if r["bound"] is None else f"{r['bound']:.3g}"
                 lines.append(f"{k}: max |diff| {r['max_abs_diff']:.3g} > {bound}{extra}")
@@ -120,8 +140,9 @@ def perplexity(logits_batches, id_batches) -> float:
     return math.exp(total / max(n, 1))
 
 
-def parity_ids(vocab_size: int, *, batch: int = 2, seqlen: int = 32, seed: int = 0,
-               low: int = 0) -> torch.Tensor:
+def parity_ids(
+    vocab_size: int, *, batch: int = 2, seqlen: int = 32, seed: int = 0, low: int = 0
+) -> torch.Tensor:
     """Deterministic random token ids for parity runs (random tokens are fine for parity)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, vocab_size, (batch, seqlen), generator=g)

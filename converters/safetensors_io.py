@@ -12,8 +12,18 @@ from dsnt_export.errors import UserInputError
 
 from .source import INDEX_NAME, SINGLE_NAME
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -23,8 +33,10 @@ def parse_size(size: int | str) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size), re.IGNORECASE)
         if not m:
-            raise UserInputError(f"cannot parse size {size!r}; write it like '5GB', '500MB', "
-                                 "'2GiB' or a number of bytes")
+            raise UserInputError(
+                f"cannot parse size {size!r}; write it like '5GB', '500MB', "
+                "'2GiB' or a number of bytes"
+            )
         value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
     if value <= 0:
         raise UserInputError(f"a size must be positive, got {size!r}")
@@ -35,8 +47,13 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str,
-                 *, metadata: dict[str, str] | None = None) -> list[str]:
+def save_sharded(
+    state: dict[str, torch.Tensor],
+    out_dir: Path,
+    max_shard_size: int | str,
+    *,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
     """Write ``state`` as ``model.safetensors`` or as shards + ``model.safetensors.index.json``.
 
     Shards are filled greedily in key order, each at most ``max_shard_size`` bytes unless a single
@@ -63,7 +80,9 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: 
     for name, shard in zip(names, shards, strict=True):
         save_file(shard, str(out_dir / name), metadata=meta)
         weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(_nbytes(t) for t in state.values())},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(_nbytes(t) for t in state.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return [*names, INDEX_NAME]

@@ -79,8 +79,10 @@ def read_safetensors(files: list[Path], names=None) -> dict[str, torch.Tensor]:
         except FileNotFoundError as e:
             raise ArtifactError(f"weight file missing: {f}") from e
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise ArtifactError(f"cannot read {f} ({e}); the file is truncated or corrupt. "
-                                "Re-export or re-download it") from e
+            raise ArtifactError(
+                f"cannot read {f} ({e}); the file is truncated or corrupt. "
+                "Re-export or re-download it"
+            ) from e
     return out
 
 
@@ -138,24 +140,29 @@ class SparseSource:
             missing, unexpected = model.load_state_dict(sd, strict=False)
             tied = set(getattr(model, "_tied_weights_keys", None) or [])
             if unexpected or [k for k in missing if k not in tied]:
-                raise ArtifactError(f"{self.path}: weights do not fit {type(model).__name__}: "
-                                    f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ArtifactError(
+                    f"{self.path}: weights do not fit {type(model).__name__}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
             model.tie_weights()
             if dtype is not None:
                 model = model.to(dtype)
         return model.to(device).eval()
 
 
-def read_source(path: str | Path, *, pattern: str | Pattern | None = None,
-                manifest: dict | None = None) -> SparseSource:
+def read_source(
+    path: str | Path, *, pattern: str | Pattern | None = None, manifest: dict | None = None
+) -> SparseSource:
     """Open a sparse HF checkpoint dir; fails with a clear message if it is not one.
 
     ``manifest``: use this manifest instead of the directory's (an export not yet finished).
     """
     p = Path(path)
     if not p.is_dir():
-        raise UserInputError(f"source {p} is not a directory; expected a sparse checkpoint "
-                             "directory written by `dsnt-export prune`")
+        raise UserInputError(
+            f"source {p} is not a directory; expected a sparse checkpoint "
+            "directory written by `dsnt-export prune`"
+        )
     config = read_json(p / CONFIG_NAME, "config.json")
     files, index = weight_files(p)
     if manifest is None:
@@ -164,8 +171,10 @@ def read_source(path: str | Path, *, pattern: str | Pattern | None = None,
     packed = bitmask.packed_modules(keys)
     if manifest is not None:
         if manifest.get("kind") != "hf":
-            raise ArtifactError(f"{p / MANIFEST_NAME} has kind {manifest.get('kind')!r}; expected "
-                                "'hf' (a sparse checkpoint written by `dsnt-export prune`)")
+            raise ArtifactError(
+                f"{p / MANIFEST_NAME} has kind {manifest.get('kind')!r}; expected "
+                "'hf' (a sparse checkpoint written by `dsnt-export prune`)"
+            )
         pat = parse_pattern(pattern or manifest["pattern"]["string"])
         targets = sorted(manifest.get("tensors", {}))
     else:
@@ -174,15 +183,18 @@ def read_source(path: str | Path, *, pattern: str | Pattern | None = None,
         if guess is None:
             raise ArtifactError(
                 f"{p} has no {MANIFEST_NAME} and no sparsity_config; cannot tell which tensors are "
-                "sparse. Pass the pattern explicitly (--pattern 2:4) or prune with dsnt-export")
+                "sparse. Pass the pattern explicitly (--pattern 2:4) or prune with dsnt-export"
+            )
         pat = parse_pattern(guess)
         targets = [f"{m}.weight" for m in packed] if packed else []
         log.warning("%s has no %s; targets inferred from the tensors", p, MANIFEST_NAME)
     have = set(keys) | {f"{m}.weight" for m in packed}
     missing = [t for t in targets if t not in have]
     if missing:
-        raise ArtifactError(f"{p}: the manifest lists tensors absent from the weights: "
-                            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ArtifactError(
+            f"{p}: the manifest lists tensors absent from the weights: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
     return SparseSource(p, config, manifest, pat, targets, files, index, packed)
 
 
@@ -201,6 +213,11 @@ def _all_keys(files: list[Path], index: dict | None) -> list[str]:
 def carried_files(src: Path) -> list[Path]:
     """Tokenizer, generation config and other side files to copy into an export."""
     skip = {CONFIG_NAME, INDEX_NAME, MANIFEST_NAME}
-    return sorted(f for f in src.iterdir()
-                  if f.is_file() and f.name not in skip and not f.name.startswith(".")
-                  and not f.name.endswith(WEIGHT_SUFFIXES))
+    return sorted(
+        f
+        for f in src.iterdir()
+        if f.is_file()
+        and f.name not in skip
+        and not f.name.startswith(".")
+        and not f.name.endswith(WEIGHT_SUFFIXES)
+    )

@@ -10,17 +10,43 @@
 from __future__ import annotations
 
 # HF architecture names with a vLLM implementation (text decoder-only families).
-KNOWN_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
-    "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-    "OPTForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "GPTJForCausalLM",
-    "GPTBigCodeForCausalLM", "BloomForCausalLM", "FalconForCausalLM",
-    "PhiForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "OlmoForCausalLM",
-    "Olmo2ForCausalLM", "InternLM2ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM",
-    "DeepseekForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
-    "BaichuanForCausalLM", "MiniCPMForCausalLM", "SmolLM3ForCausalLM", "ExaoneForCausalLM",
-})
+KNOWN_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "OPTForCausalLM",
+        "GPT2LMHeadModel",
+        "GPTNeoXForCausalLM",
+        "GPTJForCausalLM",
+        "GPTBigCodeForCausalLM",
+        "BloomForCausalLM",
+        "FalconForCausalLM",
+        "PhiForCausalLM",
+        "Phi3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "StableLmForCausalLM",
+        "Starcoder2ForCausalLM",
+        "OlmoForCausalLM",
+        "Olmo2ForCausalLM",
+        "InternLM2ForCausalLM",
+        "GraniteForCausalLM",
+        "CohereForCausalLM",
+        "DeepseekForCausalLM",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "BaichuanForCausalLM",
+        "MiniCPMForCausalLM",
+        "SmolLM3ForCausalLM",
+        "ExaoneForCausalLM",
+    }
+)
 
 LEGACY_CAVEAT = (
     "sparse-24-bitmask checkpoints load ONLY on vLLM <= 0.18.x on Hopper (sm90) GPUs; current "
@@ -43,10 +69,19 @@ def strip_sparsity_config(config: dict) -> tuple[dict, list[str]]:
             continue
         q = {k: v for k, v in q.items() if k != "sparsity_config"}
         removed.append(f"{key}.sparsity_config")
-        rest = {k: v for k, v in q.items()
-                if k not in ("quant_method", "version", "format", "quantization_status",
-                             "global_compression_ratio")
-                and v not in (None, {}, [])}
+        rest = {
+            k: v
+            for k, v in q.items()
+            if k
+            not in (
+                "quant_method",
+                "version",
+                "format",
+                "quantization_status",
+                "global_compression_ratio",
+            )
+            and v not in (None, {}, [])
+        }
         if rest:
             out[key] = q
         else:
@@ -64,13 +99,16 @@ def config_problems(config: dict, *, legacy_layout: bool = False) -> list[str]:
     problems: list[str] = []
     archs = config.get("architectures")
     if not isinstance(archs, list) or not archs:
-        problems.append("config.json has no 'architectures' list; vLLM picks the model class "
-                        "from it")
+        problems.append(
+            "config.json has no 'architectures' list; vLLM picks the model class from it"
+        )
     else:
         unknown = [a for a in archs if a not in KNOWN_ARCHITECTURES]
         if unknown:
-            problems.append(f"architecture(s) {unknown} not in the table of vLLM-supported "
-                            "causal LMs this tool knows")
+            problems.append(
+                f"architecture(s) {unknown} not in the table of vLLM-supported "
+                "causal LMs this tool knows"
+            )
     for key in ("quantization_config", "compression_config"):
         q = config.get(key)
         if isinstance(q, dict) and q.get("sparsity_config") is not None and not legacy_layout:
@@ -79,5 +117,6 @@ def config_problems(config: dict, *, legacy_layout: bool = False) -> list[str]:
                 f"config.json carries {key}.sparsity_config (format "
                 f"{sc.get('format') if isinstance(sc, dict) else sc!r}); current vLLM refuses to "
                 "load it. Remove it (dsnt-export export hf does) and keep sparsity metadata in "
-                "the sidecar manifest")
+                "the sidecar manifest"
+            )
     return problems

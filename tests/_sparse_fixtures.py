@@ -25,23 +25,46 @@ from dsnt_export.patterns import NM, parse_pattern
 ARCHS = ("llama", "qwen2", "opt")
 VOCAB = 256
 # where each fixture architecture keeps its decoder blocks (test-side knowledge only)
-_BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers",
-           "qwen3": "model.layers", "opt": "model.decoder.layers"}
+_BLOCKS = {
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+    "mistral": "model.layers",
+    "qwen3": "model.layers",
+    "opt": "model.decoder.layers",
+}
 
 
 def tiny_config(arch: str, *, hidden: int = 64, inter: int = 128, layers: int = 2):
     import transformers as T
 
     if arch == "opt":
-        return T.OPTConfig(vocab_size=VOCAB, hidden_size=hidden, ffn_dim=inter,
-                           num_hidden_layers=layers, num_attention_heads=4,
-                           max_position_embeddings=256, word_embed_proj_dim=hidden, dropout=0.0,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        return T.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            ffn_dim=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            dropout=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     return T.AutoConfig.for_model(
-        arch, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=hidden // 4, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        arch,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
@@ -71,8 +94,9 @@ def target_linears(model, arch: str) -> dict[str, torch.nn.Linear]:
     return out
 
 
-def tiny_sparse_model(arch: str = "llama", *, pattern="2:4", dtype=torch.float32, seed: int = 0,
-                      **cfg_kw):
+def tiny_sparse_model(
+    arch: str = "llama", *, pattern="2:4", dtype=torch.float32, seed: int = 0, **cfg_kw
+):
     """A random tiny causal LM with every decoder linear pruned to ``pattern`` (zeros in place).
 
     Returns ``(model, masks)`` with ``masks[param_name] = keep`` (bool [out, in]).
@@ -101,8 +125,13 @@ def tiny_tokenizer(vocab: int = VOCAB):
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, vocab)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 def sparse_manifest(model, masks: dict, pattern, *, arch: str, method: str = "magnitude") -> dict:
@@ -112,18 +141,38 @@ def sparse_manifest(model, masks: dict, pattern, *, arch: str, method: str = "ma
     for name in masks:
         w = sd[name]
         rep = validate_mask(w, p, name=name)
-        tensors[name] = {"shape": list(w.shape), "layout": "out_in", "method": method,
-                         "sparsity": rep.sparsity, "check": rep.to_json()}
+        tensors[name] = {
+            "shape": list(w.shape),
+            "layout": "out_in",
+            "method": method,
+            "sparsity": rep.sparsity,
+            "check": rep.to_json(),
+        }
     return new_manifest(
-        "hf", source_model={"id": f"tiny-random-{arch}", "model_type": arch}, pattern=p.to_json(),
-        recipe={"pattern": str(p), "init": method, "refine": "none"}, tensors=tensors, skipped=[],
-        calibration={"source": "none (test fixture)"}, timings={}, extra={},
+        "hf",
+        source_model={"id": f"tiny-random-{arch}", "model_type": arch},
+        pattern=p.to_json(),
+        recipe={"pattern": str(p), "init": method, "refine": "none"},
+        tensors=tensors,
+        skipped=[],
+        calibration={"source": "none (test fixture)"},
+        timings={},
+        extra={},
     )
 
 
-def make_sparse_hf_dir(path, arch: str = "llama", *, pattern="2:4", dtype=torch.float32,
-                       seed: int = 0, max_shard_size: str | None = None, tokenizer: bool = True,
-                       sparsity_config: dict | None = None, **cfg_kw) -> Path:
+def make_sparse_hf_dir(
+    path,
+    arch: str = "llama",
+    *,
+    pattern="2:4",
+    dtype=torch.float32,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    tokenizer: bool = True,
+    sparsity_config: dict | None = None,
+    **cfg_kw,
+) -> Path:
     """Write a tiny sparse HF checkpoint directory as ``dsnt-export prune`` would; return its path.
 
     ``sparsity_config``: if given, put it into config.json's quantization_config (to test that
@@ -137,8 +186,10 @@ def make_sparse_hf_dir(path, arch: str = "llama", *, pattern="2:4", dtype=torch.
         tiny_tokenizer().save_pretrained(path)
     if sparsity_config is not None:
         cfg = json.loads((path / "config.json").read_text())
-        cfg["quantization_config"] = {"quant_method": "compressed-tensors",
-                                      "sparsity_config": sparsity_config}
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "sparsity_config": sparsity_config,
+        }
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
     write_manifest(path, sparse_manifest(model, masks, pattern, arch=arch))
     return path

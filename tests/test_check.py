@@ -66,6 +66,7 @@ def test_single_flipped_weight(art, hashes):
         w = sd[UP]
         r, c = (w == 0).nonzero()[0].tolist()
         w[r, c] = 1e-3  # one pruned zero made non-zero
+
     edit_weights(art, flip)
     if not hashes:
         drop_hashes(art)
@@ -129,8 +130,15 @@ def test_truncated_shard_of_sharded_checkpoint(tmp_path):
 @pytest.mark.parametrize("fmt", ["dense", "sparse-24-bitmask"])
 def test_leftover_sparsity_config(art, fmt):
     cfg = json.loads((art / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "sparsity_config": {
-        "format": fmt, "sparsity_structure": "2:4", "targets": ["Linear"], "ignore": ["lm_head"]}}
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {
+            "format": fmt,
+            "sparsity_structure": "2:4",
+            "targets": ["Linear"],
+            "ignore": ["lm_head"],
+        },
+    }
     (art / "config.json").write_text(json.dumps(cfg))
     drop_hashes(art)
     r = check_path(art)

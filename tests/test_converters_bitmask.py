@@ -109,8 +109,11 @@ def test_unpack_rejects_corrupt_tensors():
 
 
 def test_state_dict_round_trip():
-    sd = {"a.weight": sparse_24(8, 16, torch.float16, 1), "a.bias": torch.randn(8).half(),
-          "emb.weight": torch.randn(10, 16).half()}
+    sd = {
+        "a.weight": sparse_24(8, 16, torch.float16, 1),
+        "a.bias": torch.randn(8).half(),
+        "emb.weight": torch.randn(10, 16).half(),
+    }
     packed = compress_state_dict(sd, ["a.weight"])
     assert set(packed) == {"a.compressed", "a.bitmask", "a.shape", "a.bias", "emb.weight"}
     assert packed_modules(packed) == ["a"]
@@ -121,8 +124,13 @@ def test_state_dict_round_trip():
 
 
 @settings(max_examples=40, deadline=None)
-@given(out=st.integers(1, 9), groups=st.integers(1, 9), seed=st.integers(0, 10_000),
-       dtype=st.sampled_from(DTYPES), zero_frac=st.floats(0.0, 0.9))
+@given(
+    out=st.integers(1, 9),
+    groups=st.integers(1, 9),
+    seed=st.integers(0, 10_000),
+    dtype=st.sampled_from(DTYPES),
+    zero_frac=st.floats(0.0, 0.9),
+)
 def test_round_trip_property(out, groups, seed, dtype, zero_frac):
     """Any 2:4 weight (extra zeros of either sign anywhere in kept slots) round-trips exactly."""
     g = torch.Generator().manual_seed(seed)

@@ -19,14 +19,19 @@ from dsnt_export.artifacts import read_manifest
 from dsnt_export.errors import PatternError, UnsupportedModelError, UserInputError
 from tests._sparse_fixtures import make_sparse_hf_dir
 
-LEFTOVER = {"format": "dense", "sparsity_structure": "2:4", "targets": ["Linear"],
-            "ignore": ["lm_head"]}
+LEFTOVER = {
+    "format": "dense",
+    "sparsity_structure": "2:4",
+    "targets": ["Linear"],
+    "ignore": ["lm_head"],
+}
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
-    return make_sparse_hf_dir(tmp_path_factory.mktemp("hf") / "src", "llama",
-                              sparsity_config=LEFTOVER)
+    return make_sparse_hf_dir(
+        tmp_path_factory.mktemp("hf") / "src", "llama", sparsity_config=LEFTOVER
+    )
 
 
 def test_plain_export_for_current_vllm(src, tmp_path, caplog):
@@ -38,8 +43,13 @@ def test_plain_export_for_current_vllm(src, tmp_path, caplog):
     assert "quantization_config" not in cfg and config_problems(cfg) == []
     assert any("sparsity_config" in w for w in res.warnings)
     assert "stripped quantization_config.sparsity_config" in caplog.text
-    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json", "dsnt_manifest.json"):
+    for f in (
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "dsnt_manifest.json",
+    ):
         assert (out / f).is_file(), f
     man = read_manifest(out)
     assert man["kind"] == "hf" and man["pattern"]["string"] == "2:4"
@@ -139,13 +149,27 @@ def test_failures_leave_no_artifact(tmp_path):
 
 
 def test_strip_sparsity_config_keeps_real_quantization():
-    cfg = {"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
-        "g": {"weights": {"num_bits": 8}}}, "sparsity_config": LEFTOVER}}
+    cfg = {
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "config_groups": {"g": {"weights": {"num_bits": 8}}},
+            "sparsity_config": LEFTOVER,
+        }
+    }
     out, removed = strip_sparsity_config(cfg)
     assert removed == ["quantization_config.sparsity_config"]
-    assert out["quantization_config"]["config_groups"] and "sparsity_config" not in \
-        out["quantization_config"]
+    assert (
+        out["quantization_config"]["config_groups"]
+        and "sparsity_config" not in out["quantization_config"]
+    )
     assert "sparsity_config" in cfg["quantization_config"]  # input untouched
-    out, removed = strip_sparsity_config({"quantization_config": {
-        "quant_method": "compressed-tensors", "sparsity_config": LEFTOVER, "version": "0.9"}})
+    out, removed = strip_sparsity_config(
+        {
+            "quantization_config": {
+                "quant_method": "compressed-tensors",
+                "sparsity_config": LEFTOVER,
+                "version": "0.9",
+            }
+        }
+    )
     assert "quantization_config" not in out and len(removed) == 2

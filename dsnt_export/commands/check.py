@@ -20,22 +20,36 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n", 1)[1]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("path", help="artifact: checkpoint dir, .safetensors, .onnx or ONNX dir, "
-                        "TensorRT report .json or engine dir")
-    parser.add_argument("--pattern", default=None,
-                        help="expected pattern, e.g. 2:4 (default: the manifest's; 2:4 if none)")
+    parser.add_argument(
+        "path",
+        help="artifact: checkpoint dir, .safetensors, .onnx or ONNX dir, "
+        "TensorRT report .json or engine dir",
+    )
+    parser.add_argument(
+        "--pattern",
+        default=None,
+        help="expected pattern, e.g. 2:4 (default: the manifest's; 2:4 if none)",
+    )
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
-    parser.add_argument("--junit", metavar="FILE", default=None,
-                        help="also write a JUnit XML report (one testcase per tensor/subject)")
-    parser.add_argument("--require-sparse-tactics", action="store_true",
-                        help="TensorRT: fail unless the engine picked sparse tactics for a layer")
+    parser.add_argument(
+        "--junit",
+        metavar="FILE",
+        default=None,
+        help="also write a JUnit XML report (one testcase per tensor/subject)",
+    )
+    parser.add_argument(
+        "--require-sparse-tactics",
+        action="store_true",
+        help="TensorRT: fail unless the engine picked sparse tactics for a layer",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from converters.check import check_path
 
-    report = check_path(args.path, pattern=args.pattern,
-                        require_sparse_tactics=args.require_sparse_tactics)
+    report = check_path(
+        args.path, pattern=args.pattern, require_sparse_tactics=args.require_sparse_tactics
+    )
     if args.junit:
         report.write_junit(args.junit)
     if args.json:

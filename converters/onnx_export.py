@@ -1,0 +1,261 @@
+"""Export a sparse checkpoint to ONNX through transformers 5's maintained exporter.
+
+Graphs, per dtype directory (``float32/`` for ONNX Runtime on CPU, ``float16/`` FP16-typed for
+TensorRT 11, which has no FP16 builder flag):
+
+- ``model.onnx``: ``input_ids [batch, seq] -> logits [batch, seq, vocab]``, no cache (perplexity,
+  prefill latency, TensorRT engines);
+- ``prefill.onnx`` + ``decode.onnx`` (``export_for_generation``): prompt -> logits + KV cache, and
+  one token + cache -> logits + grown cache (decode latency).
+
+Weights go to external data (``<graph>.onnx.data``) when a graph's initializers exceed
+``external_data_threshold`` (default 1.5 GiB, under the 2 GB protobuf limit). After writing, each
+targeted linear is located in the *written* graph by value, must be a constant MatMul/Gemm weight
+with its 2:4 groups along the reduction axis, and the mapping is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsnt_export.artifacts import new_manifest
+from dsnt_export.errors import ArtifactError, UserInputError
+
+from . import Converter, ExportResult, Tolerance, register, vllm_compat
+from .onnx_graph import io_signature, linear_weights, load_model, map_params, where_is
+from .parity import ParityCheck, parity_ids
+from .reference import compute_reference, save_reference
+from .source import SparseSource, carried_files, read_source
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+GRAPH_FILES = {"logits": "model.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+
+
+def export_logits_graph(model, opset: int | None = None):
+    """The full-sequence logits graph (``onnx_ir.Model``), batch and sequence dynamic."""
+    from torch.export import Dim
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    ids = torch.randint(
+        4, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    cfg = OnnxConfig(
+        dynamic=True,
+        opset_version=opset,
+        dynamic_shapes={"input_ids": {0: Dim("batch"), 1: Dim("sequence")}},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return OnnxExporter().export(model, {"input_ids": ids, "use_cache": False}, cfg).program
+
+
+def export_generation_graphs(model, opset: int | None = None) -> dict:
+    """``{"prefill": ..., "decode": ...}`` graphs with an explicit KV cache, batch dynamic."""
+    from transformers import GenerationConfig
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    ids = torch.randint(
+        4, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)
+    )
+    gen = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = OnnxExporter().export_for_generation(
+            model,
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+            OnnxConfig(dynamic=True, opset_version=opset),
+            generation_config=gen,
+        )
+    return {name: c.program for name, c in ex.components.items()}
+
+
+def save_graph(program, path: Path, threshold: int) -> list[str]:
+    """Save one graph, its weights in ``<name>.data`` beside it above ``threshold`` bytes."""
+    import onnx_ir
+
+    size = sum(
+        v.const_value.nbytes
+        for v in program.graph.initializers.values()
+        if v.const_value is not None
+    )
+    if size > threshold:
+        onnx_ir.save(program, path, external_data=f"{path.name}.data")
+        return [path.name, f"{path.name}.data"]
+    onnx_ir.save(program, path)
+    return [path.name]
+
+
+def graph_weights(path: Path, params: dict[str, np.ndarray]) -> tuple[dict, list[str]]:
+    """Map the written graph's MatMul/Gemm constants to the HF weights; explain missing ones."""
+    model = load_model(path)
+    found, hidden = linear_weights(model)
+    mapping, missing = map_params(found, params)
+    problems = [f"{path.name}: {name} {where_is(model, params[name])}" for name in missing]
+    problems += [
+        f"{path.name}: node {h['node']} reads {h['source']} through {h['via']}" for h in hidden
+    ]
+    return {k: v.to_json() for k, v in mapping.items()}, problems
+
+
+@register
+class OnnxConverter(Converter):
+    name = "onnx"
+    extras = ()
+    tolerance = {
+        "float32": Tolerance(logits_atol=1e-4, ppl_rel=1e-3),
+        "float16": Tolerance(logits_atol=2e-2, ppl_rel=2e-2),
+    }
+    description = "ONNX graphs (logits; prefill/decode with KV cache), fp32 for ORT, fp16 for TRT"
+
+    def write(
+        self,
+        src_dir: Path,
+        tmp: Path,
+        result: ExportResult,
+        *,
+        dtypes=("float32", "float16"),
+        generation_dtypes=("float32",),
+        opset: int | None = None,
+        external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+        **_: Any,
+    ) -> dict:
+        bad = [d for d in (*dtypes, *generation_dtypes) if d not in DTYPES]
+        if bad or not dtypes:
+            raise UserInputError(f"ONNX dtypes must be among {sorted(DTYPES)}, got {bad or dtypes}")
+        src = read_source(src_dir)
+        config, removed = vllm_compat.strip_sparsity_config(src.config)
+        result.warnings += [f"dropped {r} from the ONNX export's config.json" for r in removed]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for f in carried_files(src.path):
+            shutil.copy2(f, tmp / f.name)
+        graphs: dict[str, dict] = {}
+        reference: dict[str, np.ndarray] = {}
+        for dt in dtypes:
+            model = src.load_model(dtype=DTYPES[dt])
+            programs = {"logits": export_logits_graph(model, opset)}
+            if dt in generation_dtypes:
+                programs.update(export_generation_graphs(model, opset))
+            (tmp / dt).mkdir()
+            params = {k: v.to(DTYPES[dt]).numpy() for k, v in src.target_weights().items()}
+            for kind, program in programs.items():
+                rel = f"{dt}/{GRAPH_FILES[kind]}"
+                files = save_graph(program, tmp / rel, external_data_threshold)
+                del program
+                graphs[rel] = self._describe(tmp / rel, kind, dt, files, params, result)
+            reference.update(compute_reference(model, src.config["vocab_size"], dt))
+            del model, programs
+        save_reference(tmp, reference)
+        return self._manifest(src, graphs, removed)
+
+    @staticmethod
+    def _describe(
+        path: Path, kind: str, dt: str, files: list[str], params: dict, result: ExportResult
+    ) -> dict:
+        weights, problems = graph_weights(path, params)
+        if problems:
+            raise ArtifactError(
+                f"{len(problems)} targeted weight(s) do not reach the ONNX graph as constant "
+                f"MatMul/Gemm weights, so their 2:4 pattern is hidden from TensorRT:\n  "
+                + "\n  ".join(problems[:10])
+            )
+        model = load_model(path)
+        return {
+            "kind": kind,
+            "dtype": dt,
+            "files": [f"{dt}/{f}" for f in files],
+            "opset": max(
+                (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None
+            ),
+            **io_signature(model),
+            "weights": weights,
+        }
+
+    def _manifest(self, src: SparseSource, graphs: dict, removed: list[str]) -> dict:
+        sm = src.manifest or {}
+        import transformers
+
+        return new_manifest(
+            "onnx",
+            source_model=sm.get(
+                "source_model", {"id": str(src.path), "model_type": src.model_type}
+            ),
+            pattern=src.pattern.to_json(),
+            recipe=sm.get("recipe", {}),
+            calibration=sm.get("calibration", {}),
+            tensors={k: dict(v) for k, v in sm.get("tensors", {}).items()},
+            skipped=sm.get("skipped", []),
+            timings={},
+            extra={
+                "graphs": graphs,
+                "export": {
+                    "converter": self.name,
+                    "exporter": "transformers.exporters.OnnxExporter "
+                    f"(transformers {transformers.__version__}, torch {torch.__version__})",
+                    "stripped_from_config": removed,
+                    "source": {"path": str(src.path), "recipe_hash": sm.get("recipe_hash")},
+                    "tolerance": {k: v.to_json() for k, v in self.tolerance.items()},
+                    "runtimes": "fp32 graphs: ONNX Runtime (CPU/CUDA, dense kernels); fp16 graphs: "
+                    "TensorRT (SPARSE_WEIGHTS) or ORT",
+                },
+            },
+        )
+
+    def check_masks(self, tmp: Path, manifest: dict) -> dict[str, dict]:
+        from .check_onnx import check_onnx
+
+        report = check_onnx(tmp, manifest=manifest, hashes=False)
+        out = {}
+        for name, entry in report.tensors.items():
+            mine = [
+                f.message for f in report.findings if f.subject == name and f.severity != "warning"
+            ]
+            out[name] = dict(
+                entry,
+                ok=entry["ok"] and not mine,
+                message="; ".join(mine) if mine else entry["message"],
+            )
+        for f in report.findings:
+            if f.severity != "warning" and f.subject not in report.tensors:
+                out[f.subject] = {"ok": False, "message": f.message}
+        return out
+
+    def parity(
+        self, src_dir: Path, tmp: Path, manifest: dict, check: ParityCheck, **_: Any
+    ) -> None:
+        from .onnx_run import run_generation, run_logits, session
+        from .parity import perplexity
+        from .reference import load_reference
+
+        src = read_source(src_dir)
+        ref = load_reference(tmp)
+        models: dict[str, Any] = {}
+        for rel, g in manifest["extra"]["graphs"].items():
+            dt = g["dtype"]
+            tol = self.tolerance[dt]
+            model = models.get(dt) or models.setdefault(dt, src.load_model(dtype=DTYPES[dt]))
+            sess = session(tmp / rel)
+            if g["kind"] == "logits":
+                ids = parity_ids(src.config["vocab_size"], batch=2, seqlen=32, seed=2)
+                with torch.no_grad():
+                    want = model(input_ids=ids).logits.float()
+                check.compare(f"{rel}:logits", run_logits(sess, ids.numpy()), want, tol)
+                got_ppl = perplexity([run_logits(sess, ref["ppl_ids"])], [ref["ppl_ids"]])
+                check.compare_ppl(f"{rel}:perplexity", got_ppl, float(ref[f"ppl.{dt}"]), tol)
+            elif g["kind"] == "prefill":
+                decode = rel.replace(GRAPH_FILES["prefill"], GRAPH_FILES["decode"])
+                ids = parity_ids(src.config["vocab_size"], batch=2, seqlen=12, seed=3)
+                got = run_generation(sess, session(tmp / decode), ids.numpy(), prompt_len=8)
+                with torch.no_grad():
+                    want = model(input_ids=ids).logits.float()[:, 7:]
+                check.compare(f"{rel}+decode:logits", got, want, tol)

@@ -1,0 +1,71 @@
+"""Eager-torch reference outputs stored inside an artifact, so parity can be re-checked anywhere.
+
+``dsnt_reference.npz`` holds the token ids used for parity and perplexity and the eager torch
+logits/perplexity computed at export time; ``pytest runtime_tests --artifact DIR`` compares each
+runtime on the user's machine against them. It is an ``.npz`` on purpose: vLLM loads every
+``*.safetensors`` file of an unindexed checkpoint directory as weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsnt_export.errors import ArtifactError
+
+from .parity import parity_ids, perplexity
+
+REFERENCE_NAME = "dsnt_reference.npz"
+PARITY_SHAPE = (1, 32)
+PPL_SHAPE = (4, 64)
+
+
+def reference_ids(vocab_size: int) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": parity_ids(
+            vocab_size, batch=PARITY_SHAPE[0], seqlen=PARITY_SHAPE[1], seed=0
+        ).numpy(),
+        "ppl_ids": parity_ids(vocab_size, batch=PPL_SHAPE[0], seqlen=PPL_SHAPE[1], seed=1).numpy(),
+    }
+
+
+@torch.no_grad()
+def torch_logits(model, ids: np.ndarray, *, batch: int = 4) -> np.ndarray:
+    """Eager logits as float32 numpy, in batches."""
+    t = torch.as_tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
+    outs = [model(input_ids=t[i : i + batch]).logits.float().cpu() for i in range(0, len(t), batch)]
+    return torch.cat(outs).numpy()
+
+
+def compute_reference(model, vocab_size: int, tag: str) -> dict[str, np.ndarray]:
+    """Reference arrays of ``model`` (its own dtype) under keys suffixed with ``tag``."""
+    ids = reference_ids(vocab_size)
+    logits = torch_logits(model, ids["input_ids"])
+    ppl_logits = torch_logits(model, ids["ppl_ids"])
+    return {
+        **ids,
+        f"logits.{tag}": logits,
+        f"ppl.{tag}": np.array(perplexity([ppl_logits], [ids["ppl_ids"]])),
+    }
+
+
+def save_reference(directory: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = Path(directory) / REFERENCE_NAME
+    np.savez(path, **arrays)
+    return path
+
+
+def load_reference(directory: str | Path) -> dict[str, np.ndarray]:
+    path = Path(directory) / REFERENCE_NAME
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError as e:
+        raise ArtifactError(
+            f"{path} not found; this artifact has no stored reference outputs "
+            "(re-export it with dsnt-export export)"
+        ) from e
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {path} ({e}); the file is corrupt") from e
