@@ -190,7 +190,10 @@ def _random_layer(seed: int, rows: int, cols: int, dtype, group: int, ties: bool
     if ties:  # few distinct magnitudes: exercises the stable tie order of unstructured paths
         w = (torch.randint(1, 6, (rows, cols), generator=g) * 0.25).to(dtype)
         w = w * torch.where(torch.rand(rows, cols, generator=g) < 0.5, -1.0, 1.0).to(dtype)
-        return w, st
+        # repeated per-channel statistics: exact ties in D, grow scores and the Wanda metric too
+        lv = torch.randint(0, 3, (cols,), generator=g)
+        a, sm, v = st.sq_sum[lv], st.sum[lv], st.var[lv]
+        return w, ActivationStats.from_tensors(a, sm, v)
     # distinct magnitudes per group: a random permutation of distinct levels, random signs
     levels = torch.rand(rows, cols // group, group, generator=g).argsort(-1).to(torch.float32) + 1
     jitter = torch.rand(rows, cols // group, 1, generator=g) + 0.5
@@ -300,3 +303,41 @@ def test_slow_oracle_can_fail():
     assert (base.n_swaps, base.err_after.tolist()) == (1, [-1.0])
     assert (other.n_swaps, other.err_after.tolist()) == (0, [5.0])
     assert torch.equal(other.keep, keep0) and not torch.equal(base.keep, keep0)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "unstructured:0.5"])
+def test_degenerate_channels_match_the_oracle(pattern):
+    """Dead input channels (sq_sum = sum = var = 0, so D = 0) and constant ones (var = 0, D != 0,
+    grow score +-inf) are handled the same way by both implementations: D == 0 is never a candidate,
+    an infinite grow score comes first."""
+    p = parse_pattern(pattern)
+    w, st = _random_layer(3, 10, 32, torch.float32, 8, False)
+    a, s, v = st.sq_sum.clone(), st.sum.clone(), st.var.clone()
+    a[[1, 6, 17]] = 0.0
+    s[[1, 6, 17]] = 0.0
+    v[[1, 6, 17, 9, 22]] = 0.0
+    st = ActivationStats.from_tensors(a, s, v)
+    keep0 = initial_mask("wanda", w, st, p)
+    for sign in (True, False):
+        cfg = DSnoTConfig.official(update_threshold=0.0, sign_check=sign)
+        fk, info, sl = _both(w, keep0, st, p, cfg, "wanda")
+        assert torch.equal(fk, sl.keep)
+        assert torch.equal(info.err_after, sl.err_after)
+        assert torch.equal(fk.sum(1), keep0.sum(1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sign", [True, False])
+def test_exact_ties_follow_the_stable_order(seed, sign):
+    """Few distinct weights and statistics: many exactly tied grow scores and Wanda metrics. The
+    spec fixes the order (stable sorts), so fast and slow must still agree bit for bit."""
+    w, st = _random_layer(100 + seed, 12, 64, torch.float32, 8, True)
+    p = Unstructured(0.5 + 0.05 * seed)
+    for method in ("wanda", "magnitude"):
+        keep0 = initial_mask(method, w, st, p)
+        assert torch.equal(keep0, slow_initial_keep(slow_metric(method, w, st.sq_sum), p))
+        cfg = DSnoTConfig.official(update_threshold=0.0, sign_check=sign)
+        fk, info, sl = _both(w, keep0, st, p, cfg, method)
+        assert sl.n_swaps > (4 if sign else 12)
+        assert torch.equal(fk, sl.keep)
+        assert torch.equal(info.err_after, sl.err_after)
