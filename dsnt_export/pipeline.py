@@ -77,6 +77,11 @@ class SparsifyConfig:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UserInputError(f"batch_size must be a positive int, got {self.batch_size!r}")
 
+    @property
+    def needs_hessian(self) -> bool:
+        """SparseGPT and DSnoT's loss guard need H = 2/n X^T X per linear input."""
+        return self.init == "sparsegpt" or (self.refine == "dsnot" and self.dsnot.loss_guard)
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["pattern"] = str(self.pattern)
@@ -193,7 +198,7 @@ def sparsify(
         runner = _BlockRunner(block, inputs, kw, groups, dev, store)
         stages = _stages(plan, targets, config.sequential)
         for stage in stages:
-            stats = runner.collect(stage, plan, hessian=config.init == "sparsegpt")
+            stats = runner.collect(stage, plan, hessian=config.needs_hessian)
             for t in stage:
                 report.layers.append(_prune_one(block, t, stats[t.group], config))
             for s in stats.values():
@@ -279,6 +284,7 @@ def _prune_one(
     """Initial mask (+ SparseGPT update), DSnoT refinement, write-back and mask check of one linear."""
     lin = block.get_submodule(t.linear)
     w = lin.weight.data
+    w_dense = w.clone() if stats.has_hessian else None
     t0 = time.perf_counter()
     res = prune_initial(
         cfg.init,
@@ -307,9 +313,18 @@ def _prune_one(
     do_refine = cfg.refine == "dsnot" and t.refine
     if do_refine:
         keep, info = refine_with_info(
-            base, keep, stats, cfg.pattern, cfg.dsnot, initial_metric=res.metric, name=t.name
+            base,
+            keep,
+            stats,
+            cfg.pattern,
+            cfg.dsnot,
+            initial_metric=res.metric,
+            name=t.name,
+            reference_weight=w,
         )
         s = info.summary()
+        if s.get("loss_before") is not None:
+            entry.update(loss_before=s["loss_before"], loss_after=s["loss_after"])
         entry.update(
             refine="dsnot",
             err_before=s["mean_abs_err_before"],
@@ -329,6 +344,8 @@ def _prune_one(
     t2 = time.perf_counter()
     lin.weight.data.copy_(torch.where(keep, base, torch.zeros((), dtype=w.dtype, device=w.device)))
     mask_report = check_mask(lin.weight.data, cfg.pattern, name=t.name)
+    if stats.has_hessian:
+        entry["rel_recon_loss"] = _relative_loss(w_dense, lin.weight.data, stats.hessian)
     entry.update(
         method=cfg.init + ("+dsnot" if do_refine else ""),
         sparsity=1.0 - float(keep.float().mean()),
@@ -337,3 +354,11 @@ def _prune_one(
         time_s={"init": t1 - t0, "refine": t2 - t1, "total": time.perf_counter() - t0},
     )
     return entry
+
+
+def _relative_loss(dense: torch.Tensor, sparse: torch.Tensor, H: torch.Tensor) -> float:
+    """||X W^T - X W'^T||^2 / ||X W^T||^2 from the Hessian H = 2/n X^T X (per layer)."""
+    d = dense.float() - sparse.float()
+    num = float(((d @ H) * d).sum())
+    den = float(((dense.float() @ H) * dense.float()).sum())
+    return num / den if den > 0 else float("nan")
