@@ -24,7 +24,9 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
     exclude: []                # never pruned, e.g. ["mlp.down_proj", "0:attention"]
     refine_exclude: []         # pruned but not refined, e.g. ["mlp"] (the reference's attention only)
     calib: stdlib-docs:32x256
-    eval: stdlib-docs
+    eval: stdlib-docs          # perplexity data (evaluation split), null = no evaluation
+    eval_seqlen: 256           # window length of the WikiText-2 protocol
+    eval_max_windows: null     # only the first N windows (quick runs); null = all
     device: auto               # auto | cpu | cuda | cuda:1 ...
     dtype: auto                # auto | float32 | float16 | bfloat16 (compute dtype)
     save_dtype: source         # source | float32 | float16 | bfloat16 (checkpoint dtype)
@@ -49,7 +51,6 @@ from .patterns import parse_pattern
 INITS = ("magnitude", "wanda", "sparsegpt")
 REFINES = ("dsnot", "none")
 DSNOT_PRESETS = ("default", "official")
-DSNOT_KEYS = ("max_cycles", "update_threshold", "var_power", "sign_check")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SAVE_DTYPES = ("source", "float32", "float16", "bfloat16")
 SPARSEGPT_KEYS = ("blocksize", "percdamp")
@@ -70,6 +71,8 @@ class Recipe:
     refine_exclude: tuple[str, ...] = ()
     calib: str = "stdlib-docs:32x256"
     eval: str | None = "stdlib-docs"
+    eval_seqlen: int = 256
+    eval_max_windows: int | None = None
     device: str = "auto"
     dtype: str = "auto"
     save_dtype: str = "source"
@@ -109,11 +112,12 @@ class Recipe:
                 raise UserInputError(
                     f"recipe {key!r} must be true or false, got {getattr(self, key)!r}"
                 )
-        for key, lo in (("seed", 0), ("batch_size", 1)):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise UserInputError(f"recipe {key!r} must be an integer >= {lo}, got {v!r}")
+        if self.eval_max_windows is not None:
+            _check_int(self, "eval_max_windows", 1)
+        for key, lo in (("seed", 0), ("batch_size", 1), ("eval_seqlen", 2)):
+            _check_int(self, key, lo)
         object.__setattr__(self, "dsnot", _check_dsnot(self.dsnot))
+
         object.__setattr__(self, "sparsegpt", _check_sparsegpt(self.sparsegpt))
 
     # ------------------------------------------------------------------ presets and overrides
@@ -161,7 +165,7 @@ class Recipe:
 
     def _with_nulls(self, d: dict[str, Any]) -> Recipe:
         # explicit nulls in a file mean "none" for the nullable fields
-        nulls = {k: None for k in ("model", "eval") if k in d and d[k] is None}
+        nulls = {k: None for k in ("model", "eval", "eval_max_windows") if k in d and d[k] is None}
         return dataclasses.replace(self, **nulls) if nulls else self
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -242,27 +246,40 @@ def _check_str(r: Recipe, key: str) -> None:
         raise UserInputError(f"recipe {key!r} must be a non-empty string, got {v!r}")
 
 
+def _check_int(r: Recipe, key: str, lo: int) -> None:
+    v = getattr(r, key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise UserInputError(f"recipe {key!r} must be an integer >= {lo}, got {v!r}")
+
+
 def _check_choice(r: Recipe, key: str, choices: tuple[str, ...]) -> None:
     v = getattr(r, key)
     if v not in choices:
         raise UserInputError(f"recipe {key!r} must be one of {list(choices)}, got {v!r}")
 
 
+def dsnot_keys() -> tuple[str, ...]:
+    """The DSnoTConfig fields a recipe may set (besides ``preset``)."""
+    from .dsnot import DSnoTConfig
+
+    return tuple(f.name for f in fields(DSnoTConfig) if f.name != "preset")
+
+
 def _check_dsnot(d: Any) -> dict:
     if not isinstance(d, dict):
         raise UserInputError(f"recipe 'dsnot' must be a mapping, got {d!r}")
     d = {"preset": "default", **d}
-    unknown = sorted(set(d) - {"preset", *DSNOT_KEYS})
+    unknown = sorted(set(d) - {"preset", *dsnot_keys()})
     if unknown:
         raise UserInputError(
-            f"unknown 'dsnot' key(s) {unknown}; known: preset, {', '.join(DSNOT_KEYS)}"
+            f"unknown 'dsnot' key(s) {unknown}; known: preset, {', '.join(dsnot_keys())}"
         )
     if d["preset"] not in DSNOT_PRESETS:
         raise UserInputError(
             f"dsnot preset must be one of {list(DSNOT_PRESETS)}, got {d['preset']!r}"
         )
     cfg = _dsnot_config(d)  # validates the values
-    return {"preset": d["preset"], **{k: getattr(cfg, k) for k in DSNOT_KEYS}}
+    return {"preset": d["preset"], **{k: getattr(cfg, k) for k in dsnot_keys()}}
 
 
 def _dsnot_config(d: dict):
@@ -270,7 +287,7 @@ def _dsnot_config(d: dict):
 
     maker = DSnoTConfig.official if d["preset"] == "official" else DSnoTConfig.default
     base = maker()
-    overrides = {k: d[k] for k in DSNOT_KEYS if k in d and d[k] != getattr(base, k)}
+    overrides = {k: d[k] for k in dsnot_keys() if k in d and d[k] != getattr(base, k)}
     return maker(**overrides)
 
 
@@ -301,6 +318,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "refine_exclude": ("mlp",),
         "calib": "c4:128x2048",
         "eval": "wikitext2",
+        "eval_seqlen": 2048,
         "seed": 0,
     },
 }

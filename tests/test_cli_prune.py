@@ -173,3 +173,34 @@ def test_bad_calibration_spec(ckpt, text_file, tmp_path, capsys):
     src, out = ckpt(), tmp_path / "out"
     rc = main(["prune", "--model", str(src), "--calib", f"file:{text_file}", "--out", str(out)])
     _assert_failed_cleanly(rc, out, capsys, "SOURCE:NxT")
+
+
+def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
+    src, out = ckpt("mistral"), tmp_path / "run"
+    rc = main(
+        [
+            "run",
+            "--model",
+            str(src),
+            "--calib",
+            f"file:{text_file}:4x32",
+            "--eval",
+            f"file:{text_file}",
+            "--eval-seqlen",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert rc == 0 and "dense" in printed and "mask check OK" in printed
+    s = json.loads((out / "report" / "summary.json").read_text())
+    assert s["validation"]["ok"] and s["validation"]["n_tensors"] == 14
+    ppl = s["perplexity"]
+    assert ppl["seqlen"] == 32 and ppl["n_windows"] >= 1 and ppl["dense"] > 1 and ppl["sparse"] > 1
+    assert s["recipe"]["init"] == "sparsegpt" and s["sparsify"]["n_refined"] == 14
+    assert (out / "report" / "summary.md").read_text().startswith("# dsnt-export run")
+    assert (out / "hf" / MANIFEST_NAME).exists() and (out / "report" / MANIFEST_NAME).exists()

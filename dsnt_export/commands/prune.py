@@ -87,6 +87,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         sequential=args.sequential,
         batch_size=args.batch_size,
         offload_activations=args.offload_activations,
+        eval=getattr(args, "eval", None),
+        eval_seqlen=getattr(args, "eval_seqlen", None),
+        eval_max_windows=getattr(args, "eval_max_windows", None),
     )
 
 
