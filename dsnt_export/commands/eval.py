@@ -1,0 +1,124 @@
+"""``dsnt-export eval``: perplexity of a Hugging Face checkpoint directory.
+
+    dsnt-export eval DIR --ppl [--data stdlib-docs] [--seqlen 256] [--device cpu] [--json]
+
+DIR is an HF checkpoint directory (config.json + safetensors + tokenizer), an artifact directory
+holding one under ``hf/``, or ``embedded:smollm2-135m`` (the dense embedded model). Perplexity
+follows the WikiText-2 protocol on the evaluation part of ``--data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ArtifactError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "dir", metavar="DIR", help="HF checkpoint or artifact directory, or embedded:smollm2-135m"
+    )
+    p.add_argument(
+        "--ppl",
+        action="store_true",
+        help="perplexity (WikiText-2 protocol); the only metric so far, also the default",
+    )
+    p.add_argument(
+        "--data",
+        default="stdlib-docs",
+        help="evaluation text: stdlib-docs (default), stdlib-code, wikitext2, c4, "
+        "file:PATH.txt|.jsonl",
+    )
+    p.add_argument("--seqlen", type=int, default=256, help="window length in tokens (default 256)")
+    p.add_argument(
+        "--max-windows",
+        type=int,
+        default=None,
+        help="score only the first N windows (quick checks; default: all)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per forward (default: 2048 // seqlen, at least 1)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="compute dtype (auto: float32 on CPU, the checkpoint's 16-bit dtype on GPU)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def checkpoint_dir(spec: str) -> str:
+    """The HF checkpoint to load for ``spec`` (a directory, an artifact's ``hf/``, or embedded)."""
+    from ..pipeline_io import resolve_model_source
+
+    p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "hf" / "config.json").is_file():
+        return str(p / "hf")
+    if not spec.strip().lower().startswith("embedded") and not p.exists():
+        raise ArtifactError(
+            f"{spec} does not exist; expected an HF checkpoint directory (config.json + "
+            "safetensors + tokenizer), an artifact directory with hf/, or embedded:smollm2-135m"
+        )
+    return resolve_model_source(spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import get_eval_tokens
+    from ..perplexity import perplexity
+    from ..pipeline_io import (
+        load_config,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+        source_dtype,
+    )
+
+    t0 = time.perf_counter()
+    source = checkpoint_dir(args.dir)
+    config = load_config(source)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, source_dtype(config))
+    model = load_model(source, dtype, config).to(device)
+    tokenizer = load_tokenizer(source)
+    load_s = time.perf_counter() - t0
+    tokens, desc = get_eval_tokens(args.data, tokenizer)
+    batch = args.batch_size if args.batch_size is not None else max(1, 2048 // max(args.seqlen, 1))
+    result = perplexity(
+        model,
+        tokens,
+        args.seqlen,
+        batch_size=batch,
+        device=device,
+        max_windows=args.max_windows,
+        progress=not args.no_progress,
+        dataset=desc,
+    )
+    if args.json:
+        out = {
+            "model": source,
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "load_s": round(load_s, 3),
+            "perplexity": result.to_json(),
+        }
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(
+            f"perplexity {result.ppl:.4f} (mean NLL {result.nll:.4f}) on {desc['source']} "
+            f"[{desc['split']}]: {result.n_windows} windows x {result.seqlen} tokens, "
+            f"{result.n_tokens_scored} scored of {desc['n_tokens']}; model {source} "
+            f"({str(dtype).replace('torch.', '')} on {device}); {result.seconds:.1f} s",
+            file=sys.stdout,
+        )
+    return 0
