@@ -1,0 +1,99 @@
+"""Benchmarks of exported artifacts: perplexity and latency, dense vs sparse, per runtime.
+
+    from dsnt_export.bench import BenchOptions, run_bench
+    rows = run_bench("out/onnx", BenchOptions(runtime="onnxruntime", ppl=True), sink=print)
+
+Runtimes (``RUNTIMES``; each module imported only when used): ``torch`` (eager, CPU/CUDA, plus
+2:4 semi-structured kernels on sm80+), ``onnxruntime`` (CPU EP; CUDA/TensorRT EPs with
+onnxruntime-gpu), ``tensorrt`` (engines, dense vs SPARSE_WEIGHTS), ``vllm`` (offline LLM API).
+A runtime, device or variant that is absent yields a row with status "skipped" and the reason.
+The row schema is documented in :mod:`dsnt_export.bench.schema`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+
+from ..errors import UserInputError
+
+RUNTIMES: dict[str, str] = {
+    "torch": "dsnt_export.bench.torch_runtime",
+    "onnxruntime": "dsnt_export.bench.ort_runtime",
+    "tensorrt": "dsnt_export.bench.tensorrt_runtime",
+    "vllm": "dsnt_export.bench.vllm_runtime",
+}
+
+
+def runtime_module(name: str):
+    if name not in RUNTIMES:
+        raise UserInputError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)}")
+    return importlib.import_module(RUNTIMES[name])
+
+
+def _ints(v, what: str) -> tuple[int, ...]:
+    if isinstance(v, str):
+        v = [x for x in v.replace(" ", "").split(",") if x]
+    try:
+        out = tuple(int(x) for x in v)
+    except (TypeError, ValueError) as e:
+        raise UserInputError(f"{what} must be a comma list of integers, got {v!r}") from e
+    if not out or any(x < 1 for x in out):
+        raise UserInputError(f"{what} must be positive integers, got {v!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure and how (validated at construction)."""
+
+    runtime: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    ppl: bool = False
+    latency: bool = True
+    dense: str | None = None
+    prompt_lengths: tuple[int, ...] = (32, 128, 512)
+    batch_sizes: tuple[int, ...] = (1, 4)
+    decode_tokens: int = 32
+    repeats: int = 5
+    warmup: int = 1
+    ppl_data: str = "stdlib-docs"
+    seqlen: int = 256
+    max_windows: int | None = None
+    ppl_batch_size: int = 1
+    sparse_kernels: bool = True
+    semi_backend: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise UserInputError(f"unknown runtime {self.runtime!r}; known: {', '.join(RUNTIMES)}")
+        object.__setattr__(self, "prompt_lengths", _ints(self.prompt_lengths, "prompt lengths"))
+        object.__setattr__(self, "batch_sizes", _ints(self.batch_sizes, "batch sizes"))
+        for name, lo in (("decode_tokens", 0), ("repeats", 1), ("warmup", 0), ("seqlen", 2)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise UserInputError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not (self.ppl or self.latency):
+            raise UserInputError("nothing to measure: ask for --ppl and/or --latency")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise UserInputError(
+                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run_bench(path, options: BenchOptions, *, sink=None) -> list[dict]:
+    """Benchmark the artifact at ``path``; every row is passed to ``sink`` as soon as it exists."""
+    from .runner import run
+
+    return run(path, options, sink=sink)
+
+
+__all__ = ["BenchOptions", "RUNTIMES", "run_bench", "runtime_module"]

@@ -1,0 +1,254 @@
+"""The runtime-independent benchmark loop: variants x (perplexity, prefill, decode) -> rows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DsntError
+from . import BenchOptions, runtime_module
+from .engine import Engine, LogitsModule
+from .env import environment
+from .schema import make_row, new_run_id
+from .target import Target, resolve_target
+from .timing import PeakMemory, measure
+
+log = logging.getLogger(__name__)
+
+# what a benchmark records as a failed row instead of aborting the whole run
+RECOVERABLE = (DsntError, RuntimeError, NotImplementedError, OSError, ValueError)
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class _Rows:
+    def __init__(self, base: dict, run_id: str, sink: Callable[[dict], Any] | None):
+        self.base, self.run_id, self.sink, self.rows = base, run_id, sink, []
+
+    def emit(self, bench: str, **fields: Any) -> dict:
+        row = make_row(bench, self.run_id, **{**self.base, **fields})
+        self.rows.append(row)
+        if self.sink is not None:
+            self.sink(row)
+        return row
+
+
+def run(path, options: BenchOptions, *, sink=None) -> list[dict]:
+    dev = torch.device(options.device)
+    mod = runtime_module(options.runtime)
+    reason = mod.unavailable(options)
+    env_dev = dev if reason is None else torch.device("cpu")
+    out = _Rows(
+        {
+            "runtime": options.runtime,
+            "device": str(dev),
+            "env": environment(env_dev),
+            "options": options.to_json(),
+        },
+        new_run_id(),
+        sink,
+    )
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if reason is not None:
+        out.emit("skip", status="skipped", reason=reason, model={"path": str(path)})
+        return out.rows
+    target = resolve_target(path, options.runtime, dense=options.dense)
+    tokens, dataset = _eval_tokens(target, options) if options.ppl else (None, None)
+    for variant, factory in mod.variants(target, options):
+        model = dict(target.info, path=str(target.dense if variant == "dense" else target.path))
+        if variant == "dense":
+            model.update(pattern=None, method=None)
+        if isinstance(factory, str):
+            out.emit("skip", status="skipped", reason=factory, variant=variant, model=model)
+            continue
+        try:
+            engine = factory()
+        except (MemoryError, *RECOVERABLE) as e:
+            log.warning("%s/%s could not be loaded: %s", options.runtime, variant, e)
+            out.emit(
+                "skip",
+                status="failed",
+                reason=f"loading failed: {_why(e)}",
+                variant=variant,
+                model=model,
+            )
+            continue
+        try:
+            _bench_engine(engine, target, options, out, model, tokens, dataset)
+        finally:
+            engine.close()
+    return out.rows
+
+
+def _eval_tokens(target: Target, options: BenchOptions):
+    from transformers import AutoTokenizer
+
+    from ..data import get_eval_tokens
+
+    tok_dir = target.hf_dir or target.path
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return get_eval_tokens(options.ppl_data, tok)
+
+
+def _bench_engine(
+    eng: Engine, target: Target, options: BenchOptions, out: _Rows, model: dict, tokens, dataset
+) -> None:
+    base = {"variant": eng.variant, "backend": eng.backend, "model": dict(model, dtype=eng.dtype)}
+    for extra in eng.rows:
+        out.emit(extra.pop("bench"), **base, **extra)
+    if options.ppl:
+        try:
+            res = _perplexity(eng, tokens, dataset, options)
+            out.emit("perplexity", **base, **res.to_json())
+        except RECOVERABLE as e:
+            out.emit("perplexity", status="failed", reason=_why(e), **base)
+    if options.latency:
+        _latency(eng, target, options, out, base)
+
+
+def _perplexity(eng: Engine, tokens, dataset, options: BenchOptions):
+    if hasattr(eng, "perplexity"):
+        return eng.perplexity(tokens, options.seqlen, options.max_windows, dataset)
+    from ..perplexity import perplexity
+
+    module = eng.as_module()
+    dev = torch.device("cpu") if isinstance(module, LogitsModule) else eng.device
+    return perplexity(
+        module,
+        tokens,
+        options.seqlen,
+        batch_size=options.ppl_batch_size,
+        device=dev,
+        max_windows=options.max_windows,
+        progress=options.progress,
+        dataset=dataset,
+    )
+
+
+def _configs(target: Target, options: BenchOptions):
+    for b in options.batch_sizes:
+        for n in options.prompt_lengths:
+            yield b, n
+
+
+def _latency(eng: Engine, target: Target, options: BenchOptions, out: _Rows, base: dict) -> None:
+    from tqdm.auto import tqdm
+
+    vocab = int(target.info.get("vocab_size") or 32000)
+    max_pos = target.info.get("max_position_embeddings")
+    g = torch.Generator().manual_seed(options.seed)
+    cfgs = list(_configs(target, options))
+    bar = tqdm(
+        cfgs,
+        desc=f"{options.runtime}/{eng.variant} latency",
+        unit="cfg",
+        disable=not options.progress,
+    )
+    for b, n in bar:
+        ids = torch.randint(4, vocab, (b, n), generator=g)
+        steps = torch.randint(4, vocab, (options.decode_tokens, b, 1), generator=g)
+        cfg = {"batch_size": b, "prompt_len": n}
+        if max_pos and n + options.decode_tokens > int(max_pos):
+            out.emit(
+                "latency",
+                status="skipped",
+                **base,
+                **cfg,
+                reason=(
+                    f"prompt {n} + {options.decode_tokens} decode tokens exceed the model's "
+                    f"max_position_embeddings {max_pos}"
+                ),
+            )
+            continue
+        try:
+            _one_config(eng, options, out, base, cfg, ids, steps)
+        except (MemoryError, *RECOVERABLE) as e:
+            out.emit("latency", status="failed", reason=_why(e), **base, **cfg)
+    bar.close()
+
+
+def _one_config(eng, options, out, base, cfg, ids, steps) -> None:
+    b, n = cfg["batch_size"], cfg["prompt_len"]
+    x = eng.to_input(ids)
+    with PeakMemory(eng.device) as pm:
+        t = measure(
+            lambda: eng.prefill(x),
+            device=eng.device,
+            warmup=options.warmup,
+            repeats=options.repeats,
+        )
+    out.emit(
+        "latency",
+        **base,
+        **cfg,
+        phase="prefill",
+        decode_tokens=0,
+        timing=t.to_json(),
+        latency_ms=t.median_s * 1e3,
+        tokens_per_s=b * n / t.median_s,
+        **pm.to_json(),
+    )
+    k = options.decode_tokens
+    if k == 0:
+        return
+    if getattr(eng, "supports_decode", True) is False:
+        out.emit(
+            "latency",
+            status="skipped",
+            reason=eng.decode_skip_reason,
+            **base,
+            **cfg,
+            phase="decode",
+            decode_tokens=k,
+        )
+        return
+    if getattr(eng, "decode_by_generate", False):
+        with PeakMemory(eng.device) as pm:
+            tg = measure(
+                lambda: eng.generate(x, k + 1),
+                device=eng.device,
+                warmup=options.warmup,
+                repeats=options.repeats,
+            )
+        total = max(tg.median_s - t.median_s, 0.0)
+        extra = {"method": "generate(1+N) - generate(1), medians", "timing": tg.to_json()}
+    else:
+        xs = [eng.to_input(s) for s in steps]
+
+        def run_steps(state):
+            for s in xs:
+                state = eng.decode(state, s)
+            return state
+
+        with PeakMemory(eng.device) as pm:
+            td = measure(
+                run_steps,
+                setup=lambda: eng.prefill(x),
+                device=eng.device,
+                warmup=options.warmup,
+                repeats=options.repeats,
+            )
+        total = td.median_s
+        extra = {"timing": td.to_json()}
+    out.emit(
+        "latency",
+        **base,
+        **cfg,
+        phase="decode",
+        decode_tokens=k,
+        **extra,
+        latency_ms=total / k * 1e3,
+        tokens_per_s=(b * k / total) if total > 0 else None,
+        **pm.to_json(),
+    )
+
+
+def default_out(path) -> Path:
+    return Path(path) / "bench" / "rows.jsonl"

@@ -1,0 +1,124 @@
+"""Benchmark rows: one JSON object per line, appended to a ``.jsonl`` file.
+
+Every row (schema ``dsnt-export/bench-row``, schema_version 1) carries:
+
+=================  =========================================================================
+key                meaning
+=================  =========================================================================
+schema             ``"dsnt-export/bench-row"``
+schema_version     ``1``
+bench              what was measured: ``"latency"``, ``"perplexity"``, ``"conversion"``
+                   (torch sparse-kernel conversion per layer), ``"skip"``; the GPU check adds
+                   ``"dsnot_layer"``, ``"init_layer"``, ``"pipeline"``, ``"gemm"``,
+                   ``"e2e_latency"``, ``"section"``
+run_id             one id shared by all rows of one invocation (pairs dense with sparse)
+time               ISO-8601 UTC time the row was written
+status             ``"ok"``, ``"skipped"`` (runtime/device/feature absent) or ``"failed"``
+reason             why it was skipped or failed (only when status is not ``"ok"``)
+runtime            ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"vllm"``
+backend            how the runtime ran: ``"eager"``, ``"semi-structured:cusparselt"``,
+                   ``"CPUExecutionProvider"``, ``"CUDAExecutionProvider"``, ...
+device             ``"cpu"``, ``"cuda:0"``, ...
+variant            ``"dense"`` (the source model), ``"sparse"`` (zeros in place, dense kernels),
+                   ``"sparse-kernels"`` (torch: 2:4 weights as ``SparseSemiStructuredTensor``;
+                   TensorRT: engine built with SPARSE_WEIGHTS)
+model              ``{"path", "id", "model_type", "pattern", "method", "dtype"}``
+env                :func:`dsnt_export.bench.env.environment` of the machine
+=================  =========================================================================
+
+``latency`` rows add: ``phase`` (``"prefill"``: one forward over the prompt, logits for every
+position, cache built; ``"decode"``: ``decode_tokens`` single-token steps on the prompt's KV cache,
+fixed token ids, the prefill untimed), ``batch_size``, ``prompt_len``, ``decode_tokens`` (0 for
+prefill), ``timing`` (:class:`~dsnt_export.bench.timing.Timing` JSON: median/min/max/quartiles/
+stdev/samples in seconds, ``repeats``, ``warmup``), ``latency_ms`` (prefill: median ms per forward;
+decode: median ms per step, i.e. per generated token of each sequence), ``tokens_per_s``
+(prefill: ``batch * prompt_len / median``; decode: ``batch * decode_tokens / median``),
+``peak_mem_bytes`` and ``peak_mem_kind`` (``cuda_max_allocated``, ``cpu_rss_peak``,
+``cpu_rss_peak_process``).
+
+``perplexity`` rows add the :class:`dsnt_export.perplexity.PerplexityResult` fields: ``ppl``,
+``nll``, ``n_windows``, ``seqlen``, ``n_tokens_scored``, ``dataset`` (source, split, token hash),
+``seconds``.
+
+``conversion`` rows add ``layers`` (``[{"name", "shape", "converted", "backend", "reason"}]``),
+``n_converted``, ``n_fallback`` and ``logits_max_abs_diff`` (semi-structured vs dense kernels on
+the same sparse weights).
+
+Rows are self-contained (environment included) so files from several machines can be concatenated.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+from typing import Any
+
+SCHEMA = "dsnt-export/bench-row"
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "skipped", "failed")
+VARIANTS = ("dense", "sparse", "sparse-kernels")
+RUNTIMES = ("torch", "onnxruntime", "tensorrt", "vllm")
+COMMON_KEYS = ("schema", "schema_version", "bench", "run_id", "time", "status")
+LATENCY_KEYS = (
+    "phase",
+    "batch_size",
+    "prompt_len",
+    "decode_tokens",
+    "timing",
+    "latency_ms",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "peak_mem_kind",
+)
+PERPLEXITY_KEYS = ("ppl", "nll", "n_windows", "seqlen", "n_tokens_scored", "dataset")
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_row(
+    bench: str, run_id: str, *, status: str = "ok", reason: str | None = None, **fields: Any
+) -> dict:
+    """A row with the common keys filled in; ``reason`` is required unless status is "ok"."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    if status != "ok" and not reason:
+        raise ValueError(f"a {status} row needs a reason")
+    row: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "bench": bench,
+        "run_id": run_id,
+        "time": now(),
+        "status": status,
+    }
+    if reason:
+        row["reason"] = reason
+    row.update(fields)
+    return row
+
+
+def row_problems(row: Any) -> list[str]:
+    """What is wrong with a row (empty if it follows the schema)."""
+    if not isinstance(row, dict):
+        return [f"row is a {type(row).__name__}, not a JSON object"]
+    bad = [f"missing key {k!r}" for k in COMMON_KEYS if k not in row]
+    if bad:
+        return bad
+    if row["schema"] != SCHEMA:
+        bad.append(f"schema {row['schema']!r} != {SCHEMA!r}")
+    if row["status"] not in STATUSES:
+        bad.append(f"status {row['status']!r} not in {STATUSES}")
+    if row["status"] != "ok" and not row.get("reason"):
+        bad.append("a skipped/failed row has no reason")
+    if row["status"] == "ok":
+        need = {"latency": LATENCY_KEYS, "perplexity": PERPLEXITY_KEYS}.get(row["bench"], ())
+        bad += [f"{row['bench']} row lacks {k!r}" for k in need if k not in row]
+    if "variant" in row and row["variant"] not in VARIANTS:
+        bad.append(f"variant {row['variant']!r} not in {VARIANTS}")
+    return bad

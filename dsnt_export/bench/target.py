@@ -1,0 +1,159 @@
+"""What ``dsnt-export bench DIR`` benchmarks: the artifact for the runtime and its dense reference.
+
+DIR may be an artifact directory (``dsnt_manifest.json`` of kind "hf", "onnx" or "tensorrt") or a
+run directory holding ``hf/``, ``onnx/``, ``tensorrt/`` artifacts (the one the runtime needs is
+picked by its manifest's kind, not by its name alone). The dense reference is ``--dense`` if given,
+else the source model the manifests name (``source_model.path``, or the embedded model's id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import MANIFEST_NAME, read_manifest
+from ..errors import ArtifactError, UserInputError
+
+log = logging.getLogger(__name__)
+
+# which artifact kind each runtime reads
+RUNTIME_KIND = {"torch": "hf", "vllm": "hf", "onnxruntime": "onnx", "tensorrt": "tensorrt"}
+
+
+@dataclass
+class Target:
+    """The artifact to benchmark and where its dense reference comes from."""
+
+    runtime: str
+    path: Path  # artifact directory of RUNTIME_KIND[runtime]
+    kind: str
+    manifest: dict | None
+    hf_dir: Path | None  # the sparse HF checkpoint behind it (tokenizer, torch fallbacks)
+    dense: Path | None  # dense reference (HF dir, or an artifact of the runtime's kind)
+    dense_reason: str | None = None  # why there is no dense reference
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> list[str]:
+        """Pruned parameter names (``...weight``) from the manifest."""
+        return sorted((self.manifest or {}).get("tensors", {}))
+
+
+def _kind(d: Path) -> str | None:
+    m = read_manifest(d, required=False) if d.is_dir() else None
+    return m.get("kind") if m else None
+
+
+def _find_kind(root: Path, kind: str) -> Path | None:
+    if _kind(root) == kind:
+        return root
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if _kind(sub) == kind:
+            return sub
+    return None
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def model_info(manifest: dict | None, path: Path) -> dict:
+    m = manifest or {}
+    sm = m.get("source_model") or {}
+    recipe = m.get("recipe") or {}
+    cfg = {}
+    if (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+    method = recipe.get("init")
+    if method and recipe.get("refine") not in (None, "none"):
+        method = f"{method}+{recipe['refine']}"
+    return {
+        "path": str(path),
+        "id": sm.get("id"),
+        "model_type": cfg.get("model_type") or sm.get("model_type"),
+        "pattern": (m.get("pattern") or {}).get("string"),
+        "method": method,
+        "vocab_size": cfg.get("vocab_size"),
+        "max_position_embeddings": cfg.get("max_position_embeddings"),
+    }
+
+
+def _dense_from_manifests(*manifests: dict | None) -> tuple[Path | None, str | None]:
+    for m in manifests:
+        sm = (m or {}).get("source_model") or {}
+        for key in ("path", "id"):
+            v = sm.get(key)
+            if not v:
+                continue
+            if str(v).lower().startswith("embedded:"):
+                from ..embedded import embedded_model_dir
+
+                return embedded_model_dir(progress=False), None
+            p = Path(v).expanduser()
+            if p.is_dir() and _is_hf_dir(p):
+                return p, None
+    named = [((m or {}).get("source_model") or {}).get("id") for m in manifests]
+    named = [n for n in named if n]
+    return None, (
+        f"the dense source model {named[0]!r} named in the manifest is not available locally"
+        if named
+        else "the manifest names no dense source model"
+    ) + "; pass --dense DIR (a dense HF checkpoint) to compare against it"
+
+
+def resolve_target(path: str | Path, runtime: str, *, dense: str | Path | None = None) -> Target:
+    """Find the artifact for ``runtime`` under ``path`` and its dense reference."""
+    if runtime not in RUNTIME_KIND:
+        raise UserInputError(f"unknown runtime {runtime!r}; known: {sorted(RUNTIME_KIND)}")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserInputError(f"{root} is not a directory; expected an artifact or run directory")
+    want = RUNTIME_KIND[runtime]
+    found = _find_kind(root, want)
+    if found is None and want == "hf" and _is_hf_dir(root):
+        found = root  # a plain HF checkpoint without our manifest
+    if found is None:
+        have = sorted(
+            {k for k in [_kind(root)] + [_kind(p) for p in root.iterdir() if p.is_dir()] if k}
+        )
+        hint = {
+            "onnx": "dsnt-export export onnx",
+            "tensorrt": "dsnt-export export tensorrt",
+            "hf": "dsnt-export prune",
+        }[want]
+        raise ArtifactError(
+            f"{root} holds no {want!r} artifact for runtime {runtime!r} (found kinds: "
+            f"{have or 'none'}; expected a directory with a {MANIFEST_NAME} of kind {want!r}). "
+            f"Create one with `{hint}`"
+        )
+    manifest = read_manifest(found, required=False)
+    hf_dir = found if want == "hf" else _source_hf(root, manifest)
+    hf_manifest = read_manifest(hf_dir, required=False) if hf_dir else None
+    if dense is not None:
+        d = Path(dense).expanduser()
+        if not d.is_dir():
+            raise UserInputError(f"--dense {d} is not a directory; expected a dense checkpoint")
+        dense_dir, reason = d, None
+    else:
+        dense_dir, reason = _dense_from_manifests(manifest, hf_manifest)
+    info = model_info(manifest, found)
+    if hf_dir is not None and not info.get("vocab_size"):
+        info.update(
+            {
+                k: v
+                for k, v in model_info(hf_manifest, hf_dir).items()
+                if k in ("vocab_size", "max_position_embeddings", "model_type") and v
+            }
+        )
+    return Target(runtime, found, want, manifest, hf_dir, dense_dir, reason, info)
+
+
+def _source_hf(root: Path, manifest: dict | None) -> Path | None:
+    src = (((manifest or {}).get("extra") or {}).get("export") or {}).get("source") or {}
+    p = src.get("path")
+    if p and Path(p).is_dir():
+        return Path(p)
+    return _find_kind(root, "hf")

@@ -1,0 +1,128 @@
+"""``dsnt-export bench``: perplexity and latency of an artifact on a runtime, dense vs sparse.
+
+    dsnt-export bench DIR --runtime torch|onnxruntime|tensorrt|vllm [--device cpu|cuda]
+        [--ppl] [--latency] [--dense DIR2] [--prompt-lengths 32,128,512] [--batch-sizes 1,4]
+        [--decode-tokens 32] [--repeats 5] [--out rows.jsonl]
+
+DIR is an artifact directory (HF checkpoint for torch/vllm, ONNX export for onnxruntime, TensorRT
+engines for tensorrt) or a run directory holding them. Rows are appended to ``--out`` (default
+``DIR/bench/rows.jsonl``) as they are measured; a runtime or device that is absent gives rows with
+status "skipped" and the reason. Exit code 0 if every row is ok or skipped, 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="artifact or run directory")
+    p.add_argument("--runtime", required=True, choices=("torch", "onnxruntime", "tensorrt", "vllm"))
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="compute dtype (auto: fp32 on CPU, fp16 on CUDA; ORT: fp32 graphs)",
+    )
+    p.add_argument("--ppl", action="store_true", help="measure perplexity")
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="measure prefill/decode latency (default when --ppl is not given)",
+    )
+    p.add_argument(
+        "--dense",
+        metavar="DIR2",
+        help="dense reference (default: the source model named in the manifest)",
+    )
+    p.add_argument("--prompt-lengths", default="32,128,512", help="comma list (default 32,128,512)")
+    p.add_argument("--batch-sizes", default="1,4", help="comma list (default 1,4)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per point (median, default 5)"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
+    p.add_argument("--data", default="stdlib-docs", help="perplexity text (default stdlib-docs)")
+    p.add_argument("--seqlen", type=int, default=256, help="perplexity window (default 256)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only N windows")
+    p.add_argument(
+        "--no-sparse-kernels",
+        action="store_true",
+        help="torch on CUDA: do not try the 2:4 semi-structured kernels",
+    )
+    p.add_argument(
+        "--semi-backend",
+        default="auto",
+        choices=("auto", "cusparselt", "cutlass"),
+        help="2:4 kernel backend for torch on CUDA (default: cuSPARSELt if present)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ORT)")
+    p.add_argument("--out", default=None, help="JSON-lines file the rows are appended to")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _fmt(row: dict) -> str:
+    v = row.get("variant", "-")
+    head = f"{row['runtime']:<11} {v:<14} {row.get('backend', ''):<24}"
+    if row["status"] != "ok":
+        return f"{head} {row['bench']}: {row['status']}: {row.get('reason')}"
+    if row["bench"] == "perplexity":
+        return f"{head} perplexity {row['ppl']:.4f} ({row['n_windows']} x {row['seqlen']} tok)"
+    if row["bench"] == "latency":
+        what = "prefill" if row["phase"] == "prefill" else f"decode x{row['decode_tokens']}"
+        unit = "ms" if row["phase"] == "prefill" else "ms/tok"
+        mem = row.get("peak_mem_bytes")
+        mem_s = f", peak {mem / 2**20:.0f} MiB" if mem else ""
+        return (
+            f"{head} b={row['batch_size']:<3} L={row['prompt_len']:<5} {what:<11} "
+            f"{row['latency_ms']:9.2f} {unit:<6} {row['tokens_per_s'] or 0:10.1f} tok/s"
+            f"{mem_s}"
+        )
+    if row["bench"] == "conversion":
+        return (
+            f"{head} 2:4 kernels on {row['n_converted']} linears, {row['n_fallback']} kept "
+            f"dense; logits max |diff| {row['logits_max_abs_diff']:.3g}"
+        )
+    return f"{head} {row['bench']}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import BenchOptions, run_bench
+    from ..bench.timing import append_rows
+
+    opts = BenchOptions(
+        runtime=args.runtime,
+        device=args.device,
+        dtype=args.dtype,
+        ppl=args.ppl,
+        latency=args.latency or not args.ppl,
+        dense=args.dense,
+        prompt_lengths=args.prompt_lengths,
+        batch_sizes=args.batch_sizes,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        ppl_data=args.data,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        sparse_kernels=not args.no_sparse_kernels,
+        semi_backend=args.semi_backend,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out) if args.out else Path(args.dir) / "bench" / "rows.jsonl"
+
+    def sink(row: dict) -> None:
+        append_rows(out, [row])
+        print(_fmt(row), flush=True)
+
+    rows = run_bench(args.dir, opts, sink=sink)
+    failed = sum(r["status"] == "failed" for r in rows)
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    print(
+        f"{len(rows)} rows appended to {out} ({failed} failed, {skipped} skipped)", file=sys.stderr
+    )
+    return 1 if failed else 0
