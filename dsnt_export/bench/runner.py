@@ -145,6 +145,7 @@ def _latency(eng: Engine, target: Target, options: BenchOptions, out: _Rows, bas
     max_pos = target.info.get("max_position_embeddings")
     g = torch.Generator().manual_seed(options.seed)
     cfgs = list(_configs(target, options))
+    _engine_warmup(eng, vocab, options)
     bar = tqdm(
         cfgs,
         desc=f"{options.runtime}/{eng.variant} latency",
@@ -172,6 +173,20 @@ def _latency(eng: Engine, target: Target, options: BenchOptions, out: _Rows, bas
         except (MemoryError, *RECOVERABLE) as e:
             out.emit("latency", status="failed", reason=_why(e), **base, **cfg)
     bar.close()
+
+
+def _engine_warmup(eng: Engine, vocab: int, options: BenchOptions) -> None:
+    """One untimed prefill + decode step before the first configuration (lazy initialisation,
+    allocator growth, kernel selection), on top of each point's own warm-up runs."""
+    if options.warmup == 0:
+        return
+    ids = torch.randint(4, vocab, (1, 8), generator=torch.Generator().manual_seed(99))
+    try:
+        state = eng.prefill(eng.to_input(ids))
+        if getattr(eng, "supports_decode", True) and not getattr(eng, "decode_by_generate", False):
+            eng.decode(state, eng.to_input(ids[:, :1]))
+    except RECOVERABLE as e:  # the measured points will record the failure themselves
+        log.debug("engine warm-up failed: %s", e)
 
 
 def _one_config(eng, options, out, base, cfg, ids, steps) -> None:

@@ -1,0 +1,51 @@
+"""``dsnt-export report``: (re)write the run report of a run directory.
+
+    dsnt-export report DIR [--out DIR/report] [--rows extra.jsonl ...]
+
+Reads every benchmark row (``*.jsonl``) and pruning run report (HF artifact manifests) under DIR
+and writes ``report.json``, ``report.md`` and PNG figures into ``--out`` (default
+``DIR/report``), atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="run directory")
+    p.add_argument("--out", default=None, help="report directory (default DIR/report)")
+    p.add_argument(
+        "--rows",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="extra JSON-lines row files to include (repeatable)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.timing import read_rows
+    from ..errors import UserInputError
+    from ..report import collect_rows, write_report
+
+    rows = collect_rows(args.dir)
+    for f in args.rows:
+        if not Path(f).is_file():
+            raise UserInputError(f"--rows {f} does not exist; expected a JSON-lines file")
+        rows += [dict(r, source=f) for r in read_rows(f)]
+    if not rows:
+        raise UserInputError(
+            f"{args.dir} holds no benchmark rows (*.jsonl) and no pruning run report; "
+            "run `dsnt-export prune` / `dsnt-export bench` into it, or pass --rows FILE"
+        )
+    out = Path(args.out) if args.out else Path(args.dir) / "report"
+    rep = write_report(rows, out, title=f"dsnt-export run report: {Path(args.dir).name}")
+    s = rep["summary"]
+    print(
+        f"report written to {out}: {s['rows']} rows, {s['perplexity_points']} perplexity "
+        f"points, {s['latency_points']} latency points, {s['layers']} layers; figures: "
+        f"{', '.join(rep['figures'].values()) or 'none'}"
+    )
+    return 0
