@@ -137,3 +137,15 @@ def test_selectors():
         plan_targets(model, p, exclude=("o_proj",))
     with pytest.raises(UserInputError, match="outside 0..2"):
         plan_targets(model, p, exclude=("5:mlp",))
+
+
+def test_opt_350m_layout_project_in_and_post_norm():
+    # OPT-350m: embeddings narrower than the blocks (project_in/out), layer norm after the blocks
+    model = tiny_model("opt", word_embed_proj_dim=32, do_layer_norm_before=False)
+    assert model.model.decoder.project_in is not None
+    ids = calib_ids(2, 12)
+    per_block = _dense_chain(model, ids)
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    for i in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(torch.cat(per_block[i], 0), ref[i], rtol=1e-5, atol=1e-5)

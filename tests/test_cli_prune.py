@@ -204,3 +204,21 @@ def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
     assert s["recipe"]["init"] == "sparsegpt" and s["sparsify"]["n_refined"] == 14
     assert (out / "report" / "summary.md").read_text().startswith("# dsnt-export run")
     assert (out / "hf" / MANIFEST_NAME).exists() and (out / "report" / MANIFEST_NAME).exists()
+
+
+def test_validate_checkpoint_reads_the_saved_tensors(ckpt, text_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dsnt_export.pipeline_report import validate_checkpoint
+
+    src, out = ckpt(), tmp_path / "out"
+    assert _prune(src, out, text_file, "--init", "magnitude", "--refine", "none") == 0
+    assert validate_checkpoint(out)["ok"]
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, :4] = 1.0  # a dense group of 4
+    save_file(tensors, f, metadata={"format": "pt"})
+    v = validate_checkpoint(out)
+    assert not v["ok"] and list(v["violations"]) == [name]
