@@ -132,19 +132,21 @@ def _perplexity(eng: Engine, tokens, dataset, options: BenchOptions):
     )
 
 
-def _configs(target: Target, options: BenchOptions):
-    for b in options.batch_sizes:
-        for n in options.prompt_lengths:
-            yield b, n
-
-
 def _latency(eng: Engine, target: Target, options: BenchOptions, out: _Rows, base: dict) -> None:
+    vocab = int(target.info.get("vocab_size") or 32000)
+    for fields in latency_rows(eng, options, vocab, target.info.get("max_position_embeddings")):
+        out.emit("latency", **base, **fields)
+
+
+def latency_rows(eng: Engine, options: BenchOptions, vocab: int, max_pos: int | None = None):
+    """Yield the fields of one ``latency`` row per (batch, prompt length, phase) of ``options``.
+
+    Token ids are drawn from ``[4, vocab)`` with ``options.seed`` (the same for every variant).
+    A configuration that fails (e.g. out of memory) yields a failed row and the loop goes on."""
     from tqdm.auto import tqdm
 
-    vocab = int(target.info.get("vocab_size") or 32000)
-    max_pos = target.info.get("max_position_embeddings")
     g = torch.Generator().manual_seed(options.seed)
-    cfgs = list(_configs(target, options))
+    cfgs = [(b, n) for b in options.batch_sizes for n in options.prompt_lengths]
     _engine_warmup(eng, vocab, options)
     bar = tqdm(
         cfgs,
@@ -157,21 +159,19 @@ def _latency(eng: Engine, target: Target, options: BenchOptions, out: _Rows, bas
         steps = torch.randint(4, vocab, (options.decode_tokens, b, 1), generator=g)
         cfg = {"batch_size": b, "prompt_len": n}
         if max_pos and n + options.decode_tokens > int(max_pos):
-            out.emit(
-                "latency",
-                status="skipped",
-                **base,
+            yield {
+                "status": "skipped",
                 **cfg,
-                reason=(
+                "reason": (
                     f"prompt {n} + {options.decode_tokens} decode tokens exceed the model's "
                     f"max_position_embeddings {max_pos}"
                 ),
-            )
+            }
             continue
         try:
-            _one_config(eng, options, out, base, cfg, ids, steps)
+            yield from _one_config(eng, options, cfg, ids, steps)
         except (MemoryError, *RECOVERABLE) as e:
-            out.emit("latency", status="failed", reason=_why(e), **base, **cfg)
+            yield {"status": "failed", "reason": _why(e), **cfg}
     bar.close()
 
 
@@ -189,7 +189,7 @@ def _engine_warmup(eng: Engine, vocab: int, options: BenchOptions) -> None:
         log.debug("engine warm-up failed: %s", e)
 
 
-def _one_config(eng, options, out, base, cfg, ids, steps) -> None:
+def _one_config(eng: Engine, options: BenchOptions, cfg: dict, ids, steps):
     b, n = cfg["batch_size"], cfg["prompt_len"]
     x = eng.to_input(ids)
     with PeakMemory(eng.device) as pm:
@@ -199,30 +199,26 @@ def _one_config(eng, options, out, base, cfg, ids, steps) -> None:
             warmup=options.warmup,
             repeats=options.repeats,
         )
-    out.emit(
-        "latency",
-        **base,
+    yield {
         **cfg,
-        phase="prefill",
-        decode_tokens=0,
-        timing=t.to_json(),
-        latency_ms=t.median_s * 1e3,
-        tokens_per_s=b * n / t.median_s,
+        "phase": "prefill",
+        "decode_tokens": 0,
+        "timing": t.to_json(),
+        "latency_ms": t.median_s * 1e3,
+        "tokens_per_s": b * n / t.median_s,
         **pm.to_json(),
-    )
+    }
     k = options.decode_tokens
     if k == 0:
         return
     if getattr(eng, "supports_decode", True) is False:
-        out.emit(
-            "latency",
-            status="skipped",
-            reason=eng.decode_skip_reason,
-            **base,
+        yield {
+            "status": "skipped",
+            "reason": eng.decode_skip_reason,
             **cfg,
-            phase="decode",
-            decode_tokens=k,
-        )
+            "phase": "decode",
+            "decode_tokens": k,
+        }
         return
     if getattr(eng, "decode_by_generate", False):
         with PeakMemory(eng.device) as pm:
@@ -252,17 +248,15 @@ def _one_config(eng, options, out, base, cfg, ids, steps) -> None:
             )
         total = td.median_s
         extra = {"timing": td.to_json()}
-    out.emit(
-        "latency",
-        **base,
+    yield {
         **cfg,
-        phase="decode",
-        decode_tokens=k,
+        "phase": "decode",
+        "decode_tokens": k,
         **extra,
-        latency_ms=total / k * 1e3,
-        tokens_per_s=(b * k / total) if total > 0 else None,
+        "latency_ms": total / k * 1e3,
+        "tokens_per_s": (b * k / total) if total > 0 else None,
         **pm.to_json(),
-    )
+    }
 
 
 def default_out(path) -> Path:

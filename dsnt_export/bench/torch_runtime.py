@@ -10,6 +10,7 @@ the largest logit difference between the sparse kernels and the dense kernels on
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -64,17 +65,26 @@ class TorchEngine(Engine):
     def __init__(self, model: nn.Module, variant: str, backend: str, device, dtype: str):
         super().__init__(variant, backend, device, dtype)
         self.model = model
+        # transformers >= 5.2x calls the KV cache ``cache``; earlier 5.x ``past_key_values``
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def to_input(self, ids: torch.Tensor) -> torch.Tensor:
         return ids.to(self.device)
 
+    @staticmethod
+    def _cache_of(out: Any) -> Any:
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
+
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> Any:
-        return self.model(input_ids=ids, use_cache=True).past_key_values
+        return self._cache_of(self.model(input_ids=ids, use_cache=True))
 
     @torch.no_grad()
     def decode(self, state: Any, ids: torch.Tensor) -> Any:
-        return self.model(input_ids=ids, past_key_values=state, use_cache=True).past_key_values
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_kw: state})
+        return self._cache_of(out)
 
     def as_module(self) -> nn.Module:
         return self.model
