@@ -97,7 +97,7 @@ def _check_graph(report, root: Path, rel: str, graph: dict | None, man: dict | N
                 "not a constant weight, its pattern is hidden from TensorRT",
             )
     if graph is None:
-        targets = [w for w in found if looks_sparse(torch.from_numpy(w.array).float(), pat)]
+        targets = [w for w in found if looks_sparse(_tensor(w), pat)]
         if not targets:
             report.add(
                 VIOLATION,

@@ -28,6 +28,7 @@ from dsnt_export.patterns import NM
 from . import Converter, ExportResult, Tolerance, bitmask, register, vllm_compat
 from .check import check_hf_dir
 from .parity import ParityCheck, parity_ids, perplexity
+from .reference import compute_reference, save_reference
 from .safetensors_io import parse_size, save_sharded
 from .source import GENERATION_CONFIG_NAME, SparseSource, carried_files, read_source
 
@@ -127,6 +128,10 @@ class HfVllmConverter(Converter):
             shutil.copy2(f, tmp / f.name)
         if not (tmp / GENERATION_CONFIG_NAME).exists():
             self._generation_config(tmp)
+        ref_model = src.load_model(dtype=_DTYPES[dtype] if dtype else None)
+        tag = str(next(ref_model.parameters()).dtype).removeprefix("torch.")
+        save_reference(tmp, compute_reference(ref_model, config["vocab_size"], tag))
+        del ref_model
         if not any(
             (tmp / n).exists()
             for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
