@@ -447,6 +447,24 @@ def check_path(
     return r
 
 
+def mask_checks_from_report(report: CheckReport, *, ignore: tuple[str, ...] = ()) -> dict:
+    """``{subject: {"ok", "message", ...}}`` for an exporter's written-artifact check: every tensor
+    entry, failed where a non-warning finding concerns it, plus findings about other subjects."""
+    problems = [f for f in report.findings if f.severity != WARNING and f.code not in ignore]
+    out: dict[str, dict] = {}
+    for name, entry in report.tensors.items():
+        mine = [f.message for f in problems if f.subject == name]
+        out[name] = dict(
+            entry,
+            ok=entry["ok"] and not mine,
+            message="; ".join(mine) if mine else entry["message"],
+        )
+    for f in problems:
+        if f.subject not in report.tensors:
+            out[f.subject] = {"ok": False, "message": f.message}
+    return out
+
+
 def load_json_file(path: Path, report: CheckReport) -> dict | None:
     try:
         data = json.loads(path.read_text())

@@ -48,14 +48,19 @@ def check_onnx(
     *,
     pattern: str | None = None,
     manifest: dict | None = None,
+    root: str | Path | None = None,
     hashes: bool = True,
 ) -> CheckReport:
+    """Check an ONNX file or export dir. ``manifest`` (with ``root``, the directory its graph
+    paths are relative to, for a file) replaces the one found on disk."""
     p = Path(path)
     report = CheckReport(str(p), "onnx")
     if manifest is not None:
-        man, root = manifest, p
+        man = manifest
+        root = Path(root) if root is not None else (p if p.is_dir() else p.parent)
     else:
         man, root = _find_manifest(p, report)
+    root = Path(root)
     pat = resolve_pattern(report, pattern, man)
     graphs = (man or {}).get("extra", {}).get("graphs", {})
     if p.is_dir():

@@ -26,7 +26,7 @@ from dsnt_export.errors import PatternError, UnsupportedModelError, UserInputErr
 from dsnt_export.patterns import NM
 
 from . import Converter, ExportResult, Tolerance, bitmask, register, vllm_compat
-from .check import check_hf_dir
+from .check import check_hf_dir, mask_checks_from_report
 from .parity import ParityCheck, parity_ids, perplexity
 from .reference import compute_reference, save_reference
 from .safetensors_io import parse_size, save_sharded
@@ -211,22 +211,11 @@ class HfVllmConverter(Converter):
 
     def check_masks(self, tmp: Path, manifest: dict) -> dict[str, dict]:
         report = check_hf_dir(tmp, manifest=manifest, hashes=False)
-        problems = [f for f in report.findings if f.severity != "warning"]
-        out = {}
-        for name, entry in report.tensors.items():
-            mine = [f.message for f in problems if f.subject == name]
-            out[name] = dict(
-                entry,
-                ok=entry["ok"] and not mine,
-                message="; ".join(mine) if mine else entry["message"],
-            )
+        for name, entry in report.tensors.items():  # the manifest records what was written
             meta = manifest["tensors"].setdefault(name, {})
             meta.update(shape=entry["shape"], sparsity=entry["sparsity"], check=entry)
             meta.setdefault("layout", "out_in")
-        for f in problems:
-            if f.subject not in report.tensors:
-                out[f.subject] = {"ok": False, "message": f.message}
-        return out
+        return mask_checks_from_report(report)
 
     def parity(
         self,

@@ -249,23 +249,10 @@ class OnnxConverter(Converter):
         )
 
     def check_masks(self, tmp: Path, manifest: dict) -> dict[str, dict]:
+        from .check import mask_checks_from_report
         from .check_onnx import check_onnx
 
-        report = check_onnx(tmp, manifest=manifest, hashes=False)
-        out = {}
-        for name, entry in report.tensors.items():
-            mine = [
-                f.message for f in report.findings if f.subject == name and f.severity != "warning"
-            ]
-            out[name] = dict(
-                entry,
-                ok=entry["ok"] and not mine,
-                message="; ".join(mine) if mine else entry["message"],
-            )
-        for f in report.findings:
-            if f.severity != "warning" and f.subject not in report.tensors:
-                out[f.subject] = {"ok": False, "message": f.message}
-        return out
+        return mask_checks_from_report(check_onnx(tmp, manifest=manifest, hashes=False))
 
     def parity(
         self, src_dir: Path, tmp: Path, manifest: dict, check: ParityCheck, **_: Any

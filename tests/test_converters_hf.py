@@ -173,3 +173,17 @@ def test_strip_sparsity_config_keeps_real_quantization():
         }
     )
     assert "quantization_config" not in out and len(removed) == 2
+
+
+def test_cli_export_prints_parity_and_version_caveat(src, tmp_path, capsys):
+    from dsnt_export.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["export", "hf", str(src), "--out", str(out), "--format", FORMAT]) == 0
+    text = capsys.readouterr().out
+    assert "parity logits: max |diff| 0.000e+00" in text
+    assert "vLLM <= 0.18" in text and "warning: stripped" in text
+    assert check_path(out).ok
+    assert main(["export", "hf", str(src), "--out", str(out)]) == 2  # exists: bad input
+    assert main(["export", "hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
