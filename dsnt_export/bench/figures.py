@@ -69,6 +69,7 @@ def perplexity_figure(ppl: list[dict], path: Path) -> Path | None:
             linestyle="--",
             linewidth=1.5,
             label=f"dense {r['runtime']}: {r['ppl']:.2f}",
+            zorder=3,
         )
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("perplexity (lower is better)")
