@@ -66,6 +66,11 @@ class Ctx:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Layer dtype: fp16 on the GPU (LLaMA-7B's) and in --smoke (the same code path on CPU)."""
+        return torch.float16 if self.cuda or self.smoke else torch.float32
+
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.t0)
 
@@ -109,7 +114,7 @@ def two_four_weight(out_f: int, in_f: int, device, dtype, seed: int = 0) -> torc
 
 
 def section_gemm(ctx: Ctx) -> None:
-    dtype = torch.float16 if ctx.cuda else torch.float32
+    dtype = ctx.dtype
     backends = semi_backends(ctx)
     if not backends:
         from dsnt_export.bench.torch_runtime import semi_structured_backend
@@ -192,7 +197,7 @@ def section_layers(ctx: Ctx) -> None:
     from dsnt_export.methods import initial_metric, keep_from_metric, prune_initial
     from dsnt_export.patterns import parse_pattern
 
-    dtype = torch.float16 if ctx.cuda else torch.float32
+    dtype = ctx.dtype
     reps = 2 if ctx.smoke else 3
     tokens = 64 if ctx.smoke else 2048
     for out_f, in_f in shapes(ctx):
@@ -314,6 +319,7 @@ def build_model(ctx: Ctx, blocks: int):
     torch.manual_seed(0)
     with torch.device(ctx.device):
         model = LlamaForCausalLM(cfg)
+    # fp32 on CPU: fp16 CPU kernels are emulated and would make --smoke slow for nothing
     return model.to(torch.float16 if ctx.cuda else torch.float32).eval()
 
 
@@ -364,6 +370,14 @@ def section_pipeline(ctx: Ctx, blocks: int) -> None:
             torch.cuda.empty_cache()
 
 
+@torch.no_grad()
+def _probe(model) -> torch.Tensor:
+    ids = torch.randint(
+        4, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3)
+    )
+    return model(input_ids=ids.to(model.device), use_cache=False).logits.float()
+
+
 def e2e(ctx: Ctx, model, variant: str, names: list[str] = ()) -> None:
     """Prefill/decode latency of the few-block model (rows in the ``latency`` schema);
     ``names``: the pruned weights, converted to semi-structured for "sparse-kernels"."""
@@ -381,6 +395,7 @@ def e2e(ctx: Ctx, model, variant: str, names: list[str] = ()) -> None:
                 "latency", semi_structured_backend(ctx.device)[1], variant=variant, runtime="torch"
             )
         name = "cusparselt" if "cusparselt" in backends else "cutlass"
+        ref = _probe(model)
         layers = to_semi_structured(model, list(names), name)
         conv = sum(r["converted"] for r in layers)
         ctx.emit(
@@ -390,6 +405,8 @@ def e2e(ctx: Ctx, model, variant: str, names: list[str] = ()) -> None:
             layers=layers,
             n_converted=conv,
             n_fallback=len(layers) - conv,
+            logits_max_abs_diff=float((_probe(model) - ref).abs().max()),
+            logits_max_abs_ref=float(ref.abs().max()),
         )
         backend = f"semi-structured:{name}"
     opts = BenchOptions(
@@ -502,8 +519,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--sections",
-        default="gemm,layers,pipeline",
-        help="comma list of sections to run (default all: gemm,layers,pipeline)",
+        default="gemm,pipeline,layers",
+        help="comma list of sections to run, in order (default all: gemm,pipeline,layers)",
     )
     args = ap.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

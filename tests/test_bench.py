@@ -447,3 +447,11 @@ def test_gpu_check_smoke(tmp_path, monkeypatch):
     assert [p["init"] for p in pipe] == ["wanda", "sparsegpt"]
     assert all(p["all_checks_ok"] and p["sparsity"] == pytest.approx(0.5) for p in pipe)
     assert all(r["mask_ok"] for r in rows if r["bench"] == "dsnot_layer")
+
+
+def test_cli_default_rows_path_is_outside_the_artifact(tiny_dirs, tmp_path):
+    from dsnt_export.commands.bench import default_rows_path
+
+    root, sparse, _ = tiny_dirs
+    assert default_rows_path(str(sparse)) == sparse.parent / "bench" / "rows.jsonl"
+    assert default_rows_path(str(root / "run")) == root / "run" / "bench" / "rows.jsonl"

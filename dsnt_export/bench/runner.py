@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -257,7 +256,3 @@ def _one_config(eng: Engine, options: BenchOptions, cfg: dict, ids, steps):
         "tokens_per_s": (b * k / total) if total > 0 else None,
         **pm.to_json(),
     }
-
-
-def default_out(path) -> Path:
-    return Path(path) / "bench" / "rows.jsonl"

@@ -5,8 +5,9 @@
         [--decode-tokens 32] [--repeats 5] [--out rows.jsonl]
 
 DIR is an artifact directory (HF checkpoint for torch/vllm, ONNX export for onnxruntime, TensorRT
-engines for tensorrt) or a run directory holding them. Rows are appended to ``--out`` (default
-``DIR/bench/rows.jsonl``) as they are measured; a runtime or device that is absent gives rows with
+engines for tensorrt) or a run directory holding them. Rows are appended to ``--out`` as they
+are measured (default ``RUN/bench/rows.jsonl``: the run directory DIR, or the directory holding
+the artifact DIR, so an artifact's own files never change); a runtime or device that is absent gives rows with
 status "skipped" and the reason. Exit code 0 if every row is ok or skipped, 1 if any failed.
 """
 
@@ -64,6 +65,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def default_rows_path(d: str) -> Path:
+    """``RUN/bench/rows.jsonl``: beside an artifact (never inside it: that would change the
+    artifact's files), or inside a run directory that holds artifacts."""
+    from ..artifacts import MANIFEST_NAME
+
+    p = Path(d)
+    base = p.parent if (p / MANIFEST_NAME).is_file() else p
+    return base / "bench" / "rows.jsonl"
+
+
 def _fmt(row: dict) -> str:
     v = row.get("variant", "-")
     head = f"{row['runtime']:<11} {v:<14} {row.get('backend', ''):<24}"
@@ -113,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
     )
-    out = Path(args.out) if args.out else Path(args.dir) / "bench" / "rows.jsonl"
+    out = Path(args.out) if args.out else default_rows_path(args.dir)
 
     def sink(row: dict) -> None:
         append_rows(out, [row])
