@@ -27,7 +27,7 @@ from dsnt_export.patterns import NM
 
 from . import Converter, ExportResult, Tolerance, bitmask, register, vllm_compat
 from .check import check_hf_dir, mask_checks_from_report
-from .parity import ParityCheck, parity_ids, perplexity
+from .parity import ParityCheck, parity_ids
 from .reference import compute_reference, save_reference
 from .safetensors_io import parse_size, save_sharded
 from .source import GENERATION_CONFIG_NAME, SparseSource, carried_files, read_source
@@ -242,4 +242,6 @@ class HfVllmConverter(Converter):
             ref = ref_model(input_ids=ids).logits.float()
             got = model(input_ids=ids).logits.float()
         check.compare("logits", got, ref, tol)
-        check.compare_ppl("perplexity", perplexity([got], [ids]), perplexity([ref], [ids]), tol)
+        from .runtime_lm import windows_ppl
+
+        check.compare_ppl("perplexity", windows_ppl(model, ids), windows_ppl(ref_model, ids), tol)

@@ -258,8 +258,8 @@ class OnnxConverter(Converter):
         self, src_dir: Path, tmp: Path, manifest: dict, check: ParityCheck, **_: Any
     ) -> None:
         from .onnx_run import run_generation, run_logits, session
-        from .parity import perplexity
         from .reference import load_reference
+        from .runtime_lm import ort_lm, windows_ppl
 
         src = read_source(src_dir)
         ref = load_reference(tmp)
@@ -274,7 +274,7 @@ class OnnxConverter(Converter):
                 with torch.no_grad():
                     want = model(input_ids=ids).logits.float()
                 check.compare(f"{rel}:logits", run_logits(sess, ids.numpy()), want, tol)
-                got_ppl = perplexity([run_logits(sess, ref["ppl_ids"])], [ref["ppl_ids"]])
+                got_ppl = windows_ppl(ort_lm(sess), ref["ppl_ids"])
                 check.compare_ppl(f"{rel}:perplexity", got_ppl, float(ref[f"ppl.{dt}"]), tol)
             elif g["kind"] == "prefill":
                 decode = rel.replace(GRAPH_FILES["prefill"], GRAPH_FILES["decode"])

@@ -120,26 +120,6 @@ class ParityCheck:
         )
 
 
-def nll_sum(logits, ids) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
-    lg = torch.as_tensor(_np(logits), dtype=torch.float64)
-    t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
-    logp = torch.log_softmax(lg[:, :-1], dim=-1)
-    tgt = t[:, 1:]
-    nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    return float(nll.sum()), int(tgt.numel())
-
-
-def perplexity(logits_batches, id_batches) -> float:
-    """exp(mean NLL) over batches of [B, T] windows (each window scored on its own)."""
-    total, n = 0.0, 0
-    for lg, ids in zip(logits_batches, id_batches, strict=True):
-        s, k = nll_sum(lg, ids)
-        total += s
-        n += k
-    return math.exp(total / max(n, 1))
-
-
 def parity_ids(
     vocab_size: int, *, batch: int = 2, seqlen: int = 32, seed: int = 0, low: int = 0
 ) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from dsnt_export.errors import ArtifactError
 
-from .parity import parity_ids, perplexity
+from .parity import parity_ids
 
 REFERENCE_NAME = "dsnt_reference.npz"
 PARITY_SHAPE = (1, 32)
@@ -41,13 +41,14 @@ def torch_logits(model, ids: np.ndarray, *, batch: int = 4) -> np.ndarray:
 
 def compute_reference(model, vocab_size: int, tag: str) -> dict[str, np.ndarray]:
     """Reference arrays of ``model`` (its own dtype) under keys suffixed with ``tag``."""
+    from .runtime_lm import windows_ppl
+
     ids = reference_ids(vocab_size)
     logits = torch_logits(model, ids["input_ids"])
-    ppl_logits = torch_logits(model, ids["ppl_ids"])
     return {
         **ids,
         f"logits.{tag}": logits,
-        f"ppl.{tag}": np.array(perplexity([ppl_logits], [ids["ppl_ids"]])),
+        f"ppl.{tag}": np.array(windows_ppl(model, ids["ppl_ids"])),
     }
 
 

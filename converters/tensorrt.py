@@ -30,8 +30,9 @@ from dsnt_export.errors import ArtifactError, MissingDependencyError, UserInputE
 from . import Converter, ExportResult, Tolerance, register
 from .check import check_files, load_json_file, mask_checks_from_report
 from .check_report import UNREADABLE, VIOLATION, WARNING, CheckReport
-from .parity import ParityCheck, perplexity
+from .parity import ParityCheck
 from .reference import REFERENCE_NAME, load_reference
+from .runtime_lm import LogitsFnLM, windows_ppl
 from .tensorrt_report import REPORT_NAME, REPORT_SCHEMA, engine_entry, write_report
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ class TensorRTConverter(Converter):
             check.compare(
                 f"{kind}:logits", runner.logits(ref["input_ids"]), ref["logits.float16"], tol
             )
-            ppl = perplexity([runner.logits(ref["ppl_ids"])], [ref["ppl_ids"]])
+            ppl = windows_ppl(LogitsFnLM(runner.logits), ref["ppl_ids"])
             check.compare_ppl(f"{kind}:perplexity", ppl, float(ref["ppl.float16"]), tol)
 
 

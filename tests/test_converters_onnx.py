@@ -297,3 +297,13 @@ def test_other_architectures_fp32_logits(tmp_path, arch, exporter):
         assert {(r["op"], r["axis"]) for r in weights.values()} == {("MatMul", 0), ("Gemm", 1)}
     assert check_path(tmp_path / "onnx").ok
     assert MANIFEST_NAME in {p.name for p in (tmp_path / "onnx").iterdir()}
+
+
+def test_runtime_suite_on_onnx_export(exported):
+    from tests.test_converters_runtime_suite import run_suite
+
+    res = run_suite(exported[1])
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert (
+        "test_onnxruntime_graphs_match_reference" not in res.stdout.split("short test summary")[-1]
+    )

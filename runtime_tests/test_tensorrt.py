@@ -1,0 +1,42 @@
+"""TensorRT: the engines deserialize and run; logits/perplexity match the FP16 reference;
+the report says which layers run sparse (needs tensorrt + a CUDA GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def trt_device(artifact, runtime_device):
+    artifact.require("tensorrt")
+    pytest.importorskip(
+        "tensorrt", reason="tensorrt not installed (pip install 'dsnt-export[tensorrt]')"
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: TensorRT engines need one")
+    return runtime_device or "cuda"
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_tensorrt_engine_matches_reference(artifact, reference, trt_device, kind):
+    from converters.parity import ParityCheck
+    from converters.runtime_lm import LogitsFnLM, windows_ppl
+    from converters.tensorrt import EngineRunner, TensorRTConverter
+
+    tol = TensorRTConverter.tolerance["float16"]
+    runner = EngineRunner(artifact.path / f"model.{kind}.plan", trt_device)
+    check = ParityCheck(f"tensorrt {kind} engine")
+    check.compare("logits", runner.logits(reference["input_ids"]), reference["logits.float16"], tol)
+    ppl = windows_ppl(LogitsFnLM(runner.logits), reference["ppl_ids"])
+    check.compare_ppl("perplexity", ppl, float(reference["ppl.float16"]), tol)
+    check.raise_if_failed()
+
+
+def test_tensorrt_report_has_eligible_layers(artifact):
+    artifact.require("tensorrt")
+    from converters.tensorrt import check_tensorrt
+
+    report = check_tensorrt(artifact.path)
+    assert report.ok, "\n".join(report.summary_lines())
