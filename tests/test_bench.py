@@ -455,3 +455,28 @@ def test_cli_default_rows_path_is_outside_the_artifact(tiny_dirs, tmp_path):
     root, sparse, _ = tiny_dirs
     assert default_rows_path(str(sparse)) == sparse.parent / "bench" / "rows.jsonl"
     assert default_rows_path(str(root / "run")) == root / "run" / "bench" / "rows.jsonl"
+
+
+def test_tensorrt_variants_from_the_converter_report(tmp_path):
+    """The engine list comes from tensorrt_report.json (listing needs no tensorrt)."""
+    from dsnt_export.bench import tensorrt_runtime as trt_rt
+    from dsnt_export.bench.target import Target
+
+    (tmp_path / "tensorrt_report.json").write_text(
+        json.dumps(
+            {
+                "engines": {
+                    "sparse": {"file": "model.sparse.plan", "n_picked": 3, "n_targets": 14},
+                    "dense": {"file": "model.dense.plan"},
+                }
+            }
+        )
+    )
+    opts = BenchOptions(runtime="tensorrt")
+    t = Target(
+        "tensorrt", tmp_path, "tensorrt", {"extra": {"report": "tensorrt_report.json"}}, None, None
+    )
+    got = dict(trt_rt.variants(t, opts))
+    assert set(got) == {"dense", "sparse-kernels"} and all(callable(f) for f in got.values())
+    t.manifest = {"extra": {}}
+    assert all("no TensorRT report" in f for f in dict(trt_rt.variants(t, opts)).values())

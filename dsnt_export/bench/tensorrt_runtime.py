@@ -1,7 +1,10 @@
 """TensorRT engines: dense vs SPARSE_WEIGHTS, built by ``dsnt-export export tensorrt``.
 
-Reads the artifact's manifest (kind "tensorrt"): ``extra.engines`` maps a variant ("dense",
-"sparse-kernels") to an engine file relative to the artifact. Engines are built from the
+Reads the artifact (kind "tensorrt", written by ``converters.tensorrt``): its manifest's
+``extra.report`` names ``tensorrt_report.json``, whose ``engines`` hold ``{"sparse": {"file": ...,
+"n_eligible", "n_picked", ...}, "dense": {"file": ...}}``; the SPARSE_WEIGHTS engine is benchmarked
+as variant "sparse-kernels" (with how many linears TensorRT ran sparse), the other as "dense"
+(the same 2:4 weights on dense tactics). Engines are built from the
 full-sequence logits graph (no KV cache), so perplexity and prefill latency are measured here and
 decode latency is reported as skipped. Needs ``tensorrt`` and a CUDA GPU; without them every row
 is a skip with the reason.
@@ -89,21 +92,48 @@ class TrtEngine(Engine):
         )
 
 
+ENGINE_KIND = {"dense": "dense", "sparse-kernels": "sparse"}  # variant -> report's engine kind
+
+
+def engines_of(target: Target) -> tuple[dict, str | None]:
+    """The report's ``engines`` dict, or ({}, why not)."""
+    import json
+
+    extra = (target.manifest or {}).get("extra") or {}
+    name = extra.get("report")
+    if not name or not (target.path / name).is_file():
+        return {}, (
+            f"{target.path}: no TensorRT report (manifest extra.report); rebuild with "
+            "dsnt-export export tensorrt"
+        )
+    try:
+        data = json.loads((target.path / name).read_text())
+    except (OSError, ValueError) as e:
+        return {}, f"{target.path / name} is unreadable ({e})"
+    return data.get("engines") or {}, None
+
+
 def variants(target: Target, options: Any) -> Iterator[tuple[str, Callable[[], Engine] | str]]:
     dev = torch.device(options.device)
-    engines = ((target.manifest or {}).get("extra") or {}).get("engines") or {}
-    if not engines:
-        yield (
-            "sparse-kernels",
-            (
-                f"{target.path}: the manifest lists no engines "
-                "(extra.engines); rebuild with dsnt-export export tensorrt"
-            ),
-        )
-        return
+    engines, why = engines_of(target)
     for v in ENGINE_VARIANTS:
-        rel = engines.get(v)
-        if rel is None:
-            yield v, f"no {v} engine in {target.path}"
-        else:
-            yield v, (lambda p=target.path / rel, v=v: TrtEngine(p, v, dev))
+        e = engines.get(ENGINE_KIND[v])
+        if e is None or not e.get("file"):
+            yield v, why or f"no {ENGINE_KIND[v]} engine in {target.path}"
+            continue
+
+        def make(p=target.path / e["file"], v=v, e=e):
+            eng = TrtEngine(p, v, dev)
+            eng.rows.append(
+                {
+                    "bench": "conversion",
+                    "n_converted": e.get("n_picked"),
+                    "n_fallback": (e.get("n_targets") or 0) - (e.get("n_picked") or 0),
+                    "n_eligible": e.get("n_eligible"),
+                    "flags": e.get("flags"),
+                    "layers": [],
+                }
+            )
+            return eng
+
+        yield v, make
