@@ -282,7 +282,9 @@ def refine_with_info(
 
     ``initial_metric`` (N:M only) is the metric whose lowest kept weight of the grown weight's group
     gets pruned: "wanda", "magnitude", a float tensor (e.g. SparseGPT's), or "auto" = whichever of
-    wanda/magnitude reproduces ``keep`` (wanda if undecidable).
+    wanda/magnitude reproduces ``keep`` (wanda if undecidable). "auto" is ambiguous when both
+    metrics select the same mask (tiny layers): then the prune choice inside a group can still
+    differ, so pass the metric explicitly whenever you know it (the pipeline always does).
     ``reference_weight`` (loss guard only): the original dense weight the loss is measured against
     (default ``weight``; pass the pre-SparseGPT weight when ``weight`` carries an OBS update).
     """
