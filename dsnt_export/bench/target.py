@@ -152,8 +152,14 @@ def resolve_target(path: str | Path, runtime: str, *, dense: str | Path | None =
 
 
 def _source_hf(root: Path, manifest: dict | None) -> Path | None:
-    src = (((manifest or {}).get("extra") or {}).get("export") or {}).get("source") or {}
-    p = src.get("path")
+    """The sparse HF checkpoint an export was made from (``extra.export.source``: a path, or a
+    dict with one, as the ONNX converter writes it), else an HF artifact beside it."""
+    src = (((manifest or {}).get("extra") or {}).get("export") or {}).get("source")
+    p = src.get("path") if isinstance(src, dict) else src
     if p and Path(p).is_dir():
-        return Path(p)
+        kind = _kind(Path(p))
+        if kind == "hf":
+            return Path(p)
+        if kind == "onnx":  # a TensorRT artifact built from an ONNX export: follow it
+            return _source_hf(root, read_manifest(p))
     return _find_kind(root, "hf")
