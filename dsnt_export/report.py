@@ -8,22 +8,28 @@ Input: plain dicts, so the report does not depend on which stage produced them:
 - benchmark rows (:mod:`dsnt_export.bench.schema`): ``perplexity``, ``latency``, ``conversion``,
   ``skip`` and the GPU check's rows, read from every ``*.jsonl`` file of a run directory;
 - ``layer`` rows, one per pruned linear, taken from the run report that ``dsnt-export prune``
-  stores in an HF artifact's manifest (``extra.run_report.layers``: DSnoT error before/after).
+  stores in an HF artifact's manifest (``extra.run_report.layers``: DSnoT error before/after);
+- ``perplexity`` rows (dense and sparse) from ``report/summary.json`` of ``dsnt-export run``.
 
-Output (written atomically: a temporary directory beside ``report/`` renamed into place):
+Output (every file written in a temporary directory beside ``report/``, then renamed into place,
+``report.json`` last; other files already in ``report/`` are kept):
 ``report.json`` (the tables below + summary), ``report.md`` (the same as Markdown, figures
 linked), ``perplexity.png`` (bar per method/pattern, dense as a reference line),
 ``latency.png`` (prefill and decode latency vs prompt length per runtime, dense vs sparse),
-``layer_error.png`` (per-layer DSnoT error before/after), and a manifest of kind "report".
+``layer_error.png`` (per-layer DSnoT error before/after), and a manifest of kind "report"
+(unless the directory already holds the run summary's).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from .artifacts import MANIFEST_NAME, atomic_output_dir, new_manifest, write_manifest
+from .artifacts import MANIFEST_NAME, file_digest, new_manifest, write_manifest
 from .bench.tables import (
     environments,
     flat_latency,
@@ -108,6 +114,12 @@ def collect_rows(run_dir: str | Path) -> list[dict]:
             continue
         if isinstance(m, dict) and m.get("kind") == "hf":
             rows += rows_from_manifest(m, p.parent)
+    summary = root / REPORT_DIRNAME / "summary.json"  # written by `dsnt-export run`
+    if summary.is_file():
+        try:
+            rows += rows_from_run_summary(json.loads(summary.read_text()), str(summary))
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable run summary %s: %s", summary, e)
     return rows
 
 
@@ -151,6 +163,10 @@ def build_report(rows: list[dict]) -> dict:
     }
 
 
+MY_FILES = (*FIGURES.values(), "report.md", MANIFEST_NAME, "report.json")  # report.json last
+WRITER = "dsnt_export.report"
+
+
 def write_report(
     rows: list[dict],
     out_dir: str | Path,
@@ -158,15 +174,24 @@ def write_report(
     title: str = "dsnt-export run report",
     sources: list[str] | None = None,
 ) -> dict:
-    """Write report.json, report.md and the figures into ``out_dir`` atomically; returns the
-    report dict (with ``figures``: the PNG files written)."""
+    """Write report.json, report.md and the figures into ``out_dir``; returns the report dict
+    (with ``figures``: the PNG files written).
+
+    Everything is first written into a temporary directory beside ``out_dir``, then each file is
+    moved in with an atomic rename, ``report.json`` last: a reader that finds report.json finds
+    the complete set. Other files in ``out_dir`` (e.g. the pipeline's summary.json/summary.md and
+    its manifest) are left alone; figures of an earlier report that no longer apply are removed.
+    """
     from .bench import figures
     from .bench.markdown import render_markdown
 
     rep = build_report(rows)
     rep["title"] = title
     rep["sources"] = sorted(set(sources or [r.get("source") for r in rows if r.get("source")]))
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
         drawn = {
             "perplexity": figures.perplexity_figure(rep["perplexity"], tmp / FIGURES["perplexity"]),
             "latency": figures.latency_figure(
@@ -177,11 +202,77 @@ def write_report(
         rep["figures"] = {k: p.name for k, p in drawn.items() if p is not None}
         (tmp / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(rep))
-        write_manifest(
-            tmp,
-            new_manifest("report", extra={"summary": rep["summary"], "sources": rep["sources"]}),
-        )
+        if _may_write_manifest(out):
+            man = new_manifest(
+                "report",
+                extra={"writer": WRITER, "summary": rep["summary"], "sources": rep["sources"]},
+            )
+            man["files"] = {n: file_digest(tmp / n) for n in MY_FILES if (tmp / n).is_file()}
+            write_manifest(tmp, man, with_file_hashes=False)
+        out.mkdir(exist_ok=True)
+        for name in MY_FILES:
+            if (tmp / name).is_file():
+                os.replace(tmp / name, out / name)
+            elif name in FIGURES.values() and (out / name).is_file():
+                (out / name).unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return rep
+
+
+def _may_write_manifest(out: Path) -> bool:
+    """Only where no other stage (the pipeline's run summary) owns the directory's manifest."""
+    m = out / MANIFEST_NAME
+    if not m.is_file():
+        return True
+    try:
+        return (json.loads(m.read_text()).get("extra") or {}).get("writer") == WRITER
+    except (OSError, ValueError):
+        return False
+
+
+def rows_from_run_summary(summary: dict, source: str = "") -> list[dict]:
+    """Perplexity rows (dense and sparse, torch) from ``dsnt-export run``'s summary.json."""
+    from .bench.schema import make_row
+
+    ppl = summary.get("perplexity") or {}
+    if not ppl or ppl.get("dense") is None:
+        return []
+    r = summary.get("recipe") or {}
+    method = (r.get("init") or "?") + ("+dsnot" if r.get("refine") == "dsnot" else "")
+    sm = summary.get("source_model") or {}
+    common = {
+        "runtime": "torch",
+        "backend": "eager",
+        "device": (r.get("device") or "?"),
+        "seqlen": ppl.get("seqlen"),
+        "n_windows": ppl.get("n_windows"),
+        "n_tokens_scored": ppl.get("n_tokens_scored"),
+        "dataset": ppl.get("data") or {},
+        "source": source,
+        "nll": None,
+    }
+    rows = []
+    for variant in ("dense", "sparse"):
+        if ppl.get(variant) is None:
+            continue
+        model = {
+            "id": sm.get("id"),
+            "model_type": sm.get("model_type"),
+            "pattern": None if variant == "dense" else r.get("pattern"),
+            "method": None if variant == "dense" else method,
+        }
+        rows.append(
+            make_row(
+                "perplexity",
+                "run-summary",
+                variant=variant,
+                model=model,
+                ppl=ppl[variant],
+                **common,
+            )
+        )
+    return rows
 
 
 def report_run_dir(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:

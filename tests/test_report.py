@@ -147,19 +147,24 @@ def test_tables_recomputed_from_rows():
 def test_write_report_files(tmp_path):
     out = tmp_path / "run" / "report"
     out.mkdir(parents=True)
-    (out / "stale.txt").write_text("old")  # replaced as a whole
+    (out / "summary.md").write_text("another stage's file")  # kept
+    write_report([r for r in synthetic_rows() if r["bench"] == "layer"], out)
+    (out / "latency.png").write_bytes(b"stale")  # an earlier report's figure, replaced
     rep = write_report(synthetic_rows(), out)
-    assert not (out / "stale.txt").exists()
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [
-            "report.json",
-            "report.md",
-            "dsnt_manifest.json",
-            "perplexity.png",
-            "latency.png",
-            "layer_error.png",
-        ]
-    )
+    assert (out / "summary.md").read_text() == "another stage's file"
+    names = [
+        "report.json",
+        "report.md",
+        "dsnt_manifest.json",
+        "perplexity.png",
+        "latency.png",
+        "layer_error.png",
+        "summary.md",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    man = json.loads((out / "dsnt_manifest.json").read_text())
+    assert man["kind"] == "report" and "report.json" in man["files"]
+    assert "summary.md" not in man["files"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
     j = json.loads((out / "report.json").read_text())
     assert j["schema"] == "dsnt-export/report" and j["figures"] == rep["figures"]
@@ -173,9 +178,11 @@ def test_write_report_files(tmp_path):
 
 
 def test_report_without_figure_data(tmp_path):
+    write_report(synthetic_rows(), tmp_path / "report")
     rows = [make_row("skip", "r", status="skipped", runtime="tensorrt", reason="no tensorrt")]
     rep = write_report(rows, tmp_path / "report")
     assert rep["figures"] == {}
+    assert not list((tmp_path / "report").glob("*.png"))  # stale figures removed
     assert "no tensorrt" in (tmp_path / "report" / "report.md").read_text()
 
 
@@ -203,3 +210,29 @@ def test_collect_rows_and_cli(tmp_path):
     empty.mkdir()
     assert main(["report", str(empty)]) == 2
     assert not Path(empty / "report").exists()
+
+
+def test_run_summary_rows_and_foreign_manifest(tmp_path):
+    run = tmp_path / "run"
+    summary = {
+        "source_model": {"id": "embedded:smollm2-135m", "model_type": "llama"},
+        "recipe": {"init": "wanda", "refine": "dsnot", "pattern": "2:4", "device": "cpu"},
+        "perplexity": {
+            "dense": 20.0,
+            "sparse": 30.0,
+            "seqlen": 256,
+            "n_windows": 8,
+            "n_tokens_scored": 2040,
+            "data": DATASET,
+        },
+    }
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "summary.json").write_text(json.dumps(summary))
+    write_manifest(run / "report", new_manifest("report", extra={"by": "pipeline"}))
+    before = (run / "report" / "dsnt_manifest.json").read_text()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "dsnt_manifest.json").read_text() == before  # not ours: kept
+    rep = json.loads((run / "report" / "report.json").read_text())
+    (t,) = [t for t in rep["perplexity"] if t["variant"] == "sparse"]
+    assert t["label"] == "wanda+dsnot 2:4 [torch]"
+    assert t["increase_vs_dense_pct"] == pytest.approx(50.0)
