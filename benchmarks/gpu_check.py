@@ -192,69 +192,62 @@ def synthetic_stats(in_f: int, tokens: int, device, seed: int = 0, hessian: bool
 
 
 def section_layers(ctx: Ctx) -> None:
-    from dsnt_export.dsnot import DSnoTConfig, refine_with_info
-    from dsnt_export.masks import validate_mask
-    from dsnt_export.methods import initial_metric, keep_from_metric, prune_initial
     from dsnt_export.patterns import parse_pattern
 
-    dtype = ctx.dtype
-    reps = 2 if ctx.smoke else 3
     tokens = 64 if ctx.smoke else 2048
     for out_f, in_f in shapes(ctx):
         g = torch.Generator().manual_seed(out_f + in_f)
-        w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(ctx.device, dtype)
+        w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(ctx.device, ctx.dtype)
         st = synthetic_stats(in_f, tokens, ctx.device)
         for ptxt in ("2:4", "unstructured:0.5"):
             if ctx.left() < 60:
                 return ctx.skip("dsnot_layer", "time budget exhausted", shape=[out_f, in_f])
             p = parse_pattern(ptxt)
             base = dict(
-                shape=[out_f, in_f], pattern=str(p), dtype=str(dtype)[6:], calib_tokens=tokens
+                shape=[out_f, in_f], pattern=str(p), dtype=str(ctx.dtype)[6:], calib_tokens=tokens
             )
-            metric = initial_metric("wanda", w, st)
-            t = measure(
-                lambda w=w, st=st, p=p: keep_from_metric(initial_metric("wanda", w, st), p),
-                device=ctx.device,
-                repeats=reps,
-            )
-            ctx.emit("init_layer", **base, method="wanda", seconds=t.median_s, timing=t.to_json())
-            keep0 = keep_from_metric(metric, p)
-            for preset in ("official", "default"):
-                cfg = getattr(DSnoTConfig, preset)()
-                keep, info = refine_with_info(w, keep0, st, p, cfg, initial_metric=metric)
-                t = measure(
-                    lambda a=(w, keep0, st, p, cfg), m=metric: refine_with_info(
-                        *a, initial_metric=m
-                    ),
-                    device=ctx.device,
-                    repeats=reps,
-                )
-                ctx.emit(
-                    "dsnot_layer",
-                    **base,
-                    preset=preset,
-                    seconds=t.median_s,
-                    swaps=info.n_swaps,
-                    cycles=info.cycles,
-                    err_before=float(info.err_before.abs().mean()),
-                    err_after=float(info.err_after.abs().mean()),
-                    mask_ok=validate_mask(keep, p).ok,
-                    timing=t.to_json(),
-                )
-            t = measure(
-                lambda a=(w, st, p): prune_initial("sparsegpt", *a),
-                device=ctx.device,
-                repeats=1,
-                warmup=1,
-            )
-            ctx.emit(
-                "sparsegpt_layer",
-                **base,
-                method="sparsegpt",
-                seconds=t.median_s,
-                timing=t.to_json(),
-            )
+            layer_point(ctx, w, st, p, base)
     project(ctx)
+
+
+def layer_point(ctx: Ctx, w: torch.Tensor, st, p, base: dict) -> None:
+    """Wanda mask, DSnoT (official and default presets) and SparseGPT times for one layer."""
+    from dsnt_export.dsnot import DSnoTConfig, refine_with_info
+    from dsnt_export.masks import validate_mask
+    from dsnt_export.methods import initial_metric, keep_from_metric, prune_initial
+
+    reps = 2 if ctx.smoke else 3
+    t = measure(
+        lambda: keep_from_metric(initial_metric("wanda", w, st), p), device=ctx.device, repeats=reps
+    )
+    ctx.emit("init_layer", **base, method="wanda", seconds=t.median_s, timing=t.to_json())
+    metric = initial_metric("wanda", w, st)
+    keep0 = keep_from_metric(metric, p)
+    for preset in ("official", "default"):
+        cfg = getattr(DSnoTConfig, preset)()
+        keep, info = refine_with_info(w, keep0, st, p, cfg, initial_metric=metric)  # warm-up
+        t = measure(
+            lambda cfg=cfg: refine_with_info(w, keep0, st, p, cfg, initial_metric=metric),
+            device=ctx.device,
+            warmup=0,
+            repeats=reps,
+        )
+        ctx.emit(
+            "dsnot_layer",
+            **base,
+            preset=preset,
+            seconds=t.median_s,
+            swaps=info.n_swaps,
+            cycles=info.cycles,
+            err_before=float(info.err_before.abs().mean()),
+            err_after=float(info.err_after.abs().mean()),
+            mask_ok=validate_mask(keep, p).ok,
+            timing=t.to_json(),
+        )
+    t = measure(
+        lambda: prune_initial("sparsegpt", w, st, p), device=ctx.device, warmup=1, repeats=1
+    )
+    ctx.emit("sparsegpt_layer", **base, method="sparsegpt", seconds=t.median_s, timing=t.to_json())
 
 
 def project(ctx: Ctx) -> None:

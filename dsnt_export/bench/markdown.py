@@ -50,14 +50,50 @@ def _latency_rows(lat: list[dict]) -> list[dict]:
     return out
 
 
-def render_markdown(rep: dict) -> str:
+PPL_COLS = [
+    ("label", "model"),
+    ("runtime", "runtime"),
+    ("backend", "backend"),
+    ("ppl", "perplexity"),
+    ("increase_vs_dense_pct", "vs dense (%)"),
+    ("dataset", "data"),
+    ("seqlen", "seqlen"),
+    ("n_windows", "windows"),
+]
+LAYER_COLS = [
+    ("name", "layer"),
+    ("method", "method"),
+    ("pattern", "pattern"),
+    ("sparsity", "sparsity"),
+    ("err_before", "err before"),
+    ("err_after", "err after"),
+    ("swaps", "swaps"),
+    ("time_s", "s"),
+]
+SKIP_COLS = [
+    ("runtime", "runtime"),
+    ("variant", "variant"),
+    ("bench", "what"),
+    ("section", "section"),
+    ("status", "status"),
+    ("reason", "reason"),
+]
+LATENCY_NOTE = (
+    "Median of the timed runs after warm-up, device synchronised. Prefill: one forward over the "
+    "prompt (ms). Decode: ms per step of the whole batch on the prompt's KV cache. `x` = dense "
+    "time / variant time (>1 = faster than dense), both from the same run. Memory: peak MiB "
+    "(CUDA allocated, or CPU peak RSS of the process).\n"
+)
+
+
+def _summary(rep: dict) -> list[str]:
     s = rep["summary"]
-    md = [f"# {rep.get('title', 'dsnt-export run report')}\n"]
-    md.append(
-        f"{s['rows']} rows; {s['perplexity_points']} perplexity points, {s['latency_points']} "
-        f"latency points, {s['layers']} pruned layers; {s['skipped_or_failed']} rows skipped or "
-        "failed (see the last section).\n"
-    )
+    md = [
+        f"# {rep.get('title', 'dsnt-export run report')}\n",
+        f"{s['rows']} rows; {s['perplexity_points']} perplexity points, "
+        f"{s['latency_points']} latency points, {s['layers']} pruned layers; "
+        f"{s['skipped_or_failed']} rows skipped or failed (see the last section).\n",
+    ]
     if s.get("ppl_increase_vs_dense_pct"):
         lo, hi = s["ppl_increase_vs_dense_pct"]
         md.append(f"- Perplexity vs dense: {lo:+.2f}% to {hi:+.2f}%.")
@@ -72,33 +108,11 @@ def render_markdown(rep: dict) -> str:
             f"- DSnoT lowered the reconstruction error of {s['layers_error_reduced']} of "
             f"{s['layers_refined']} refined layers."
         )
-    md.append("")
-    figs = rep.get("figures") or {}
-    md.append("## Perplexity\n")
-    if "perplexity" in figs:
-        md.append(f"![perplexity per method and pattern]({figs['perplexity']})\n")
-    md.append(
-        table(
-            rep["perplexity"],
-            [
-                ("label", "model"),
-                ("runtime", "runtime"),
-                ("backend", "backend"),
-                ("ppl", "perplexity"),
-                ("increase_vs_dense_pct", "vs dense (%)"),
-                ("dataset", "data"),
-                ("seqlen", "seqlen"),
-                ("n_windows", "windows"),
-            ],
-        )
-    )
-    md.append("## Latency\n")
-    md.append(
-        "Median of the timed runs after warm-up, device synchronised. Prefill: one forward "
-        "over the prompt (ms). Decode: ms per step of the whole batch on the prompt's KV "
-        "cache. `x` = dense time / variant time (>1 = faster than dense). Memory: peak "
-        "MiB (CUDA allocated, or CPU peak RSS of the process).\n"
-    )
+    return [*md, ""]
+
+
+def _latency(rep: dict, figs: dict) -> list[str]:
+    md = ["## Latency\n", LATENCY_NOTE]
     if "latency" in figs:
         md.append(f"![latency dense vs sparse]({figs['latency']})\n")
     cols = [
@@ -109,66 +123,49 @@ def render_markdown(rep: dict) -> str:
         ("batch_size", "batch"),
         ("prompt_len", "prompt"),
     ]
-    lat_rows = _latency_rows(rep["latency"])
+    rows = _latency_rows(rep["latency"])
     for name in ("dense", "sparse", "sparse-kernels"):
-        if any(f"{name}_ms" in r for r in lat_rows):
+        if any(f"{name}_ms" in r for r in rows):
             cols.append((f"{name}_ms", f"{name} ms"))
             if name != "dense":
                 cols.append((f"{name}_x", "x"))
             cols.append((f"{name}_mem", "MiB"))
-    md.append(table(lat_rows, cols))
+    return [*md, table(rows, cols)]
+
+
+def _environment(rep: dict) -> list[str]:
+    md = ["## Environment\n"]
+    for e in rep.get("environments") or []:
+        vers = ", ".join(f"{k} {x}" for k, x in (e.get("versions") or {}).items() if x)
+        gpu = e.get("gpu") or "none"
+        if e.get("gpu"):
+            gpu += (
+                f" sm{''.join(map(str, e.get('capability') or []))}, driver "
+                f"{e.get('driver')}, CUDA {e.get('cuda_runtime')}, cuSPARSELt "
+                f"{e.get('cusparselt')}"
+            )
+        cores = e.get("cpu_affinity") or e.get("cpu_count")
+        md.append(f"- CPU {e.get('cpu')} ({cores} cores); GPU {gpu}; {vers}")
+    return [*md, ""]
+
+
+def render_markdown(rep: dict) -> str:
+    figs = rep.get("figures") or {}
+    md = _summary(rep)
+    md.append("## Perplexity\n")
+    if "perplexity" in figs:
+        md.append(f"![perplexity per method and pattern]({figs['perplexity']})\n")
+    md.append(table(rep["perplexity"], PPL_COLS))
+    md += _latency(rep, figs)
     md.append("## DSnoT per layer\n")
     if "layer_error" in figs:
         md.append(f"![per-layer DSnoT error]({figs['layer_error']})\n")
-    md.append(
-        table(
-            rep["layers"],
-            [
-                ("name", "layer"),
-                ("method", "method"),
-                ("pattern", "pattern"),
-                ("sparsity", "sparsity"),
-                ("err_before", "err before"),
-                ("err_after", "err after"),
-                ("swaps", "swaps"),
-                ("time_s", "s"),
-            ],
-        )
-    )
+    md.append(table(rep["layers"], LAYER_COLS))
     for bench, rows in (rep.get("other") or {}).items():
-        md.append(f"## {bench}\n")
         keys: list[str] = []
         for r in rows:
             keys += [k for k in r if k not in keys]
-        md.append(table(rows, [(k, k) for k in keys[:14]]))
-    md.append("## Skipped and failed\n")
-    md.append(
-        table(
-            rep["skipped"],
-            [
-                ("runtime", "runtime"),
-                ("variant", "variant"),
-                ("bench", "what"),
-                ("section", "section"),
-                ("status", "status"),
-                ("reason", "reason"),
-            ],
-        )
-    )
-    md.append("## Environment\n")
-    for e in rep.get("environments") or []:
-        vers = e.get("versions") or {}
-        v = ", ".join(f"{k} {x}" for k, x in vers.items() if x)
-        md.append(
-            f"- CPU {e.get('cpu')} ({e.get('cpu_affinity') or e.get('cpu_count')} cores); "
-            f"GPU {e.get('gpu') or 'none'}"
-            + (
-                f" sm{''.join(map(str, e['capability']))}, driver {e.get('driver')}, "
-                f"CUDA {e.get('cuda_runtime')}, cuSPARSELt {e.get('cusparselt')}"
-                if e.get("gpu")
-                else ""
-            )
-            + f"; {v}"
-        )
-    md.append("")
+        md += [f"## {bench}\n", table(rows, [(k, k) for k in keys[:14]])]
+    md += ["## Skipped and failed\n", table(rep["skipped"], SKIP_COLS)]
+    md += _environment(rep)
     return "\n".join(md)

@@ -219,34 +219,7 @@ def _one_config(eng: Engine, options: BenchOptions, cfg: dict, ids, steps):
             "decode_tokens": k,
         }
         return
-    if getattr(eng, "decode_by_generate", False):
-        with PeakMemory(eng.device) as pm:
-            tg = measure(
-                lambda: eng.generate(x, k + 1),
-                device=eng.device,
-                warmup=options.warmup,
-                repeats=options.repeats,
-            )
-        total = max(tg.median_s - t.median_s, 0.0)
-        extra = {"method": "generate(1+N) - generate(1), medians", "timing": tg.to_json()}
-    else:
-        xs = [eng.to_input(s) for s in steps]
-
-        def run_steps(state):
-            for s in xs:
-                state = eng.decode(state, s)
-            return state
-
-        with PeakMemory(eng.device) as pm:
-            td = measure(
-                run_steps,
-                setup=lambda: eng.prefill(x),
-                device=eng.device,
-                warmup=options.warmup,
-                repeats=options.repeats,
-            )
-        total = td.median_s
-        extra = {"timing": td.to_json()}
+    total, extra, mem = _decode(eng, options, x, steps, t.median_s)
     yield {
         **cfg,
         "phase": "decode",
@@ -254,5 +227,26 @@ def _one_config(eng: Engine, options: BenchOptions, cfg: dict, ids, steps):
         **extra,
         "latency_ms": total / k * 1e3,
         "tokens_per_s": (b * k / total) if total > 0 else None,
-        **pm.to_json(),
+        **mem,
     }
+
+
+def _decode(eng: Engine, options: BenchOptions, x, steps, prefill_s: float):
+    """(seconds for ``decode_tokens`` steps, extra row fields, peak memory fields)."""
+    opts = {"device": eng.device, "warmup": options.warmup, "repeats": options.repeats}
+    k = options.decode_tokens
+    if getattr(eng, "decode_by_generate", False):
+        with PeakMemory(eng.device) as pm:
+            tg = measure(lambda: eng.generate(x, k + 1), **opts)
+        extra = {"method": "generate(1+N) - generate(1), medians", "timing": tg.to_json()}
+        return max(tg.median_s - prefill_s, 0.0), extra, pm.to_json()
+    xs = [eng.to_input(s) for s in steps]
+
+    def run_steps(state):
+        for s in xs:
+            state = eng.decode(state, s)
+        return state
+
+    with PeakMemory(eng.device) as pm:
+        td = measure(run_steps, setup=lambda: eng.prefill(x), **opts)
+    return td.median_s, {"timing": td.to_json()}, pm.to_json()

@@ -98,60 +98,70 @@ def _iqr_ms(r: dict) -> tuple[float, float]:
     return t["q1_s"] * 1e3 / per, t["q3_s"] * 1e3 / per
 
 
+LAT_KEY = (
+    "runtime",
+    "device",
+    "backend_group",
+    "phase",
+    "batch_size",
+    "prompt_len",
+    "decode_tokens",
+)
+
+
+def _lat_key(r: dict) -> tuple:
+    return (
+        r["runtime"],
+        r["device"],
+        _group(r),
+        r["phase"],
+        r["batch_size"],
+        r["prompt_len"],
+        r.get("decode_tokens"),
+    )
+
+
+def _cell(key: tuple, run_id: str, chosen: dict[str, dict]) -> dict:
+    c = {**dict(zip(LAT_KEY, key, strict=True)), "run_id": run_id, "variants": {}}
+    for name, r in chosen.items():
+        q1, q3 = _iqr_ms(r)
+        c["variants"][name] = {
+            "backend": r.get("backend"),
+            "latency_ms": r["latency_ms"],
+            "tokens_per_s": r.get("tokens_per_s"),
+            "peak_mem_bytes": r.get("peak_mem_bytes"),
+            "q1_ms": q1,
+            "q3_ms": q3,
+            "repeats": (r.get("timing") or {}).get("repeats"),
+        }
+    d = c["variants"].get("dense")
+    for name, v in c["variants"].items():
+        if d and name != "dense" and v["latency_ms"]:
+            v["speedup_vs_dense"] = d["latency_ms"] / v["latency_ms"]
+    return c
+
+
 def latency_table(rows: list[dict]) -> list[dict]:
     """One entry per (runtime, device, phase, batch, prompt) with every variant side by side.
 
     Variants are compared only within one run (one ``run_id``): for each configuration the run
     with the most variants (the latest on a tie) is shown, so a speedup is never a ratio of two
     numbers measured at different times."""
-    lat = [r for r in rows if r.get("bench") == "latency" and r.get("status") == "ok"]
     runs: dict[tuple, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
-    for r in lat:
-        k = (
-            r["runtime"],
-            r["device"],
-            _group(r),
-            r["phase"],
-            r["batch_size"],
-            r["prompt_len"],
-            r.get("decode_tokens"),
-        )
-        prev = runs[k][r.get("run_id", "")].get(r["variant"])
+    for r in rows:
+        if r.get("bench") != "latency" or r.get("status") != "ok":
+            continue
+        slot = runs[_lat_key(r)][r.get("run_id", "")]
+        prev = slot.get(r["variant"])
         if prev is None or str(r.get("time", "")) >= str(prev.get("time", "")):
-            runs[k][r.get("run_id", "")][r["variant"]] = r
+            slot[r["variant"]] = r
     out = []
-    for k, by_run in runs.items():
+    for key, by_run in runs.items():
         run_id, chosen = max(
             by_run.items(),
             key=lambda kv: (len(kv[1]), max(str(r.get("time", "")) for r in kv[1].values())),
         )
-        c = {
-            "runtime": k[0],
-            "device": k[1],
-            "backend_group": k[2],
-            "phase": k[3],
-            "batch_size": k[4],
-            "prompt_len": k[5],
-            "decode_tokens": k[6],
-            "run_id": run_id,
-            "variants": {},
-        }
-        for name, r in chosen.items():
-            q1, q3 = _iqr_ms(r)
-            c["variants"][name] = {
-                "backend": r.get("backend"),
-                "latency_ms": r["latency_ms"],
-                "tokens_per_s": r.get("tokens_per_s"),
-                "peak_mem_bytes": r.get("peak_mem_bytes"),
-                "q1_ms": q1,
-                "q3_ms": q3,
-                "repeats": (r.get("timing") or {}).get("repeats"),
-            }
-        d = c["variants"].get("dense")
-        for name, v in c["variants"].items():
-            if d and name != "dense" and v["latency_ms"]:
-                v["speedup_vs_dense"] = d["latency_ms"] / v["latency_ms"]
-        out.append(c)
+        out.append(_cell(key, run_id, chosen))
     out.sort(
         key=lambda c: (
             c["runtime"],
