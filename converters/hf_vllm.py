@@ -26,7 +26,8 @@ from dsnt_export.errors import PatternError, UnsupportedModelError, UserInputErr
 from dsnt_export.patterns import NM
 
 from . import Converter, ExportResult, Tolerance, bitmask, register, vllm_compat
-from .check import check_hf_dir, mask_checks_from_report
+from .check import mask_checks_from_report
+from .check_hf import check_hf_dir
 from .parity import ParityCheck, parity_ids
 from .reference import compute_reference, save_reference
 from .safetensors_io import parse_size, save_sharded

@@ -18,6 +18,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dsnt_export.artifacts import MANIFEST_NAME, read_manifest
+from dsnt_export.errors import ArtifactError
+
+from .check import check_files, load_json_file
+from .check_report import UNREADABLE, VIOLATION, WARNING, CheckReport
+
 REPORT_NAME = "tensorrt_report.json"
 REPORT_SCHEMA = "dsnt-export/tensorrt-report"
 _ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:(.*)$")
@@ -128,3 +134,89 @@ def engine_entry(
 
 def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def check_tensorrt(
+    path: str | Path,
+    *,
+    pattern: str | None = None,
+    require_sparse_tactics: bool = False,
+    manifest: dict | None = None,
+    hashes: bool = True,
+) -> CheckReport:
+    """Check a TensorRT artifact dir or its report JSON: ONNX-side 2:4, files, sparse layers."""
+    from .check_onnx import check_onnx
+
+    p = Path(path)
+    root = p if p.is_dir() else p.parent
+    report = CheckReport(str(p), "tensorrt")
+    data = load_json_file(root / REPORT_NAME if p.is_dir() else p, report)
+    if data is None:
+        return report
+    if data.get("schema") != REPORT_SCHEMA:
+        report.add(
+            UNREADABLE,
+            "not-a-report",
+            str(p),
+            f"schema {data.get('schema')!r} is not {REPORT_SCHEMA!r}",
+        )
+        return report
+    try:
+        man = manifest if manifest is not None else read_manifest(root, required=False)
+    except ArtifactError as e:
+        report.add(UNREADABLE, "manifest", MANIFEST_NAME, str(e))
+        man = None
+    if hashes:
+        check_files(report, root, man)
+    graph = root / data.get("onnx", "onnx/model.onnx")
+    if man is not None:
+        sub = check_onnx(
+            graph, pattern=pattern, manifest=dict(man, kind="onnx"), root=root, hashes=False
+        )
+    else:
+        sub = check_onnx(graph, pattern=pattern)
+    report.findings += sub.findings
+    report.tensors.update(sub.tensors)
+    report.pattern, report.pattern_source = sub.pattern, sub.pattern_source
+    report.derived_pattern = sub.derived_pattern
+    _check_engines(report, root, data, require_sparse_tactics)
+    return report
+
+
+def _check_engines(report: CheckReport, root: Path, data: dict, require_sparse: bool) -> None:
+    engines = data.get("engines", {})
+    sp = engines.get("sparse")
+    if sp is None:
+        report.add(VIOLATION, "no-sparse-engine", REPORT_NAME, "the report has no sparse engine")
+        return
+    for kind, e in engines.items():
+        if not (root / e.get("file", "")).is_file():
+            report.add(VIOLATION, "missing-file", e.get("file", kind), f"{kind} engine plan absent")
+    if not sp.get("eligible"):
+        report.add(
+            VIOLATION,
+            "no-eligible-layers",
+            "engine:sparse",
+            "TensorRT found no layer eligible for sparse math: the 2:4 weights are unused",
+        )
+    missed = sorted(k for k, v in sp.get("params", {}).items() if not v.get("eligible"))
+    if missed and sp.get("eligible"):
+        report.add(
+            WARNING,
+            "not-eligible",
+            "engine:sparse",
+            f"{len(missed)} targeted linears not eligible: {missed[:5]}",
+        )
+    if not sp.get("picked"):
+        sev = VIOLATION if require_sparse else WARNING
+        report.add(
+            sev,
+            "no-sparse-tactics",
+            "engine:sparse",
+            "TensorRT picked dense tactics for every layer (sparse ones were not faster "
+            "at these shapes): expect no speedup",
+        )
+    report.info["tensorrt"] = {
+        k: {"eligible": len(e.get("eligible", [])), "picked": len(e.get("picked", []))}
+        for k, e in engines.items()
+    }

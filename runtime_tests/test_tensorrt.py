@@ -36,7 +36,7 @@ def test_tensorrt_engine_matches_reference(artifact, reference, trt_device, kind
 
 def test_tensorrt_report_has_eligible_layers(artifact):
     artifact.require("tensorrt")
-    from converters.tensorrt import check_tensorrt
+    from converters.tensorrt_report import check_tensorrt
 
     report = check_tensorrt(artifact.path)
     assert report.ok, "\n".join(report.summary_lines())

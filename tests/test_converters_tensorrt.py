@@ -17,10 +17,11 @@ from onnx import helper, numpy_helper
 
 from converters import get_converter
 from converters.check import check_path
-from converters.tensorrt import TensorRTUnavailable, check_tensorrt
+from converters.tensorrt import TensorRTUnavailable
 from converters.tensorrt_report import (
     REPORT_NAME,
     REPORT_SCHEMA,
+    check_tensorrt,
     engine_entry,
     map_layers_to_params,
     parse_sparsity_log,
