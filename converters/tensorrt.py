@@ -198,7 +198,7 @@ class TensorRTConverter(Converter):
         self, tmp: Path, kind: str, sparse: bool, shapes: dict, workspace_gib: float, weights: dict
     ) -> dict:
         trt = self._trt()
-        logger = _CapturingLogger(trt)
+        logger = capturing_logger(trt)
         try:
             builder = trt.Builder(logger)
         except (RuntimeError, TypeError) as e:  # no usable CUDA device
@@ -209,7 +209,7 @@ class TensorRTConverter(Converter):
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(tmp / "onnx" / "model.onnx")):
-            errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            errs = [parser.get_error(i).desc() for i in range(parser.num_errors)]
             raise ArtifactError(f"TensorRT's ONNX parser rejected the graph: {errs[:5]}")
         config = builder.create_builder_config()
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
@@ -269,25 +269,24 @@ class TensorRTConverter(Converter):
             check.compare_ppl(f"{kind}:perplexity", ppl, float(ref["ppl.float16"]), tol)
 
 
-class _CapturingLogger:
-    """A trt.ILogger keeping every message (the (Sparsity) lines are INFO)."""
+def capturing_logger(trt):
+    """A ``trt.ILogger`` that keeps every message (the "(Sparsity)" lines are INFO)."""
 
-    def __new__(cls, trt):
-        class Impl(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.lines: list[tuple[str, str]] = []
+    class CapturingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.lines: list[tuple[str, str]] = []
 
-            def log(self, severity, msg):
-                self.lines.append((str(getattr(severity, "name", severity)), msg))
+        def log(self, severity, msg):
+            self.lines.append((str(getattr(severity, "name", severity)), msg))
 
-            def text(self) -> str:
-                return "\n".join(f"[{s}] {m}" for s, m in self.lines)
+        def text(self) -> str:
+            return "\n".join(f"[{s}] {m}" for s, m in self.lines)
 
-            def errors(self) -> list[str]:
-                return [m for s, m in self.lines if "ERROR" in s]
+        def errors(self) -> list[str]:
+            return [m for s, m in self.lines if "ERROR" in s]
 
-        return Impl()
+    return CapturingLogger()
 
 
 class EngineRunner:
@@ -302,6 +301,8 @@ class EngineRunner:
             plan.read_bytes()
         )
         self.context = self.engine.create_execution_context()
+        half = self.engine.get_tensor_dtype("logits") == trt.DataType.HALF
+        self.out_dtype = torch.float16 if half else torch.float32
 
     def logits(self, ids: np.ndarray, batch: int = 4) -> np.ndarray:
         torch = self.torch
@@ -311,9 +312,9 @@ class EngineRunner:
             self.context.set_input_shape("input_ids", tuple(x.shape))
             self.context.set_tensor_address("input_ids", x.data_ptr())
             shape = tuple(self.context.get_tensor_shape("logits"))
-            y = torch.empty(shape, dtype=torch.float16, device=self.device)
+            y = torch.empty(shape, dtype=self.out_dtype, device=self.device)
             self.context.set_tensor_address("logits", y.data_ptr())
-            stream = torch.cuda.Stream(self.device)
+            stream = torch.cuda.Stream(device=self.device)
             self.context.execute_async_v3(stream.cuda_stream)
             stream.synchronize()
             outs.append(y.float().cpu().numpy())

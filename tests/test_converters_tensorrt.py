@@ -259,3 +259,148 @@ def test_export_without_tensorrt_runs_onnx_side_check(tmp_path):
     assert not (tmp_path / "trt").exists()
     data = json.loads((onnx_dir / "dsnt_manifest.json").read_text())
     assert data["kind"] == "onnx"
+
+
+def _fake_tensorrt(picked: bool = True):
+    """A stand-in for the tensorrt module: just enough API for the converter's build flow. The
+    sparse build logs the (Sparsity) lines the way TensorRT does, with the graph's node names."""
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "11.4.0-fake"
+    info = types.SimpleNamespace(name="INFO")
+
+    class ILogger:
+        def __init__(self):
+            pass
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse_from_file(self, path):
+            self.network.path = path
+            return True
+
+    class Config:
+        def __init__(self):
+            self.flags, self.profiling_verbosity = set(), None
+
+        def set_memory_pool_limit(self, pool, size):
+            assert pool == "workspace" and size > 0
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def add_optimization_profile(self, profile):
+            assert profile.shapes["input_ids"][2][0] >= 1
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            assert flags == 1 << 5
+            return types.SimpleNamespace(path=None)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            if "SPARSE_WEIGHTS" in config.flags:
+                nodes = [
+                    n.name for n in onnx.load(network.path).graph.node if n.op_type == "MatMul"
+                ]
+                self.logger.log(
+                    info, "(Sparsity) Layers eligible for sparse math: " + ", ".join(nodes)
+                )
+                self.logger.log(
+                    info,
+                    "(Sparsity) TRT inference plan picked sparse implementation "
+                    "for layers: " + (nodes[0] if picked else ""),
+                )
+            return b"fake-plan"
+
+    class Engine:
+        def create_engine_inspector(self):
+            return types.SimpleNamespace(
+                get_engine_information=lambda fmt: json.dumps(
+                    {"Layers": [{"Name": "node_MatMul_1", "TacticName": "sm90_sparse_gemm"}]}
+                )
+            )
+
+    trt.ILogger, trt.Builder, trt.OnnxParser = ILogger, Builder, Parser
+    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda p: Engine())
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="detailed")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(SPARSE_WEIGHTS="SPARSE_WEIGHTS")
+    trt.LayerInformationFormat = types.SimpleNamespace(JSON="json")
+    return trt
+
+
+def _fake_onnx_export(onnx_dir: Path) -> Path:
+    from converters.reference import save_reference
+
+    hf = _graph(onnx_dir / "float16" / "model.onnx")
+    graph = {
+        "kind": "logits",
+        "dtype": "float16",
+        "files": ["float16/model.onnx"],
+        "weights": WEIGHTS,
+    }
+    (onnx_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    save_reference(onnx_dir, {"input_ids": np.zeros((1, 4), np.int64)})
+    write_manifest(
+        onnx_dir,
+        new_manifest(
+            "onnx",
+            pattern=parse_pattern("2:4").to_json(),
+            tensors=_tensors(hf),
+            extra={"graphs": {"float16/model.onnx": graph}},
+        ),
+    )
+    return onnx_dir
+
+
+@pytest.mark.parametrize("picked", [True, False])
+def test_build_flow_with_a_stand_in_tensorrt(tmp_path, monkeypatch, picked):
+    """The converter's orchestration (no GPU): engines, logs, report, manifest, check."""
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", _fake_tensorrt(picked))
+    src = _fake_onnx_export(tmp_path / "onnx")
+    out = tmp_path / "trt"
+    res = get_converter("tensorrt").export(src, out, check_parity=False, max_seq=512)
+    for f in (
+        "model.sparse.plan",
+        "model.dense.plan",
+        "build.sparse.log",
+        "build.dense.log",
+        REPORT_NAME,
+        "onnx/model.onnx",
+        "dsnt_reference.npz",
+        "dsnt_manifest.json",
+    ):
+        assert (out / f).is_file(), f
+    rep = json.loads((out / REPORT_NAME).read_text())
+    sp, dense = rep["engines"]["sparse"], rep["engines"]["dense"]
+    assert rep["profile"]["input_ids"]["max"] == [4, 64]  # clamped to max_position_embeddings
+    assert sp["flags"] == ["SPARSE_WEIGHTS"] and dense["flags"] == []
+    assert (sp["n_eligible"], sp["n_picked"]) == (2, 1 if picked else 0)
+    assert dense["eligible"] == [] and sp["inspector"]["sparse_tactic_layers"]
+    assert "2/2 targeted linears eligible" in res.notes[0]
+    r = check_path(out)
+    assert r.ok and len(r.tensors) == 2
+    assert any(f.code == "no-sparse-tactics" for f in r.findings) != picked
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
