@@ -532,6 +532,8 @@ def main(argv=None) -> int:
         "layers": (section_layers,),
         "pipeline": (section_pipeline, args.blocks),
     }
+    if not 1 <= args.blocks <= 8:
+        ap.error(f"--blocks must be between 1 and 8 (2-4 fit the time budget), got {args.blocks}")
     unknown = [s for s in want if s not in table]
     if unknown:
         ap.error(f"unknown sections {unknown}; known: {list(table)}")
