@@ -153,6 +153,15 @@ def test_batching_and_offload_do_not_change_the_result():
     assert min(agree) > 0.99  # batched matmuls may flip a borderline tie, nothing more
 
 
+def test_device_none_keeps_modules_in_place():
+    a, b = tiny_model("qwen3"), tiny_model("qwen3")
+    cfg = SparsifyConfig(pattern="2:4", dsnot=DSNOT)
+    sparsify(a, calib_ids(), cfg, device="cpu", progress=False)
+    sparsify(b, calib_ids(), cfg, device=None, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
 def test_not_divisible_by_m_fails_before_work():
     model = tiny_model("llama", inter=130)  # down_proj in_features = 130
     dense = _weights(model)
