@@ -207,12 +207,33 @@ def sparsify(
         if dev is not None:
             block.to(home)
         report.timings[f"block_{i}_s"] = time.perf_counter() - tb
+        _log_block(i, report.layers[len(report.layers) - len(targets) :], report.timings)
         bar.update(1)
         bar.set_postfix_str(f"block {i}: {len(targets)} linears")
     bar.close()
     report.timings["total_s"] = time.perf_counter() - t_start
     logger.info("sparsify done: %s", report.summary())
     return report
+
+
+def _log_block(i: int, entries: list[dict], timings: dict) -> None:
+    refined = [e for e in entries if e.get("refine")]
+    if refined:
+        before = sum(e["err_before"] for e in refined) / len(refined)
+        after = sum(e["err_after"] for e in refined) / len(refined)
+        swaps = sum(e["swaps"] for e in refined)
+        logger.info(
+            "block %d: %d linears pruned, DSnoT on %d: mean|err| %.4g -> %.4g, %d swaps, %.1f s",
+            i,
+            len(entries),
+            len(refined),
+            before,
+            after,
+            swaps,
+            timings[f"block_{i}_s"],
+        )
+    else:
+        logger.info("block %d: %d linears pruned, %.1f s", i, len(entries), timings[f"block_{i}_s"])
 
 
 def _progress(total: int, enabled: bool):
