@@ -72,11 +72,8 @@ def _linear_modules(src: SparseSource) -> list[str]:
 class HfVllmConverter(Converter):
     name = "hf"
     extras = ()
-    tolerance = {
-        "float32": Tolerance(1e-6, 1e-6),
-        "float16": Tolerance(1e-6, 1e-6),
-        "bfloat16": Tolerance(1e-6, 1e-6),
-    }
+    # the stored weights are the source's (or its cast): both sides run them in float32
+    tolerance = {"float32": Tolerance(1e-6, 1e-6)}
     description = "plain HF checkpoint for current vLLM (or legacy sparse-24-bitmask)"
 
     def write(
@@ -129,10 +126,7 @@ class HfVllmConverter(Converter):
             shutil.copy2(f, tmp / f.name)
         if not (tmp / GENERATION_CONFIG_NAME).exists():
             self._generation_config(tmp)
-        ref_model = src.load_model(dtype=_DTYPES[dtype] if dtype else None)
-        tag = str(next(ref_model.parameters()).dtype).removeprefix("torch.")
-        save_reference(tmp, compute_reference(ref_model, config["vocab_size"], tag))
-        del ref_model
+        save_reference(tmp, compute_reference(self._reference_model(src, dtype)))
         if not any(
             (tmp / n).exists()
             for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -159,6 +153,12 @@ class HfVllmConverter(Converter):
         result.notes.append(vllm_compat.LEGACY_CAVEAT)
         log.warning(vllm_compat.LEGACY_CAVEAT)
         return config, bitmask.compress_state_dict(state, src.targets)
+
+    @staticmethod
+    def _reference_model(src: SparseSource, dtype: str | None):
+        """The source in the export's dtype, upcast to float32 (the artifact's exact values)."""
+        model = src.load_model(dtype=_DTYPES[dtype] if dtype else None)
+        return model.float()
 
     @staticmethod
     def _generation_config(tmp: Path) -> None:
@@ -229,20 +229,17 @@ class HfVllmConverter(Converter):
         parity_seqlen: int = 32,
         **_: Any,
     ) -> None:
-        src = read_source(src_dir)
-        out = read_source(tmp, manifest=manifest)
-        ref_model = src.load_model()
-        dt = manifest["extra"]["export"]["dtype"]
-        if dt is not None:
-            ref_model = ref_model.to(_DTYPES[dt])
-        dtype_name = str(next(ref_model.parameters()).dtype).replace("torch.", "")
-        tol = self.tolerance.get(dtype_name, Tolerance(1e-6, 1e-6))
-        model = out.load_model()  # transformers' own loader (plain) or our unpacking (legacy)
-        ids = parity_ids(ref_model.config.vocab_size, batch=parity_batch, seqlen=parity_seqlen)
-        with torch.no_grad():
-            ref = ref_model(input_ids=ids).logits.float()
-            got = model(input_ids=ids).logits.float()
-        check.compare("logits", got, ref, tol)
         from .runtime_lm import windows_ppl
 
+        ref_model = self._reference_model(
+            read_source(src_dir), manifest["extra"]["export"]["dtype"]
+        )
+        # transformers' own loader (plain layout) or our unpacking (legacy), upcast to float32
+        model = read_source(tmp, manifest=manifest).load_model(dtype=torch.float32)
+        tol = self.tolerance["float32"]
+        ids = parity_ids(ref_model.config.vocab_size, batch=parity_batch, seqlen=parity_seqlen)
+        with torch.no_grad():
+            ref = ref_model(input_ids=ids).logits
+            got = model(input_ids=ids).logits
+        check.compare("logits", got, ref, tol)
         check.compare_ppl("perplexity", windows_ppl(model, ids), windows_ppl(ref_model, ids), tol)

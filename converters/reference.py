@@ -1,7 +1,9 @@
 """Eager-torch reference outputs stored inside an artifact, so parity can be re-checked anywhere.
 
-``dsnt_reference.npz`` holds the token ids used for parity and perplexity and the eager torch
-logits/perplexity computed at export time; ``pytest runtime_tests --artifact DIR`` compares each
+``dsnt_reference.npz`` holds the token ids used for parity and perplexity (random ids: these are
+parity numbers, not a quality measure) and the logits/perplexity of the eager torch model in
+float32 (the artifact's weights upcast; fp16 CPU kernels are slow and fp32 is the truth every
+runtime is compared with, at its dtype's tolerance), computed at export time; ``pytest runtime_tests --artifact DIR`` compares each
 runtime on the user's machine against them. It is an ``.npz`` on purpose: vLLM loads every
 ``*.safetensors`` file of an unindexed checkpoint directory as weights.
 """
@@ -39,16 +41,17 @@ def torch_logits(model, ids: np.ndarray, *, batch: int = 4) -> np.ndarray:
     return torch.cat(outs).numpy()
 
 
-def compute_reference(model, vocab_size: int, tag: str) -> dict[str, np.ndarray]:
-    """Reference arrays of ``model`` (its own dtype) under keys suffixed with ``tag``."""
+def compute_reference(model) -> dict[str, np.ndarray]:
+    """``input_ids``, ``logits`` [1, 32, V], ``ppl_ids`` [4, 64], ``ppl`` of a float32 model."""
     from .runtime_lm import windows_ppl
 
-    ids = reference_ids(vocab_size)
-    logits = torch_logits(model, ids["input_ids"])
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("reference outputs are computed in float32; upcast the model first")
+    ids = reference_ids(model.config.vocab_size)
     return {
         **ids,
-        f"logits.{tag}": logits,
-        f"ppl.{tag}": np.array(windows_ppl(model, ids["ppl_ids"])),
+        "logits": torch_logits(model, ids["input_ids"]),
+        "ppl": np.array(windows_ppl(model, ids["ppl_ids"])),
     }
 
 
