@@ -133,6 +133,8 @@ def _check_vllm(report: CheckReport, config: dict, man: dict | None, *, legacy: 
             report.add(WARNING, "vllm-legacy", CONFIG_NAME, vllm_compat.LEGACY_CAVEAT)
     for problem in vllm_compat.config_problems(config, legacy_layout=legacy):
         report.add(VIOLATION, "vllm-config", CONFIG_NAME, problem)
+    for note in vllm_compat.config_warnings(config, legacy_layout=legacy):
+        report.add(WARNING, "vllm-config", CONFIG_NAME, note)
     report.info["architectures"] = config.get("architectures")
     report.info["vllm_layout"] = "sparse-24-bitmask (vLLM <= 0.18)" if legacy else "plain"
 

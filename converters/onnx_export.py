@@ -162,8 +162,9 @@ class OnnxConverter(Converter):
         if bad or not dtypes:
             raise UserInputError(f"ONNX dtypes must be among {sorted(DTYPES)}, got {bad or dtypes}")
         if set(generation_dtypes) - set(dtypes):
-            raise UserInputError(f"generation dtypes {generation_dtypes} must be among the exported "
-                                 f"dtypes {dtypes}")
+            raise UserInputError(
+                f"generation dtypes {generation_dtypes} must be among the exported dtypes {dtypes}"
+            )
         src = read_source(src_dir)
         config, removed = vllm_compat.strip_sparsity_config(src.config)
         result.warnings += [f"dropped {r} from the ONNX export's config.json" for r in removed]

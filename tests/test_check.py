@@ -208,3 +208,16 @@ def test_derive_nm():
     assert derive_nm(w.t(), 0, 4) == "2:4"
     assert derive_nm(torch.ones(2, 4), -1, 4) == "dense"
     assert derive_nm(torch.ones(2, 6), -1, 4) is None
+
+
+def test_sparsity_config_without_targets_is_only_a_warning(art):
+    cfg = json.loads((art / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {"format": "dense", "sparsity_structure": "2:4", "targets": []},
+    }
+    (art / "config.json").write_text(json.dumps(cfg))
+    drop_hashes(art)
+    r = check_path(art)
+    assert r.exit_code == 0
+    assert any(f.code == "vllm-config" and f.severity == "warning" for f in r.findings)
