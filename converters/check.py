@@ -81,12 +81,13 @@ def check_tensor(
     if t.dim() != 2:
         report.add(VIOLATION, "shape", name, f"expected a 2-D weight, got shape {shape}")
         return
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
         report.add(VIOLATION, "non-finite", name, "NaN or Inf values in the stored weight")
-    rep = validate_mask(t, pattern, axis=axis, name=name)
-    entry = rep.to_json()
+    keep = t != 0  # -0.0 counts as zero; computed once for the check and the derivation
+    rep = validate_mask(keep, pattern, axis=axis, name=name)
+    entry = dict(rep.to_json(), source="weight")
     m = pattern.m if isinstance(pattern, NM) else 4
-    entry["derived"] = derive_nm(t, axis, m)
+    entry["derived"] = derive_nm(keep, axis, m)
     entry.update(extra or {})
     if not rep.ok:
         report.add(VIOLATION, "mask", name, rep.message)

@@ -28,7 +28,7 @@ from dsnt_export.patterns import NM
 from . import Converter, ExportResult, Tolerance, bitmask, register, vllm_compat
 from .check import mask_checks_from_report
 from .check_hf import check_hf_dir
-from .parity import ParityCheck, parity_ids
+from .parity import ParityCheck, logits_ppl, parity_ids
 from .reference import compute_reference, save_reference
 from .safetensors_io import parse_size, save_sharded
 from .source import GENERATION_CONFIG_NAME, SparseSource, carried_files, read_source
@@ -229,8 +229,6 @@ class HfVllmConverter(Converter):
         parity_seqlen: int = 32,
         **_: Any,
     ) -> None:
-        from .runtime_lm import windows_ppl
-
         ref_model = self._reference_model(
             read_source(src_dir), manifest["extra"]["export"]["dtype"]
         )
@@ -242,4 +240,4 @@ class HfVllmConverter(Converter):
             ref = ref_model(input_ids=ids).logits
             got = model(input_ids=ids).logits
         check.compare("logits", got, ref, tol)
-        check.compare_ppl("perplexity", windows_ppl(model, ids), windows_ppl(ref_model, ids), tol)
+        check.compare_ppl("perplexity", logits_ppl(got, ids), logits_ppl(ref, ids), tol)

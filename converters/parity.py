@@ -120,6 +120,19 @@ class ParityCheck:
         )
 
 
+def logits_ppl(logits, ids) -> float:
+    """Perplexity of already computed logits ``[n, T, V]`` of windows ``ids [n, T]``, by the
+    project's protocol (each window on its own, float32 log-softmax, float64 sums): saves a
+    second forward pass where the logits are at hand."""
+    lg = torch.as_tensor(_np(logits))[:, :-1]
+    tgt = torch.as_tensor(np.asarray(ids), dtype=torch.long)[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none"
+    ).double()
+    mean = float(nll.sum()) / max(tgt.numel(), 1)
+    return math.exp(mean) if mean < 709 else math.inf
+
+
 def parity_ids(
     vocab_size: int, *, batch: int = 2, seqlen: int = 32, seed: int = 0, low: int = 0
 ) -> torch.Tensor:

@@ -101,3 +101,16 @@ def test_parity_check_rows():
         c.raise_if_failed()
     assert set(ei.value.max_abs_diff) == {"shape", "nan", "ppl2", "missing"}
     assert math.isinf(ei.value.max_abs_diff["missing"])
+
+
+def test_logits_ppl_matches_the_project_protocol():
+    import torch
+
+    from converters.parity import logits_ppl
+    from converters.runtime_lm import LogitsFnLM, windows_ppl
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 10, 17, generator=g).numpy()
+    ids = torch.randint(0, 17, (3, 10), generator=g).numpy()
+    by_model = windows_ppl(LogitsFnLM(lambda x: logits), ids, batch_size=8)
+    assert logits_ppl(logits, ids) == pytest.approx(by_model, rel=1e-12)
