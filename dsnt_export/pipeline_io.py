@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -84,13 +85,28 @@ def source_dtype(config: Any) -> torch.dtype | None:
 def load_config(source: str):
     import transformers as T
 
+    cfg_file = Path(source) / "config.json"
+    if cfg_file.is_file():  # an unsupported model_type fails here, even one transformers lacks
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(
+                f"{cfg_file} is not valid JSON ({e}); re-save the checkpoint"
+            ) from e
+        get_adapter(raw.get("model_type") if isinstance(raw, dict) else None)
     try:
         config = T.AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
+        if Path(source).is_dir():
+            raise ArtifactError(
+                f"cannot read the config of checkpoint directory {source}: {e}. Expected a "
+                "Hugging Face config.json of a supported causal LM; re-save the checkpoint."
+            ) from e
         raise UserInputError(
-            f"cannot load a model config from {source!r}: it is not a local checkpoint directory "
-            f"and could not be fetched from the Hugging Face hub ({e}). Pass an existing directory "
-            "or a hub id reachable from this machine, or omit --model to use the embedded model."
+            f"cannot load a model config from {source!r}: it is not a local directory and could "
+            f"not be fetched from the Hugging Face hub ({e}). Pass an existing checkpoint "
+            "directory or a hub id reachable from this machine, or omit --model to use the "
+            "embedded model."
         ) from e
     get_adapter(config)  # unsupported model_type: fail before reading any weight
     return config

@@ -222,3 +222,14 @@ def test_validate_checkpoint_reads_the_saved_tensors(ckpt, text_file, tmp_path):
     save_file(tensors, f, metadata={"format": "pt"})
     v = validate_checkpoint(out)
     assert not v["ok"] and list(v["violations"]) == [name]
+
+
+@pytest.mark.parametrize(
+    "config_text,needle",
+    [('{"model_type": "mamba2"}', "'mamba2' is not supported"), ("{not json", "not valid JSON")],
+)
+def test_bad_config_json(tmp_path, text_file, capsys, config_text, needle):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "config.json").write_text(config_text)
+    _assert_failed_cleanly(_prune(src, out, text_file), out, capsys, needle)
