@@ -82,7 +82,8 @@ LATENCY_NOTE = (
     "Median of the timed runs after warm-up, device synchronised. Prefill: one forward over the "
     "prompt (ms). Decode: ms per step of the whole batch on the prompt's KV cache. `x` = dense "
     "time / variant time (>1 = faster than dense), both from the same run. Memory: peak MiB "
-    "(CUDA allocated, or CPU peak RSS of the process).\n"
+    "(CUDA: allocated tensors; CPU: the process's peak RSS, which still holds memory of the "
+    "variants loaded before it, so only CUDA memory compares across variants).\n"
 )
 
 

@@ -33,8 +33,10 @@ prefill), ``timing`` (:class:`~dsnt_export.bench.timing.Timing` JSON: median/min
 stdev/samples in seconds, ``repeats``, ``warmup``), ``latency_ms`` (prefill: median ms per forward;
 decode: median ms per step, i.e. per generated token of each sequence), ``tokens_per_s``
 (prefill: ``batch * prompt_len / median``; decode: ``batch * decode_tokens / median``),
-``peak_mem_bytes`` and ``peak_mem_kind`` (``cuda_max_allocated``, ``cpu_rss_peak``,
-``cpu_rss_peak_process``).
+``peak_mem_bytes`` and ``peak_mem_kind`` (``cuda_max_allocated``: tensors allocated during the
+measurement; ``cpu_rss_peak``: the process's peak resident set since the measurement began, which
+includes memory earlier variants left with the allocator; ``cpu_rss_peak_process``: the kernel
+refused the reset, process-lifetime peak).
 
 ``perplexity`` rows add the :class:`dsnt_export.perplexity.PerplexityResult` fields: ``ppl``,
 ``nll``, ``n_windows``, ``seqlen``, ``n_tokens_scored``, ``dataset`` (source, split, token hash),
