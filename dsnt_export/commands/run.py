@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import run_exports as _run_exports
 from .prune import add_recipe_arguments, check_out_dir, recipe_from_args
 
 
@@ -39,6 +40,7 @@ class RunContext:
 # (name, stage) pairs run after the checkpoint is saved and evaluated, before the report is written.
 # A stage reads ctx (ctx.tmp / "hf" is the checkpoint) and adds its results to ctx.summary.
 EXTRA_STAGES: list[tuple[str, Callable[[RunContext], None]]] = []
+_run_exports.register(EXTRA_STAGES)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, help="perplexity window length (tokens)")
     p.add_argument("--eval-max-windows", type=int, help="score only the first N windows")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export stage")
 
 
 def _timed(ctx: RunContext, name: str, fn: Callable[[], Any]) -> Any:
@@ -168,8 +171,12 @@ def run(args: argparse.Namespace) -> int:
         ctx.timings["total"] = round(time.perf_counter() - t0, 3)
         summary = build_summary(ctx)
         write_report(tmp / "report", summary)
+        from ..report import report_run_dir
+
+        report_run_dir(tmp)  # report.json/.md + PNG figures from every stage's rows
     _print_summary(summary, out)
-    return 0 if summary["validation"]["ok"] else 1
+    checks_ok = all(c.get("ok", True) for c in summary["exports"].get("check", {}).values())
+    return 0 if summary["validation"]["ok"] and checks_ok else 1
 
 
 def _print_summary(s: dict, out: Path) -> None:

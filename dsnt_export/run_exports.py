@@ -1,0 +1,61 @@
+"""Stages of ``dsnt-export run`` after the checkpoint is saved: export and re-check the artifacts.
+
+Registered in :data:`dsnt_export.commands.run.EXTRA_STAGES` (imported by the run command):
+
+* ``export_onnx``: the saved OUT/hf checkpoint through the ONNX converter into OUT/onnx (fp32 graphs
+  for ONNX Runtime incl. prefill/decode with a KV cache, an fp16-typed logits graph for TensorRT),
+  with its own mask re-validation and ONNX Runtime parity against eager torch;
+* ``check``: ``dsnt-export check`` of every artifact written (the CI gate, run on the files).
+
+``--no-export`` skips the ONNX export (the checks still run on what was written).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def stage_export_onnx(ctx) -> None:
+    if getattr(ctx.args, "no_export", False):
+        ctx.summary.setdefault("exports", {})["onnx"] = {"skipped": "--no-export"}
+        return
+    from converters import get_converter
+
+    from .errors import DsntError
+
+    try:
+        res = get_converter("onnx").export(ctx.tmp / "hf", ctx.tmp / "onnx")
+    except DsntError as e:  # the checkpoint stays valid; the failed export leaves nothing behind
+        log.warning("ONNX export failed: %s", e)
+        print(f"warning: ONNX export failed (no onnx/ written): {e}")
+        ctx.summary.setdefault("exports", {})["onnx"] = {"error": f"{type(e).__name__}: {e}"}
+        return
+    s = res.summary()
+    s["out_dir"] = "onnx"
+    ctx.summary.setdefault("exports", {})["onnx"] = s
+
+
+def stage_check(ctx) -> None:
+    from converters.check import check_path
+
+    checks = {}
+    for name in ("hf", "onnx"):
+        path = ctx.tmp / name
+        if path.exists():
+            rep = check_path(path)
+            checks[name] = {
+                "ok": rep.ok,
+                "exit_code": rep.exit_code,
+                "n_tensors": len(rep.tensors),
+                "findings": [f.to_json() for f in rep.findings],
+            }
+    ctx.summary.setdefault("exports", {})["check"] = checks
+
+
+def register(stages: list) -> None:
+    names = {n for n, _ in stages}
+    for name, fn in (("export_onnx", stage_export_onnx), ("check", stage_check)):
+        if name not in names:
+            stages.append((name, fn))
