@@ -1,0 +1,148 @@
+"""Perplexity of every initial mask with and without DSnoT on the embedded SmolLM2-135M model.
+
+    python benchmarks/quality_table.py                       # 2:4, calibrate on docstrings
+    python benchmarks/quality_table.py --patterns 2:4,4:8,0.5,0.6,0.7 --calib stdlib-docs,stdlib-code
+    python benchmarks/quality_table.py --markdown benchmarks/results/quality.jsonl   # table only
+
+Each configuration is pruned from the same dense fp32 model with the same calibration windows
+(``--nsamples`` x ``--seqlen`` tokens of the calibration domain, seed 0), then evaluated with the
+WikiText-2 protocol (``--seqlen``-token windows, first ``--eval-windows`` windows) on the held-out
+text of BOTH domains: docstrings ("stdlib-docs") and source code ("stdlib-code"). Rows are appended
+to ``--out`` (JSONL) as they finish, so an interrupted run keeps what it measured.
+
+Configurations: dense; for each of magnitude / wanda / sparsegpt: alone, + DSnoT with the official
+preset (reference defaults: attention projections only), + DSnoT with our default config (every
+linear, sign check, loss guard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dsnt_export.dsnot import DSnoTConfig
+from dsnt_export.pipeline import SparsifyConfig, sparsify
+from dsnt_export.perplexity import perplexity
+
+CONFIGS = {
+    "dense": None,
+    "magnitude": ("magnitude", "none", None, ()),
+    "magnitude+dsnot(official)": ("magnitude", "dsnot", "official", ("mlp",)),
+    "magnitude+dsnot(default)": ("magnitude", "dsnot", "default", ()),
+    "wanda": ("wanda", "none", None, ()),
+    "wanda+dsnot(official)": ("wanda", "dsnot", "official", ("mlp",)),
+    "wanda+dsnot(default)": ("wanda", "dsnot", "default", ()),
+    "sparsegpt": ("sparsegpt", "none", None, ()),
+    "sparsegpt+dsnot(official)": ("sparsegpt", "dsnot", "official", ("mlp",)),
+    "sparsegpt+dsnot(default)": ("sparsegpt", "dsnot", "default", ()),
+}
+DOMAINS = ("stdlib-docs", "stdlib-code")
+
+
+def load_embedded():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsnt_export.embedded import embedded_model_dir
+
+    d = embedded_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(d)
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per (pattern, calibration domain): rows = configurations, columns = eval domains."""
+    out = []
+    dense = {r["eval"][d]["domain"]: r["eval"][d]["ppl"] for r in rows if r["config"] == "dense" for d in r["eval"]}
+    keys = sorted({(r["pattern"], r["calib"]) for r in rows if r["config"] != "dense"})
+    for pattern, calib in keys:
+        out.append(f"\n**{pattern}, calibrated on {calib}** (perplexity, lower is better)\n")
+        out.append("| configuration | ppl stdlib-docs | ppl stdlib-code | prune time (s) |")
+        out.append("|---|---|---|---|")
+        out.append(f"| dense | {dense.get('stdlib-docs', float('nan')):.2f} | {dense.get('stdlib-code', float('nan')):.2f} | |")
+        for r in rows:
+            if (r["pattern"], r["calib"]) != (pattern, calib):
+                continue
+            e = {v["domain"]: v["ppl"] for v in r["eval"].values()}
+            out.append(
+                f"| {r['config']} | {e.get('stdlib-docs', float('nan')):.2f} | "
+                f"{e.get('stdlib-code', float('nan')):.2f} | {r['prune_s']:.0f} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patterns", default="2:4")
+    ap.add_argument("--calib", default="stdlib-docs", help="comma list of calibration domains")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="benchmarks/results/quality.jsonl")
+    ap.add_argument("--markdown", metavar="ROWS", help="only print the Markdown table of a rows file")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        rows = [json.loads(line) for line in Path(args.markdown).read_text().splitlines() if line.strip()]
+        print(markdown(rows))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dsnt_export.data import get_calibration, get_eval_tokens
+
+    dense_model, tok = load_embedded()
+    evals = {d: get_eval_tokens(d, tok, max_tokens=args.eval_windows * args.seqlen) for d in DOMAINS}
+
+    def evaluate(model) -> dict:
+        res = {}
+        for d, (ids, desc) in evals.items():
+            r = perplexity(model, ids, args.seqlen, batch_size=8, progress=False, dataset=desc)
+            res[d] = {"domain": d, "ppl": r.ppl, "n_tokens_scored": r.n_tokens_scored}
+        return res
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("config", "pattern", "calib")}),
+              {d: round(v["ppl"], 2) for d, v in row["eval"].items()}, f"{row['prune_s']:.0f}s", flush=True)
+
+    names = args.configs.split(",")
+    if "dense" in names:
+        emit(dict(config="dense", pattern="dense", calib=None, prune_s=0.0, eval=evaluate(dense_model)))
+    for calib in args.calib.split(","):
+        ids, cdesc = get_calibration(calib, tok, args.nsamples, args.seqlen, seed=0)
+        for pattern in args.patterns.split(","):
+            for name in names:
+                if CONFIGS.get(name) is None:
+                    continue
+                init, refine, preset, refine_exclude = CONFIGS[name]
+                dsnot = DSnoTConfig.official() if preset == "official" else DSnoTConfig.default()
+                cfg = SparsifyConfig(pattern=pattern, init=init, refine=refine, dsnot=dsnot,
+                                     refine_exclude=refine_exclude)
+                model = copy.deepcopy(dense_model)
+                t0 = time.perf_counter()
+                rep = sparsify(model, ids, cfg, device="cpu", progress=False)
+                prune_s = time.perf_counter() - t0
+                emit(dict(config=name, pattern=pattern, calib=calib, prune_s=prune_s,
+                          calibration=cdesc, sparsify=rep.summary(), dsnot=dsnot.to_json(),
+                          refine_exclude=list(refine_exclude), eval=evaluate(model),
+                          torch=torch.__version__, threads=torch.get_num_threads()))
+                del model
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
