@@ -17,9 +17,10 @@ Thin driver: the algorithms are the pure functions of ``dsnt_export.methods`` an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -188,32 +189,52 @@ def sparsify(
     groups = batches(inputs, config.batch_size)
     blocks = plan.adapter.get_blocks(model)
     bar = _progress(len(blocks), progress)
-    for i, block in enumerate(blocks):
-        tb = time.perf_counter()
-        home = next(block.parameters()).device
-        if dev is not None:
-            block.to(dev)
-        targets = plan.for_block(i)
-        kw = cap.block_kwargs[i]
-        runner = _BlockRunner(block, inputs, kw, groups, dev, store)
-        stages = _stages(plan, targets, config.sequential)
-        for stage in stages:
-            stats = runner.collect(stage, plan, hessian=config.needs_hessian)
-            for t in stage:
-                report.layers.append(_prune_one(block, t, stats[t.group], config))
-            for s in stats.values():
-                s.free_hessian()
-        inputs = runner.run_outputs()
-        if dev is not None:
-            block.to(home)
-        report.timings[f"block_{i}_s"] = time.perf_counter() - tb
-        _log_block(i, report.layers[len(report.layers) - len(targets) :], report.timings)
-        bar.update(1)
-        bar.set_postfix_str(f"block {i}: {len(targets)} linears")
-    bar.close()
+    try:
+        for i, block in enumerate(blocks):
+            tb = time.perf_counter()
+            runner = _BlockRunner(block, inputs, cap.block_kwargs[i], groups, dev, store)
+            targets = plan.for_block(i)
+            with _on_device(block, dev):
+                entries = _sparsify_block(runner, plan, targets, config)
+                inputs = runner.run_outputs()
+            report.layers.extend(entries)
+            report.timings[f"block_{i}_s"] = time.perf_counter() - tb
+            _log_block(i, entries, report.timings)
+            bar.update(1)
+            bar.set_postfix_str(f"block {i}: {len(targets)} linears")
+    finally:
+        bar.close()
     report.timings["total_s"] = time.perf_counter() - t_start
     logger.info("sparsify done: %s", report.summary())
     return report
+
+
+@contextlib.contextmanager
+def _on_device(block: nn.Module, dev: torch.device | None) -> Iterator[None]:
+    """Move ``block`` to ``dev`` for the duration (and back, also on errors)."""
+    if dev is None:
+        yield
+        return
+    home = next(block.parameters()).device
+    block.to(dev)
+    try:
+        yield
+    finally:
+        block.to(home)
+
+
+def _sparsify_block(
+    runner: _BlockRunner, plan: Plan, targets: list[LinearTarget], config: SparsifyConfig
+) -> list[dict]:
+    """Statistics, then prune + refine, stage by stage (one stage unless ``sequential``)."""
+    entries = []
+    for stage in _stages(plan, targets, config.sequential):
+        stats = runner.collect(stage, plan, hessian=config.needs_hessian)
+        for t in stage:
+            entries.append(_prune_one(runner.block, t, stats[t.group], config))
+        for st in stats.values():
+            st.free_hessian()
+    return entries
 
 
 def _log_block(i: int, entries: list[dict], timings: dict) -> None:
