@@ -193,6 +193,7 @@ def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
             "--out",
             str(out),
             "--no-progress",
+            "--no-export",  # exports have their own tests; this one is about prune + eval + report
         ]
     )
     printed = capsys.readouterr().out
