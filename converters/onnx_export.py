@@ -90,8 +90,39 @@ def export_logits_graph(model, opset: int | None = None, exporter: str = "torch"
         return OnnxExporter().export(model, {"input_ids": ids, "use_cache": False}, cfg).program
 
 
+def generation_cache(config):
+    """The KV cache to export prefill/decode against, or ``None`` for the one ``generate()`` builds.
+
+    ``generate()`` builds ``DynamicCache(config=<text config>)``, which gives every layer that
+    ``config.layer_types`` (or, without it, a set ``sliding_window`` / ``attention_chunk_size``)
+    marks as sliding or chunked a ``DynamicSlidingWindowLayer``. That layer carries a scalar
+    ``_sliding_window_tensor``, and the exporter flattens every tensor of the cache into the graph:
+    prefill and decode would take (and pass straight through) one ``input.cache.layers.N.
+    _sliding_window_tensor`` per layer, state no runner can feed from the KV cache alone. The
+    exporter already traces those layers as a full ``DynamicLayer`` (its cut to the window does not
+    survive a trace), and the graph's attention mask, built from the config, applies the window. So
+    the same cache with those layers as plain ``DynamicLayer``s exports the same graph without the
+    extra inputs: the decode cache keeps every position, and the mask keeps the model's window.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    if not any(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers):
+        return None
+    cache.layers = [
+        DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
+
+
 def export_generation_graphs(model, opset: int | None = None) -> dict:
-    """``{"prefill": ..., "decode": ...}`` graphs with an explicit KV cache, batch dynamic."""
+    """``{"prefill": ..., "decode": ...}`` graphs with an explicit KV cache, batch dynamic.
+
+    The graphs' only cache inputs/outputs are per-layer keys and values, sliding-window models
+    included (see ``generation_cache``).
+    """
     from transformers import GenerationConfig
     from transformers.exporters import OnnxConfig, OnnxExporter
 
@@ -99,13 +130,14 @@ def export_generation_graphs(model, opset: int | None = None) -> dict:
         4, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)
     )
     gen = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=None)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cache = generation_cache(model.config)
+    if cache is not None:
+        inputs["cache"] = cache
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ex = OnnxExporter().export_for_generation(
-            model,
-            {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-            OnnxConfig(dynamic=True, opset_version=opset),
-            generation_config=gen,
+            model, inputs, OnnxConfig(dynamic=True, opset_version=opset), generation_config=gen
         )
     return {name: c.program for name, c in ex.components.items()}
 

@@ -50,6 +50,12 @@ def _feeds(sess, ids: np.ndarray, past_len: int, cache: dict[str, np.ndarray]) -
             feeds[n] = np.ones((b, past_len + t), dtype=np.int64)
         elif n.startswith("input.") and n[len("input.") :] in cache:
             feeds[n] = cache[n[len("input.") :]]
+        elif n.startswith("input."):
+            raise UserInputError(
+                f"graph input {n!r} is cache state that no earlier step outputs: this runner "
+                "feeds a graph's input.<name> from the previous step's <name> output (and a "
+                "prefill nothing), so only cache a graph passes from step to step can be fed"
+            )
         else:
             raise UserInputError(
                 f"graph input {n!r} is not one this runner knows how to feed "

@@ -34,7 +34,8 @@ _BLOCKS = {
 }
 
 
-def tiny_config(arch: str, *, hidden: int = 64, inter: int = 128, layers: int = 2):
+def tiny_config(arch: str, *, hidden: int = 64, inter: int = 128, layers: int = 2, **kw):
+    """``kw``: further config fields (e.g. Mistral's ``sliding_window``)."""
     import transformers as T
 
     if arch == "opt":
@@ -50,6 +51,7 @@ def tiny_config(arch: str, *, hidden: int = 64, inter: int = 128, layers: int = 
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,
+            **kw,
         )
     return T.AutoConfig.for_model(
         arch,
@@ -65,6 +67,7 @@ def tiny_config(arch: str, *, hidden: int = 64, inter: int = 128, layers: int = 
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **kw,
     )
 
 

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from converters import get_converter
 from converters.check import check_path
-from converters.onnx_export import graph_weights, save_graph
+from converters.onnx_export import generation_cache, graph_weights, save_graph
 from converters.onnx_graph import linear_weights, load_model, map_params
 from converters.onnx_run import run_generation, run_logits, session
 from converters.source import read_source
@@ -297,6 +297,64 @@ def test_other_architectures_fp32_logits(tmp_path, arch, exporter):
         assert {(r["op"], r["axis"]) for r in weights.values()} == {("MatMul", 0), ("Gemm", 1)}
     assert check_path(tmp_path / "onnx").ok
     assert MANIFEST_NAME in {p.name for p in (tmp_path / "onnx").iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("arch", "kw", "sliding"),
+    [
+        ("llama", {}, False),
+        ("mistral", {"sliding_window": None}, False),
+        ("mistral", {}, True),  # Mistral's default window, 4096
+        ("mistral", {"sliding_window": 4}, True),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, True),
+    ],
+)
+def test_generation_cache_has_keys_and_values_only(arch, kw, sliding):
+    """Sliding-window layers (from ``sliding_window`` or ``layer_types``) export as full layers."""
+    from transformers.cache_utils import DynamicLayer
+
+    from tests._sparse_fixtures import tiny_config
+
+    cache = generation_cache(tiny_config(arch, **kw))
+    if not sliding:
+        assert cache is None  # generate() builds its own, already plain
+        return
+    assert [type(layer) for layer in cache.layers] == [DynamicLayer, DynamicLayer]
+    assert not any(
+        isinstance(v, torch.Tensor) for layer in cache.layers for v in vars(layer).values()
+    )
+
+
+def test_mistral_sliding_window_generation_parity(tmp_path):
+    """A sliding-window Mistral: prefill/decode take keys and values only (no
+    ``_sliding_window_tensor`` cache input) and match torch past the window."""
+    from transformers import AutoModelForCausalLM
+
+    src = make_sparse_hf_dir(tmp_path / "src", "mistral", sliding_window=4)
+    res = get_converter("onnx").export(src, tmp_path / "onnx", dtypes=("float32",))
+    assert res.parity["float32/prefill.onnx+decode:logits"]["max_abs_diff"] < 1e-4
+    assert res.parity["float32/model.onnx:logits"]["max_abs_diff"] < 1e-4
+    graphs = read_manifest(tmp_path / "onnx")["extra"]["graphs"]
+    cache_io = re.compile(r"(input\.|output\.)?cache\.layers\.[01]\.(keys|values)")
+    for g in ("float32/prefill.onnx", "float32/decode.onnx"):
+        names = [i["name"] for i in graphs[g]["inputs"]] + [o["name"] for o in graphs[g]["outputs"]]
+        assert {n for n in names if not cache_io.fullmatch(n)} == {
+            "input_ids",
+            "position_ids",
+            "logits",
+        }, g
+        assert len(graphs[g]["weights"]) == 14
+    # prompt shorter than the window, decode well past it, vs a plain transformers load
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    assert model.config.sliding_window == 4
+    ids = torch.randint(4, 256, (2, 14), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    out = tmp_path / "onnx" / "float32"
+    gen = run_generation(
+        session(out / "prefill.onnx"), session(out / "decode.onnx"), ids.numpy(), prompt_len=3
+    )
+    assert np.abs(gen - want[:, 2:]).max() < 1e-4
 
 
 def test_runtime_suite_on_onnx_export(exported):
