@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from dsnt_export.dsnot import DSnoTConfig
-from dsnt_export.pipeline import SparsifyConfig, sparsify
 from dsnt_export.perplexity import perplexity
+from dsnt_export.pipeline import SparsifyConfig, sparsify
 
 CONFIGS = {
     "dense": None,
@@ -43,6 +43,14 @@ CONFIGS = {
     "sparsegpt+dsnot(default)": ("sparsegpt", "dsnot", "default", ()),
 }
 DOMAINS = ("stdlib-docs", "stdlib-code")
+PRESETS = {
+    "official": DSnoTConfig.official,
+    "default": DSnoTConfig.default,
+    # DSnoT's own (mean-based) criterion with our sign check and loss guard
+    "mean": lambda: DSnoTConfig.default(criterion="mean", sign_check=True, loss_guard=True),
+}
+for _init in ("magnitude", "wanda", "sparsegpt"):
+    CONFIGS[f"{_init}+dsnot(mean)"] = (_init, "dsnot", "mean", ())
 
 
 def load_embedded():
@@ -59,13 +67,20 @@ def load_embedded():
 def markdown(rows: list[dict]) -> str:
     """One table per (pattern, calibration domain): rows = configurations, columns = eval domains."""
     out = []
-    dense = {r["eval"][d]["domain"]: r["eval"][d]["ppl"] for r in rows if r["config"] == "dense" for d in r["eval"]}
+    dense = {
+        r["eval"][d]["domain"]: r["eval"][d]["ppl"]
+        for r in rows
+        if r["config"] == "dense"
+        for d in r["eval"]
+    }
     keys = sorted({(r["pattern"], r["calib"]) for r in rows if r["config"] != "dense"})
     for pattern, calib in keys:
         out.append(f"\n**{pattern}, calibrated on {calib}** (perplexity, lower is better)\n")
         out.append("| configuration | ppl stdlib-docs | ppl stdlib-code | prune time (s) |")
         out.append("|---|---|---|---|")
-        out.append(f"| dense | {dense.get('stdlib-docs', float('nan')):.2f} | {dense.get('stdlib-code', float('nan')):.2f} | |")
+        out.append(
+            f"| dense | {dense.get('stdlib-docs', float('nan')):.2f} | {dense.get('stdlib-code', float('nan')):.2f} | |"
+        )
         for r in rows:
             if (r["pattern"], r["calib"]) != (pattern, calib):
                 continue
@@ -78,7 +93,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--patterns", default="2:4")
     ap.add_argument("--calib", default="stdlib-docs", help="comma list of calibration domains")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
@@ -87,10 +104,16 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/quality.jsonl")
-    ap.add_argument("--markdown", metavar="ROWS", help="only print the Markdown table of a rows file")
+    ap.add_argument(
+        "--markdown", metavar="ROWS", help="only print the Markdown table of a rows file"
+    )
     args = ap.parse_args(argv)
     if args.markdown:
-        rows = [json.loads(line) for line in Path(args.markdown).read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line)
+            for line in Path(args.markdown).read_text().splitlines()
+            if line.strip()
+        ]
         print(markdown(rows))
         return 0
     if args.threads:
@@ -98,7 +121,9 @@ def main(argv=None) -> int:
     from dsnt_export.data import get_calibration, get_eval_tokens
 
     dense_model, tok = load_embedded()
-    evals = {d: get_eval_tokens(d, tok, max_tokens=args.eval_windows * args.seqlen) for d in DOMAINS}
+    evals = {
+        d: get_eval_tokens(d, tok, max_tokens=args.eval_windows * args.seqlen) for d in DOMAINS
+    }
 
     def evaluate(model) -> dict:
         res = {}
@@ -115,12 +140,20 @@ def main(argv=None) -> int:
         rows.append(row)
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(json.dumps({k: row[k] for k in ("config", "pattern", "calib")}),
-              {d: round(v["ppl"], 2) for d, v in row["eval"].items()}, f"{row['prune_s']:.0f}s", flush=True)
+        print(
+            json.dumps({k: row[k] for k in ("config", "pattern", "calib")}),
+            {d: round(v["ppl"], 2) for d, v in row["eval"].items()},
+            f"{row['prune_s']:.0f}s",
+            flush=True,
+        )
 
     names = args.configs.split(",")
     if "dense" in names:
-        emit(dict(config="dense", pattern="dense", calib=None, prune_s=0.0, eval=evaluate(dense_model)))
+        emit(
+            dict(
+                config="dense", pattern="dense", calib=None, prune_s=0.0, eval=evaluate(dense_model)
+            )
+        )
     for calib in args.calib.split(","):
         ids, cdesc = get_calibration(calib, tok, args.nsamples, args.seqlen, seed=0)
         for pattern in args.patterns.split(","):
@@ -128,17 +161,33 @@ def main(argv=None) -> int:
                 if CONFIGS.get(name) is None:
                     continue
                 init, refine, preset, refine_exclude = CONFIGS[name]
-                dsnot = DSnoTConfig.official() if preset == "official" else DSnoTConfig.default()
-                cfg = SparsifyConfig(pattern=pattern, init=init, refine=refine, dsnot=dsnot,
-                                     refine_exclude=refine_exclude)
+                dsnot = PRESETS[preset]() if preset else DSnoTConfig.default()
+                cfg = SparsifyConfig(
+                    pattern=pattern,
+                    init=init,
+                    refine=refine,
+                    dsnot=dsnot,
+                    refine_exclude=refine_exclude,
+                )
                 model = copy.deepcopy(dense_model)
                 t0 = time.perf_counter()
                 rep = sparsify(model, ids, cfg, device="cpu", progress=False)
                 prune_s = time.perf_counter() - t0
-                emit(dict(config=name, pattern=pattern, calib=calib, prune_s=prune_s,
-                          calibration=cdesc, sparsify=rep.summary(), dsnot=dsnot.to_json(),
-                          refine_exclude=list(refine_exclude), eval=evaluate(model),
-                          torch=torch.__version__, threads=torch.get_num_threads()))
+                emit(
+                    dict(
+                        config=name,
+                        pattern=pattern,
+                        calib=calib,
+                        prune_s=prune_s,
+                        calibration=cdesc,
+                        sparsify=rep.summary(),
+                        dsnot=dsnot.to_json(),
+                        refine_exclude=list(refine_exclude),
+                        eval=evaluate(model),
+                        torch=torch.__version__,
+                        threads=torch.get_num_threads(),
+                    )
+                )
                 del model
     print(markdown(rows))
     return 0

@@ -41,7 +41,15 @@ from .stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
-_OVERRIDABLE = ("max_cycles", "update_threshold", "var_power", "sign_check", "loss_guard")
+_OVERRIDABLE = (
+    "max_cycles",
+    "update_threshold",
+    "var_power",
+    "sign_check",
+    "loss_guard",
+    "criterion",
+)
+CRITERIA = ("mean", "hessian")
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,12 @@ class DSnoTConfig:
                        second-order reconstruction loss (w_ref - w)^T H (w_ref - w), with H = 2/n X^T X
                        the SparseGPT Hessian; a swap the guard refuses is skipped (the row goes on with
                        its next candidate). Needs ActivationStats(hessian=True).
+    criterion:         what a cycle's (grow, prune) pair is chosen by. "mean" (the paper and the
+                       reference): DSnoT's mean-based error estimate, weights never change.
+                       "hessian" (ours, dsnt_export.hessian_swap): the pair that lowers the row's exact
+                       second-order loss the most, the grown weight set to its loss-optimal value;
+                       update_threshold / var_power / sign_check / loss_guard do not apply. Needs the
+                       Hessian; the driver calls hessian_refine instead of refine for it.
     """
 
     max_cycles: int = 50
@@ -65,6 +79,7 @@ class DSnoTConfig:
     var_power: float = 1.0
     sign_check: bool | None = None
     loss_guard: bool = False
+    criterion: str = "mean"
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -82,6 +97,10 @@ class DSnoTConfig:
             raise UserInputError(f"update_threshold must be >= 0, got {self.update_threshold!r}")
         if not isinstance(self.loss_guard, bool):
             raise UserInputError(f"loss_guard must be true or false, got {self.loss_guard!r}")
+        if self.criterion not in CRITERIA:
+            raise UserInputError(
+                f"criterion must be one of {list(CRITERIA)}, got {self.criterion!r}"
+            )
         if self.sign_check is not None and not isinstance(self.sign_check, bool):
             raise UserInputError(f"sign_check must be true, false or null, got {self.sign_check!r}")
 
@@ -111,14 +130,21 @@ class DSnoTConfig:
 
     @classmethod
     def default(cls, **overrides) -> DSnoTConfig:
-        """dsnt-export's default, chosen by measurement on a real pretrained LLM (README, "Quality").
-        Differs from the official preset in two ways: the sign check is on for every pattern (the
-        reference keeps it off for unstructured sparsity, where it hurts), and the loss guard is on
-        (without it DSnoT undoes SparseGPT's OBS compensation and raises the layer's error)."""
+        """dsnt-export's default, chosen by measurement on a real pretrained LLM (README, "Quality"):
+        DSnoT's prune-and-grow cycles (at most ``max_cycles`` swaps per row, N:M groups and row
+        counts kept) with each swap chosen by the exact second-order layer loss and the grown weight
+        set to its loss-optimal value (``criterion="hessian"``, dsnt_export.hessian_swap). With
+        ``criterion="mean"`` (DSnoT's own estimate) the sign check stays on for every pattern and
+        the loss guard keeps it from undoing SparseGPT's OBS compensation."""
         return cls._with(
             "default",
             dict(
-                max_cycles=50, update_threshold=0.1, var_power=1.0, sign_check=True, loss_guard=True
+                max_cycles=50,
+                update_threshold=0.1,
+                var_power=1.0,
+                sign_check=True,
+                loss_guard=True,
+                criterion="hessian",
             ),
             overrides,
         )
@@ -290,6 +316,12 @@ def refine_with_info(
     """
     pattern = parse_pattern(pattern)
     config = config if config is not None else DSnoTConfig.official()
+    if config.criterion != "mean":
+        raise UserInputError(
+            f"refine_with_info implements criterion='mean' (DSnoT's), got {config.criterion!r}; "
+            "criterion='hessian' changes weight values too: call "
+            "dsnt_export.hessian_swap.hessian_refine (the pipeline does this for you)"
+        )
     _validate(weight, keep, stats, pattern, name)
     metric_t, metric_name = (None, "wanda")
     if isinstance(pattern, NM):

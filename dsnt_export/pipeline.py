@@ -81,7 +81,9 @@ class SparsifyConfig:
     @property
     def needs_hessian(self) -> bool:
         """SparseGPT and DSnoT's loss guard need H = 2/n X^T X per linear input."""
-        return self.init == "sparsegpt" or (self.refine == "dsnot" and self.dsnot.loss_guard)
+        return self.init == "sparsegpt" or (
+            self.refine == "dsnot" and (self.dsnot.loss_guard or self.dsnot.criterion == "hessian")
+        )
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -353,7 +355,10 @@ def _prune_one(
         "refine": None,
     }
     do_refine = cfg.refine == "dsnot" and t.refine
-    if do_refine:
+    if do_refine and cfg.dsnot.criterion == "hessian":
+        base, keep, entry_info = _hessian_refine(base, keep, w, stats, cfg)
+        entry.update(entry_info)
+    elif do_refine:
         keep, info = refine_with_info(
             base,
             keep,
@@ -396,6 +401,39 @@ def _prune_one(
         time_s={"init": t1 - t0, "refine": t2 - t1, "total": time.perf_counter() - t0},
     )
     return entry
+
+
+def _hessian_refine(base, keep, w, stats: ActivationStats, cfg: SparsifyConfig):
+    """DSnoT cycles chosen by the exact layer loss (criterion "hessian"); returns weight, keep, log."""
+    from .hessian_swap import hessian_refine
+
+    new_w, new_keep, info = hessian_refine(
+        base,
+        keep,
+        w,
+        stats.hessian,
+        cfg.pattern,
+        max_cycles=cfg.dsnot.max_cycles,
+        percdamp=cfg.sparsegpt_percdamp,
+    )
+    s = stats.sum.reshape(1, -1)
+    ref = w.float()
+    err_before = ((ref - torch.where(keep, base.float(), 0.0)) * s).sum(1)
+    err_after = ((ref - new_w.float()) * s).sum(1)
+    return (
+        new_w,
+        new_keep,
+        dict(
+            refine="dsnot",
+            criterion="hessian",
+            loss_before=info.loss_before,
+            loss_after=info.loss_after,
+            err_before=float(err_before.abs().mean()),
+            err_after=float(err_after.abs().mean()),
+            swaps=info.n_swaps,
+            cycles=info.cycles,
+        ),
+    )
 
 
 def _relative_loss(dense: torch.Tensor, sparse: torch.Tensor, H: torch.Tensor) -> float:

@@ -123,7 +123,7 @@ def test_loss_guard_never_raises_the_second_order_loss(init, pattern):
         st.update(X[i * 64 : (i + 1) * 64])
     w = torch.randn(48, cols, generator=g)
     r = prune_initial(init, w, st, pattern)
-    cfg = DSnoTConfig.default(update_threshold=0.0)
+    cfg = DSnoTConfig.default(update_threshold=0.0, criterion="mean")
     keep, info = refine_with_info(
         r.weight, r.keep, st, pattern, cfg, initial_metric=r.metric, reference_weight=w
     )
