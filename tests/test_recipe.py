@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dsnt_export.dsnot import DSnoTConfig
 from dsnt_export.errors import PatternError, UserInputError
 from dsnt_export.patterns import NM, Unstructured
 from dsnt_export.recipe import KNOWN_KEYS, Recipe
@@ -125,3 +126,23 @@ def test_sparsify_config():
     assert c.pattern == NM(1, 4) and c.init == "wanda" and c.refine_exclude == ("mlp",)
     assert c.sequential and c.batch_size == 2 and c.dsnot == r.dsnot_config()
     assert c.sparsegpt_blocksize == 128 and c.sparsegpt_percdamp == 0.01
+
+
+def test_dsnot_criterion_from_flags_and_yaml(tmp_path):
+    import argparse
+
+    from dsnt_export.commands.prune import add_recipe_arguments, recipe_from_args
+
+    p = argparse.ArgumentParser()
+    add_recipe_arguments(p)
+    assert recipe_from_args(p.parse_args([])).dsnot_config().criterion == "hessian"
+    r = recipe_from_args(p.parse_args(["--dsnot-criterion", "mean"]))
+    assert r.dsnot_config().criterion == "mean" and r.dsnot_config().loss_guard is True
+    r = recipe_from_args(p.parse_args(["--dsnot-preset", "official"]))
+    assert r.dsnot_config() == DSnoTConfig.official()
+    y = tmp_path / "r.yaml"
+    y.write_text("dsnot:\n  preset: official\n  criterion: hessian\n")
+    assert Recipe.load(y).dsnot_config().criterion == "hessian"
+    y.write_text("dsnot:\n  criterion: newton\n")
+    with pytest.raises(UserInputError, match="criterion"):
+        Recipe.load(y)

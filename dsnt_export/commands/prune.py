@@ -30,6 +30,12 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=INITS, help="initial mask")
     p.add_argument("--refine", choices=REFINES, help="refinement of the initial mask")
     p.add_argument("--dsnot-preset", choices=("default", "official"), help="DSnoT config preset")
+    p.add_argument(
+        "--dsnot-criterion",
+        choices=("hessian", "mean"),
+        help="what picks each DSnoT swap: hessian = exact layer loss (default preset), "
+        "mean = DSnoT's mean-based estimate (official preset)",
+    )
     p.add_argument("--calib", help="calibration data, e.g. stdlib-docs:32x256, c4:128x2048")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (each block runs there)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (auto: fp32 on CPU)")
@@ -69,6 +75,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
+def _dsnot_overrides(args: argparse.Namespace) -> dict | None:
+    d = {}
+    if args.dsnot_preset:
+        d["preset"] = args.dsnot_preset
+    if getattr(args, "dsnot_criterion", None):
+        d["criterion"] = args.dsnot_criterion
+    return d or None
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.preset("default")
     return recipe.replace(
@@ -76,7 +91,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         pattern=args.pattern,
         init=args.init,
         refine=args.refine,
-        dsnot={"preset": args.dsnot_preset} if args.dsnot_preset else None,
+        dsnot=_dsnot_overrides(args),
         calib=args.calib,
         device=args.device,
         dtype=args.dtype,
