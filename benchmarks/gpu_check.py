@@ -217,8 +217,10 @@ def section_layers(ctx: Ctx) -> None:
 
 
 def layer_point(ctx: Ctx, w: torch.Tensor, st, p, base: dict) -> None:
-    """Wanda mask, DSnoT (official and default presets) and SparseGPT times for one layer."""
+    """Wanda mask, DSnoT (official preset, our mean-criterion and default hessian-criterion
+    configs) and SparseGPT times for one layer."""
     from dsnt_export.dsnot import DSnoTConfig, refine_with_info
+    from dsnt_export.hessian_swap import hessian_refine
     from dsnt_export.masks import validate_mask
     from dsnt_export.methods import initial_metric, keep_from_metric, prune_initial
 
@@ -229,14 +231,31 @@ def layer_point(ctx: Ctx, w: torch.Tensor, st, p, base: dict) -> None:
     ctx.emit("init_layer", **base, method="wanda", seconds=t.median_s, timing=t.to_json())
     metric = initial_metric("wanda", w, st)
     keep0 = keep_from_metric(metric, p)
-    for preset in ("official", "default"):
-        cfg = getattr(DSnoTConfig, preset)()
-        keep, info = refine_with_info(w, keep0, st, p, cfg, initial_metric=metric)  # warm-up
-        t = measure(
-            lambda cfg=cfg: refine_with_info(w, keep0, st, p, cfg, initial_metric=metric),
-            device=ctx.device,
-            warmup=0,
-            repeats=reps,
+    for preset in ("official", "mean", "default"):
+        if preset == "default":  # criterion "hessian": weights change too, hessian_refine
+
+            def go(w=w, keep0=keep0):
+                new_w, keep, info = hessian_refine(w, keep0, w, st.hessian, p, max_cycles=50)
+                return keep, info
+        else:
+            cfg = (
+                DSnoTConfig.official()
+                if preset == "official"
+                else DSnoTConfig.default(criterion="mean")
+            )
+
+            def go(cfg=cfg):
+                return refine_with_info(w, keep0, st, p, cfg, initial_metric=metric)
+
+        keep, info = go()  # warm-up
+        t = measure(go, device=ctx.device, warmup=0, repeats=reps)
+        extra = (
+            dict(loss_before=info.loss_before, loss_after=info.loss_after)
+            if preset == "default"
+            else dict(
+                err_before=float(info.err_before.abs().mean()),
+                err_after=float(info.err_after.abs().mean()),
+            )
         )
         ctx.emit(
             "dsnot_layer",
@@ -245,10 +264,9 @@ def layer_point(ctx: Ctx, w: torch.Tensor, st, p, base: dict) -> None:
             seconds=t.median_s,
             swaps=info.n_swaps,
             cycles=info.cycles,
-            err_before=float(info.err_before.abs().mean()),
-            err_after=float(info.err_after.abs().mean()),
             mask_ok=validate_mask(keep, p).ok,
             timing=t.to_json(),
+            **extra,
         )
     t = measure(
         lambda: prune_initial("sparsegpt", w, st, p), device=ctx.device, warmup=1, repeats=1
@@ -267,7 +285,7 @@ def project(ctx: Ctx) -> None:
             ("dsnot_layer", "dsnot"),
             ("sparsegpt_layer", "sparsegpt"),
         ):
-            for preset in ("official", "default") if key == "dsnot" else (None,):
+            for preset in ("official", "mean", "default") if key == "dsnot" else (None,):
                 rows = {
                     tuple(r["shape"]): r["seconds"]
                     for r in ctx.rows
