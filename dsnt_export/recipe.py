@@ -20,13 +20,13 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
     pattern: "2:4"
     init: sparsegpt            # magnitude | wanda | sparsegpt
     refine: dsnot              # dsnot | none
-    dsnot: {preset: default, max_cycles: 50, update_threshold: 0.1, var_power: 1.0, sign_check: true}
+    dsnot: {preset: default, criterion: hessian, max_cycles: 50}   # + any DSnoTConfig field
     exclude: []                # never pruned, e.g. ["mlp.down_proj", "0:attention"]
     refine_exclude: []         # pruned but not refined, e.g. ["mlp"] (the reference's attention only)
-    calib: stdlib-docs:32x256
+    calib: stdlib-docs:64x256
     eval: stdlib-docs          # perplexity data (evaluation split), null = no evaluation
     eval_seqlen: 256           # window length of the WikiText-2 protocol
-    eval_max_windows: null     # only the first N windows (quick runs); null = all
+    eval_max_windows: 64       # only the first N windows (default preset: 64); null = all
     device: auto               # auto | cpu | cuda | cuda:1 ...
     dtype: auto                # auto | float32 | float16 | bfloat16 (compute dtype)
     save_dtype: source         # source | float32 | float16 | bfloat16 (checkpoint dtype)
@@ -69,7 +69,7 @@ class Recipe:
     dsnot: dict = field(default_factory=lambda: {"preset": "default"})
     exclude: tuple[str, ...] = ()
     refine_exclude: tuple[str, ...] = ()
-    calib: str = "stdlib-docs:32x256"
+    calib: str = "stdlib-docs:64x256"
     eval: str | None = "stdlib-docs"
     eval_seqlen: int = 256
     eval_max_windows: int | None = None

@@ -198,3 +198,47 @@ def test_embedded_model_generates_and_has_sane_perplexity(smollm2_dir: Path):
     res = perplexity(model, tokens, 256, batch_size=8, max_windows=16, progress=False, dataset=desc)
     assert res.n_windows == 16 and res.n_tokens_scored == 16 * 255
     assert 8 < res.ppl < 40, res  # ~19-20 for this model on held-out stdlib docstrings
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_run_on_the_embedded_model_then_the_runtime_suite(smollm2_dir: Path, tmp_path: Path):
+    """`dsnt-export run` on the real model (default recipe, smaller calibration and evaluation to
+    fit CI), then `pytest runtime_tests --artifact` on its HF and ONNX exports."""
+    import subprocess
+    import sys
+
+    from dsnt_export.cli import main
+
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "run",
+            "--calib",
+            "stdlib-docs:8x128",
+            "--eval-max-windows",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    s = json.loads((out / "report" / "summary.json").read_text())
+    assert s["validation"]["ok"] and s["validation"]["n_tensors"] == 30 * 7
+    sp = s["sparsify"]
+    assert sp["n_refined"] == 210 and sp["swaps"] > 0 and abs(sp["sparsity"] - 0.5) < 1e-9
+    ppl = s["perplexity"]
+    # 2:4 costs quality, but a working SparseGPT + DSnoT stays within a small factor of dense
+    assert ppl["dense"] < ppl["sparse"] < 4 * ppl["dense"], ppl
+    onnx = s["exports"]["onnx"]
+    assert "error" not in onnx, onnx
+    assert all(c["ok"] for c in s["exports"]["check"].values()), s["exports"]["check"]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "runtime_tests", "-q", "-rs", "-p", "no:cacheprovider"]
+    cmd += ["--artifact", str(out / "hf"), "--artifact", str(out / "onnx")]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout
