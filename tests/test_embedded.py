@@ -204,7 +204,8 @@ def test_embedded_model_generates_and_has_sane_perplexity(smollm2_dir: Path):
 @pytest.mark.slow
 def test_run_on_the_embedded_model_then_the_runtime_suite(smollm2_dir: Path, tmp_path: Path):
     """`dsnt-export run` on the real model (default recipe, smaller calibration and evaluation to
-    fit CI), then `pytest runtime_tests --artifact` on its HF and ONNX exports."""
+    fit CI), then `pytest runtime_tests --artifact` on its vLLM/HF checkpoint. (The ONNX export of
+    this model takes well over 10 minutes on 2 cores; ONNX is tested on tiny models.)"""
     import subprocess
     import sys
 
@@ -233,12 +234,11 @@ def test_run_on_the_embedded_model_then_the_runtime_suite(smollm2_dir: Path, tmp
     ppl = s["perplexity"]
     # 2:4 costs quality, but a working SparseGPT + DSnoT stays within a small factor of dense
     assert ppl["dense"] < ppl["sparse"] < 4 * ppl["dense"], ppl
-    onnx = s["exports"]["onnx"]
-    assert "error" not in onnx, onnx
-    assert all(c["ok"] for c in s["exports"]["check"].values()), s["exports"]["check"]
+    assert "skipped" in s["exports"]["onnx"] and not (out / "onnx").exists()
+    assert s["exports"]["check"]["hf"]["ok"], s["exports"]["check"]
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "pytest", "runtime_tests", "-q", "-rs", "-p", "no:cacheprovider"]
-    cmd += ["--artifact", str(out / "hf"), "--artifact", str(out / "onnx")]
+    cmd += ["--artifact", str(out / "hf")]
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "failed" not in res.stdout
