@@ -245,4 +245,7 @@ def test_run_on_the_embedded_model_then_the_runtime_suite(smollm2_dir: Path, tmp
     cmd += ["--artifact", str(tmp_path / "export-hf")]
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert "6 passed" in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]
+    import re
+
+    passed = re.search(r"(\d+) passed", res.stdout)
+    assert passed and int(passed.group(1)) >= 6 and "failed" not in res.stdout, res.stdout[-2000:]
