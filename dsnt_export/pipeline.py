@@ -80,7 +80,7 @@ class SparsifyConfig:
 
     @property
     def needs_hessian(self) -> bool:
-        """SparseGPT and DSnoT's loss guard need H = 2/n X^T X per linear input."""
+        """SparseGPT, DSnoT's loss guard and its hessian criterion need H = 2/n X^T X per input."""
         return self.init == "sparsegpt" or (
             self.refine == "dsnot" and (self.dsnot.loss_guard or self.dsnot.criterion == "hessian")
         )
@@ -374,6 +374,7 @@ def _prune_one(
             entry.update(loss_before=s["loss_before"], loss_after=s["loss_after"])
         entry.update(
             refine="dsnot",
+            criterion="mean",
             err_before=s["mean_abs_err_before"],
             err_after=s["mean_abs_err_after"],
             swaps=s["n_swaps"],
