@@ -201,7 +201,7 @@ def _nm_swaps(w, keep, g, Hfin, Hd, pattern: NM, max_cycles: int):
             live = live[go]
             w, keep, g, ki, pi = w[go], keep[go], g[go], ki[go], pi[go]
             u, c2, uh, ihii = u[go], c2[go], uh[go], ihii[go]
-    if live.numel() < R or w is not out_w:
+    if w is not out_w:  # the work set was compacted: write its rows back
         out_w[live], out_keep[live] = w, keep
     return out_w, out_keep, int(swaps), cycles
 
