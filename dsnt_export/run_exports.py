@@ -29,7 +29,9 @@ def stage_export_onnx(ctx) -> None:
     from .errors import DsntError
 
     try:
-        res = get_converter("onnx").export(ctx.tmp / "hf", ctx.tmp / "onnx")
+        res = get_converter("onnx").export(
+            ctx.tmp / "hf", ctx.tmp / "onnx", progress=not getattr(ctx.args, "no_progress", False)
+        )
     except DsntError as e:  # the checkpoint stays valid; the failed export leaves nothing behind
         log.warning("ONNX export failed: %s", e)
         print(f"warning: ONNX export failed (no onnx/ written): {e}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -205,6 +207,13 @@ def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
     assert s["recipe"]["init"] == "sparsegpt" and s["sparsify"]["n_refined"] == 14
     assert (out / "report" / "summary.md").read_text().startswith("# dsnt-export run")
     assert (out / "hf" / MANIFEST_NAME).exists() and (out / "report" / MANIFEST_NAME).exists()
+    # eager reference outputs of the saved checkpoint, for `pytest runtime_tests --artifact OUT/hf`
+    from converters.reference import load_reference, torch_logits
+    from converters.source import read_source
+
+    ref = load_reference(out / "hf")
+    model = read_source(out / "hf").load_model().float().eval()
+    assert np.allclose(torch_logits(model, ref["input_ids"]), ref["logits"], atol=1e-5)
 
 
 def test_validate_checkpoint_reads_the_saved_tensors(ckpt, text_file, tmp_path):

@@ -91,6 +91,12 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: latest)")
     p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (one step per traced graph)",
+    )
+    p.add_argument(
         "--external-data-threshold",
         type=int,
         default=None,
@@ -108,7 +114,14 @@ def _add_tensorrt(p: argparse.ArgumentParser) -> None:
 
 _OPTS = {
     "hf": ("format", "max_shard_size", "dtype", "allow_unknown_architecture"),
-    "onnx": ("dtypes", "generation_dtypes", "exporter", "opset", "external_data_threshold"),
+    "onnx": (
+        "dtypes",
+        "generation_dtypes",
+        "exporter",
+        "opset",
+        "external_data_threshold",
+        "progress",
+    ),
     "tensorrt": ("max_batch", "max_seq", "opt_seq", "workspace_gib", "device"),
 }
 

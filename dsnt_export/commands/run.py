@@ -4,7 +4,8 @@ the default recipe.
     dsnt-export run [--model M] [--recipe R.yaml] [--out DIR] [any prune flag]
 
 Stages: load -> dense perplexity -> prune (calibrate + sparsify) -> save OUT/hf -> re-validate the
-saved tensors -> sparse perplexity of the saved checkpoint -> OUT/report (summary.json, summary.md).
+saved tensors -> eager reference outputs (hf/dsnt_reference.npz) -> sparse perplexity of the saved
+checkpoint -> OUT/report (summary.json, summary.md).
 Later stages (exports, benchmarks) register in ``EXTRA_STAGES``. OUT is written atomically.
 """
 
@@ -115,6 +116,18 @@ def stage_prune_and_save(ctx: RunContext) -> None:
     hf.mkdir()
     ctx.summary["manifest"] = _timed(ctx, "save", lambda: write_checkpoint(ctx.result, hf))
     ctx.summary["validation"] = _timed(ctx, "validate", lambda: validate_checkpoint(hf))
+    _timed(ctx, "reference_outputs", lambda: _save_reference_outputs(hf))
+
+
+def _save_reference_outputs(hf: Path) -> None:
+    """Eager float32 outputs of the saved checkpoint in ``hf/dsnt_reference.npz`` (as ``dsnt-export
+    export hf`` writes), so ``pytest runtime_tests --artifact OUT/hf`` can check logits parity and
+    perplexity of any runtime against them."""
+    from converters.reference import compute_reference, save_reference
+    from converters.source import read_source
+
+    model = read_source(hf).load_model().float().eval()
+    save_reference(hf, compute_reference(model))
 
 
 def stage_sparse_eval(ctx: RunContext) -> None:
