@@ -31,7 +31,9 @@ def _pointer_pick(order, left, right, use_right):
     return torch.where(use_right, order.gather(1, right), order.gather(1, left))
 
 
-def baseline_refine(weight, keep, s, a, var, m, *, max_cycles=50, thr=0.1, power=1.0, sign_check=True, metric=None):
+def baseline_refine(
+    weight, keep, s, a, var, m, *, max_cycles=50, thr=0.1, power=1.0, sign_check=True, metric=None
+):
     keep = keep.clone()
     D = (weight * s.reshape(1, -1)).float()
     Dz = D.masked_fill(keep, 0)
@@ -45,7 +47,9 @@ def baseline_refine(weight, keep, s, a, var, m, *, max_cycles=50, thr=0.1, power
     if m is None:
         wanda = weight.abs() * torch.sqrt(a.reshape(1, -1))
         n_kept = int(keep.sum(1).min())
-        kept = torch.sort(wanda.masked_fill(~keep, float("inf")), dim=1, stable=True).indices[:, :n_kept]
+        kept = torch.sort(wanda.masked_fill(~keep, float("inf")), dim=1, stable=True).indices[
+            :, :n_kept
+        ]
         dk = D.gather(1, kept)
         pos = torch.arange(n_kept).expand(rows, -1)
         key = torch.where(dk < 0, pos, torch.where(dk > 0, 2 * n_kept - pos, n_kept + pos * 0))

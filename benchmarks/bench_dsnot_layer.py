@@ -53,7 +53,9 @@ def run_ours(w, st, pattern, cfg):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shapes", default="4096x4096", help="comma list of OUTxIN")
     ap.add_argument("--patterns", default="2:4,unstructured:0.5")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -79,21 +81,50 @@ def main(argv=None) -> int:
             keep, info = go()
             t_total = time_fn(go, device=device, repeats=args.repeats)
             metric = initial_metric("wanda", w, st)
-            t_init = time_fn(lambda: keep_from_metric(metric, pattern), device=device, repeats=args.repeats)
-            base = dict(bench="dsnot_layer", shape=[out_f, in_f], pattern=str(pattern), dtype=args.dtype,
-                        device=str(device), threads=args.threads, max_cycles=cfg.max_cycles,
-                        time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), env=env)
-            row = dict(base, impl="dsnt-export", total_s=t_total["median_s"], timing=t_total,
-                       init_s=t_init["median_s"], refine_s=t_total["median_s"] - t_init["median_s"],
-                       swaps=info.n_swaps, cycles=info.cycles)
+            t_init = time_fn(
+                lambda: keep_from_metric(metric, pattern), device=device, repeats=args.repeats
+            )
+            base = dict(
+                bench="dsnot_layer",
+                shape=[out_f, in_f],
+                pattern=str(pattern),
+                dtype=args.dtype,
+                device=str(device),
+                threads=args.threads,
+                max_cycles=cfg.max_cycles,
+                time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                env=env,
+            )
+            row = dict(
+                base,
+                impl="dsnt-export",
+                total_s=t_total["median_s"],
+                timing=t_total,
+                init_s=t_init["median_s"],
+                refine_s=t_total["median_s"] - t_init["median_s"],
+                swaps=info.n_swaps,
+                cycles=info.cycles,
+            )
             if args.baseline and device.type == "cpu":
                 nm = isinstance(pattern, NM)
 
                 def go_base():
-                    k0 = baseline_initial_mask(metric, pattern.n_prune if nm else 0, pattern.m if nm else None,
-                                               None if nm else pattern.ratio)
-                    return baseline_refine(w, k0, st.sum, st.sq_sum, st.var, pattern.m if nm else None,
-                                           sign_check=cfg.sign_check_for(pattern), metric=metric)
+                    k0 = baseline_initial_mask(
+                        metric,
+                        pattern.n_prune if nm else 0,
+                        pattern.m if nm else None,
+                        None if nm else pattern.ratio,
+                    )
+                    return baseline_refine(
+                        w,
+                        k0,
+                        st.sum,
+                        st.sq_sum,
+                        st.var,
+                        pattern.m if nm else None,
+                        sign_check=cfg.sign_check_for(pattern),
+                        metric=metric,
+                    )
 
                 kb = go_base()
                 tb = time_fn(go_base, device=device, warmup=0, repeats=args.baseline_repeats)
@@ -101,9 +132,15 @@ def main(argv=None) -> int:
                 rows.append(dict(base, impl="baseline", total_s=tb["median_s"], timing=tb))
                 row["speedup_vs_baseline"] = tb["median_s"] / t_total["median_s"]
             rows.append(row)
-            print(f"{shape} {pattern}: ours {t_total['median_s']:.3f}s (init {t_init['median_s']:.3f}s)"
-                  + (f", baseline {rows[-2]['total_s']:.3f}s, x{row['speedup_vs_baseline']:.1f}, "
-                     f"masks equal: {row['masks_equal_baseline']}" if "speedup_vs_baseline" in row else ""))
+            print(
+                f"{shape} {pattern}: ours {t_total['median_s']:.3f}s (init {t_init['median_s']:.3f}s)"
+                + (
+                    f", baseline {rows[-2]['total_s']:.3f}s, x{row['speedup_vs_baseline']:.1f}, "
+                    f"masks equal: {row['masks_equal_baseline']}"
+                    if "speedup_vs_baseline" in row
+                    else ""
+                )
+            )
     append_rows(args.out, rows)
     print(f"rows appended to {args.out}")
     return 0

@@ -49,8 +49,18 @@ PRESETS = {
     # DSnoT's own (mean-based) criterion with our sign check and loss guard
     "mean": lambda: DSnoTConfig.default(criterion="mean", sign_check=True, loss_guard=True),
 }
+# the hessian criterion's dampening (DSnoTConfig.percdamp), swept to choose the default
+for _damp in (0.01, 0.03, 0.1, 0.3):
+    PRESETS[f"default,percdamp={_damp}"] = lambda d=_damp: DSnoTConfig.default(percdamp=d)
 for _init in ("magnitude", "wanda", "sparsegpt"):
     CONFIGS[f"{_init}+dsnot(mean)"] = (_init, "dsnot", "mean", ())
+    for _damp in (0.01, 0.03, 0.1, 0.3):
+        CONFIGS[f"{_init}+dsnot(default,percdamp={_damp})"] = (
+            _init,
+            "dsnot",
+            f"default,percdamp={_damp}",
+            (),
+        )
 
 
 def load_embedded():

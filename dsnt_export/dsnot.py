@@ -48,6 +48,7 @@ _OVERRIDABLE = (
     "sign_check",
     "loss_guard",
     "criterion",
+    "percdamp",
 )
 CRITERIA = ("mean", "hessian")
 
@@ -72,6 +73,9 @@ class DSnoTConfig:
                        second-order loss the most, the grown weight set to its loss-optimal value;
                        update_threshold / var_power / sign_check / loss_guard do not apply. Needs the
                        Hessian; the driver calls hessian_refine instead of refine for it.
+    percdamp:          criterion "hessian" only: the loss's Hessian is dampened by
+                       ``percdamp * mean(diag H)`` on its diagonal (SparseGPT's dampening, a ridge
+                       toward plain magnitude). Larger values trust the calibration data less.
     """
 
     max_cycles: int = 50
@@ -80,6 +84,7 @@ class DSnoTConfig:
     sign_check: bool | None = None
     loss_guard: bool = False
     criterion: str = "mean"
+    percdamp: float = 0.01
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -89,12 +94,14 @@ class DSnoTConfig:
             or self.max_cycles < 0
         ):
             raise UserInputError(f"max_cycles must be an int >= 0, got {self.max_cycles!r}")
-        for name in ("update_threshold", "var_power"):
+        for name in ("update_threshold", "var_power", "percdamp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise UserInputError(f"{name} must be a finite number, got {v!r}")
         if self.update_threshold < 0:
             raise UserInputError(f"update_threshold must be >= 0, got {self.update_threshold!r}")
+        if self.percdamp < 0:
+            raise UserInputError(f"percdamp must be >= 0, got {self.percdamp!r}")
         if not isinstance(self.loss_guard, bool):
             raise UserInputError(f"loss_guard must be true or false, got {self.loss_guard!r}")
         if self.criterion not in CRITERIA:

@@ -415,7 +415,7 @@ def _hessian_refine(base, keep, w, stats: ActivationStats, cfg: SparsifyConfig):
         stats.hessian,
         cfg.pattern,
         max_cycles=cfg.dsnot.max_cycles,
-        percdamp=cfg.sparsegpt_percdamp,
+        percdamp=cfg.dsnot.percdamp,
     )
     s = stats.sum.reshape(1, -1)
     ref = w.float()

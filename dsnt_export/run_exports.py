@@ -2,13 +2,12 @@
 
 Registered in :data:`dsnt_export.commands.run.EXTRA_STAGES` (imported by the run command):
 
-* ``export_onnx``: the saved OUT/hf checkpoint through the ONNX converter into OUT/onnx (fp32 graphs
-  for ONNX Runtime incl. prefill/decode with a KV cache, an fp16-typed logits graph for TensorRT),
-  with its own mask re-validation and ONNX Runtime parity against eager torch;
+* ``export_onnx``: the saved OUT/hf checkpoint through the ONNX converter into OUT/onnx, with its
+  own mask re-validation and ONNX Runtime parity against eager torch. ``--onnx fp32`` (the default):
+  the float32 logits graph (perplexity on ONNX Runtime; ~2 min for the embedded model on 2 CPU
+  cores); ``--onnx full`` (or ``--export-onnx``): also the fp16-typed logits graph for TensorRT and
+  the float32 prefill/decode graphs with a KV cache (~7 min); ``--onnx none`` (``--no-export``);
 * ``check``: ``dsnt-export check`` of every artifact written (the CI gate, run on the files).
-
-The ONNX export runs only with ``--export-onnx`` (it traces the model four times, which takes well
-over 10 minutes for the embedded model on 2 CPU cores); the checks always run on what was written.
 """
 
 from __future__ import annotations
@@ -17,11 +16,27 @@ import logging
 
 log = logging.getLogger(__name__)
 
+# --onnx level -> the ONNX converter's dtypes / generation_dtypes
+ONNX_LEVELS = {
+    "none": None,
+    "fp32": {"dtypes": ("float32",), "generation_dtypes": ()},
+    "full": {"dtypes": ("float32", "float16"), "generation_dtypes": ("float32",)},
+}
+
+
+def onnx_level(args) -> str:
+    if getattr(args, "no_export", False):
+        return "none"
+    if getattr(args, "export_onnx", False):
+        return "full"
+    return getattr(args, "onnx", None) or "fp32"
+
 
 def stage_export_onnx(ctx) -> None:
-    if getattr(ctx.args, "no_export", False) or not getattr(ctx.args, "export_onnx", False):
+    level = onnx_level(ctx.args)
+    if level == "none":
         ctx.summary.setdefault("exports", {})["onnx"] = {
-            "skipped": "not requested (--export-onnx; or later: dsnt-export export onnx OUT/hf)"
+            "skipped": "not requested (--onnx none); later: dsnt-export export onnx OUT/hf"
         }
         return
     from converters import get_converter
@@ -30,7 +45,10 @@ def stage_export_onnx(ctx) -> None:
 
     try:
         res = get_converter("onnx").export(
-            ctx.tmp / "hf", ctx.tmp / "onnx", progress=not getattr(ctx.args, "no_progress", False)
+            ctx.tmp / "hf",
+            ctx.tmp / "onnx",
+            progress=not getattr(ctx.args, "no_progress", False),
+            **ONNX_LEVELS[level],
         )
     except DsntError as e:  # the checkpoint stays valid; the failed export leaves nothing behind
         log.warning("ONNX export failed: %s", e)
@@ -39,6 +57,7 @@ def stage_export_onnx(ctx) -> None:
         return
     s = res.summary()
     s["out_dir"] = "onnx"
+    s["level"] = level
     ctx.summary.setdefault("exports", {})["onnx"] = s
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -195,11 +194,11 @@ def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
             "--out",
             str(out),
             "--no-progress",
-            "--no-export",  # exports have their own tests; this one is about prune + eval + report
         ]
     )
     printed = capsys.readouterr().out
     assert rc == 0 and "dense" in printed and "mask check OK" in printed
+    assert "ONNX (fp32)" in printed and "check: hf OK, onnx OK" in printed, printed
     s = json.loads((out / "report" / "summary.json").read_text())
     assert s["validation"]["ok"] and s["validation"]["n_tensors"] == 14
     ppl = s["perplexity"]
@@ -207,6 +206,11 @@ def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
     assert s["recipe"]["init"] == "sparsegpt" and s["sparsify"]["n_refined"] == 14
     assert (out / "report" / "summary.md").read_text().startswith("# dsnt-export run")
     assert (out / "hf" / MANIFEST_NAME).exists() and (out / "report" / MANIFEST_NAME).exists()
+    # the default ONNX export: the float32 logits graph, parity-checked, every linear found in it
+    onnx = s["exports"]["onnx"]
+    assert onnx["level"] == "fp32" and onnx["mask_checks"] == {"tensors": 14, "failed": []}
+    assert {r["ok"] for r in onnx["parity"].values()} == {True} and len(onnx["parity"]) == 2
+    assert sorted(p.name for p in (out / "onnx" / "float32").iterdir()) == ["model.onnx"]
     # eager reference outputs of the saved checkpoint, for `pytest runtime_tests --artifact OUT/hf`
     from converters.reference import load_reference, torch_logits
     from converters.source import read_source
@@ -214,6 +218,37 @@ def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
     ref = load_reference(out / "hf")
     model = read_source(out / "hf").load_model().float().eval()
     assert np.allclose(torch_logits(model, ref["input_ids"]), ref["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, graphs",
+    [
+        (["--onnx", "none"], None),
+        (["--no-export"], None),
+        (
+            ["--export-onnx"],
+            {
+                "float32/model.onnx",
+                "float32/prefill.onnx",
+                "float32/decode.onnx",
+                "float16/model.onnx",
+            },
+        ),
+    ],
+)
+def test_run_onnx_levels(ckpt, text_file, tmp_path, flags, graphs):
+    out = tmp_path / "run"
+    args = ["run", "--model", str(ckpt("llama")), "--calib", f"file:{text_file}:2x32"]
+    args += ["--no-eval", "--device", "cpu", "--out", str(out), "--no-progress", *flags]
+    assert main(args) == 0
+    s = json.loads((out / "report" / "summary.json").read_text())
+    if graphs is None:
+        assert "skipped" in s["exports"]["onnx"] and not (out / "onnx").exists()
+        assert set(s["exports"]["check"]) == {"hf"}
+    else:
+        manifest = json.loads((out / "onnx" / MANIFEST_NAME).read_text())
+        assert set(manifest["extra"]["graphs"]) == graphs
+        assert s["exports"]["onnx"]["level"] == "full" and s["exports"]["check"]["onnx"]["ok"]
 
 
 def test_validate_checkpoint_reads_the_saved_tensors(ckpt, text_file, tmp_path):

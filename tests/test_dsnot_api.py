@@ -34,6 +34,11 @@ def test_official_preset_values_and_overrides():
     with pytest.raises(UserInputError):
         DSnoTConfig(update_threshold=float("nan"))
     assert DSnoTConfig.from_json(c2.to_json()) == c2
+    d = DSnoTConfig.default(percdamp=0.3)
+    assert d.percdamp == 0.3 and DSnoTConfig.from_json(d.to_json()) == d
+    for bad in (-0.1, float("inf"), True):
+        with pytest.raises(UserInputError, match="percdamp"):
+            DSnoTConfig.default(percdamp=bad)
 
 
 @pytest.mark.parametrize(

@@ -198,8 +198,10 @@ def test_cuda_matches_cpu():
         assert float(((pa == 0) == (pb == 0)).float().mean()) > 0.98, n
 
 
-@pytest.mark.parametrize("init", ["wanda", "sparsegpt"])
-def test_default_dsnot_lowers_every_layer_loss_and_logs_it(init):
+@pytest.mark.parametrize(
+    "init, percdamp", [("wanda", None), ("sparsegpt", None), ("sparsegpt", 0.3)]
+)
+def test_default_dsnot_lowers_every_layer_loss_and_logs_it(init, percdamp):
     # criterion "hessian": every refined linear's exact (dampened) loss goes down or stays, the
     # logged value is that of the weight written into the model, and masks hold.
     model = tiny_model("llama")
@@ -213,7 +215,8 @@ def test_default_dsnot_lowers_every_layer_loss_and_logs_it(init):
 
         return hook
 
-    cfg = SparsifyConfig(pattern="2:4", init=init, dsnot=DSnoTConfig.default())
+    dsnot = DSnoTConfig.default() if percdamp is None else DSnoTConfig.default(percdamp=percdamp)
+    cfg = SparsifyConfig(pattern="2:4", init=init, dsnot=dsnot)
     assert cfg.dsnot.criterion == "hessian"
     report = sparsify(model, ids, cfg, progress=False)
     assert sum(e["swaps"] for e in report.layers) > 0
@@ -231,6 +234,6 @@ def test_default_dsnot_lowers_every_layer_loss_and_logs_it(init):
         h.remove()
     for e in block0:
         H = hs[e["name"]].hessian
-        H = H + 0.01 * torch.diagonal(H).mean() * torch.eye(H.shape[0])
+        H = H + cfg.dsnot.percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0])
         d = dense[e["name"] + ".weight"] - model.get_submodule(e["name"]).weight.detach()
         assert float(((d @ H) * d).sum()) == pytest.approx(e["loss_after"], rel=1e-3), e["name"]

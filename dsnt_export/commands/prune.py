@@ -36,6 +36,11 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         help="what picks each DSnoT swap: hessian = exact layer loss (default preset), "
         "mean = DSnoT's mean-based estimate (official preset)",
     )
+    p.add_argument(
+        "--dsnot-percdamp",
+        type=float,
+        help="hessian criterion: diagonal dampening of the loss, as a fraction of mean(diag H)",
+    )
     p.add_argument("--calib", help="calibration data, e.g. stdlib-docs:32x256, c4:128x2048")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (each block runs there)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (auto: fp32 on CPU)")
@@ -81,6 +86,8 @@ def _dsnot_overrides(args: argparse.Namespace) -> dict | None:
         d["preset"] = args.dsnot_preset
     if getattr(args, "dsnot_criterion", None):
         d["criterion"] = args.dsnot_criterion
+    if getattr(args, "dsnot_percdamp", None) is not None:
+        d["percdamp"] = args.dsnot_percdamp
     return d or None
 
 

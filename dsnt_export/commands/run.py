@@ -53,14 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-max-windows", type=int, help="score only the first N windows")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument(
-        "--export-onnx",
-        action="store_true",
-        help="also export OUT/onnx (fp32 logits + prefill/decode graphs, fp16 logits graph) with "
-        "ONNX Runtime parity; slow on CPU (the exporter traces the model four times: well over "
-        "10 minutes for the embedded 135M model on 2 cores); `dsnt-export export onnx OUT/hf` "
-        "does the same later",
+        "--onnx",
+        choices=tuple(_run_exports.ONNX_LEVELS),
+        default=None,
+        help="ONNX export of OUT/hf into OUT/onnx, with ONNX Runtime parity: fp32 (default) = the "
+        "float32 logits graph (~2 min for the embedded model on 2 CPU cores); full = also the fp16 "
+        "logits graph for TensorRT and the prefill/decode KV-cache graphs (~7 min); none",
     )
-    p.add_argument("--no-export", action="store_true", help="no ONNX export (the default)")
+    p.add_argument("--export-onnx", action="store_true", help="same as --onnx full")
+    p.add_argument("--no-export", action="store_true", help="same as --onnx none")
 
 
 def _timed(ctx: RunContext, name: str, fn: Callable[[], Any]) -> Any:
@@ -215,4 +216,16 @@ def _print_summary(s: dict, out: Path) -> None:
             f"  perplexity on {ppl['dataset']} ({ppl['n_windows']} x {ppl['seqlen']} tokens): "
             f"dense {ppl['dense']:.2f} -> sparse {ppl['sparse']:.2f}"
         )
-    print(f"  total {s['timings']['total']:.0f} s; output in {out} (hf/, report/summary.md)")
+    onnx = s["exports"].get("onnx", {})
+    if "error" in onnx:
+        print(f"  ONNX export FAILED: {onnx['error']}")
+    elif "skipped" not in onnx and onnx:
+        rows = onnx.get("parity", {}).values()
+        worst = max((r.get("rel_diff", 0.0) for r in rows if "rel_diff" in r), default=None)
+        ppl = f", perplexity within {worst:.1e} of torch" if worst is not None else ""
+        print(f"  ONNX ({onnx.get('level')}): {len(onnx.get('files', []))} files, parity OK{ppl}")
+    checks = s["exports"].get("check", {})
+    verdict = ", ".join(f"{k} {'OK' if c['ok'] else 'FAILED'}" for k, c in checks.items())
+    written = "".join(f"{k}/, " for k in checks)
+    print(f"  dsnt-export check: {verdict}")
+    print(f"  total {s['timings']['total']:.0f} s; output in {out} ({written}report/summary.md)")
