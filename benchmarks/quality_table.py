@@ -51,14 +51,14 @@ PRESETS = {
 }
 # the hessian criterion's dampening (DSnoTConfig.percdamp), swept to choose the default
 for _damp in (0.01, 0.03, 0.1, 0.3):
-    PRESETS[f"default,percdamp={_damp}"] = lambda d=_damp: DSnoTConfig.default(percdamp=d)
+    PRESETS[f"default percdamp={_damp}"] = lambda d=_damp: DSnoTConfig.default(percdamp=d)
 for _init in ("magnitude", "wanda", "sparsegpt"):
     CONFIGS[f"{_init}+dsnot(mean)"] = (_init, "dsnot", "mean", ())
     for _damp in (0.01, 0.03, 0.1, 0.3):
-        CONFIGS[f"{_init}+dsnot(default,percdamp={_damp})"] = (
+        CONFIGS[f"{_init}+dsnot(default percdamp={_damp})"] = (
             _init,
             "dsnot",
-            f"default,percdamp={_damp}",
+            f"default percdamp={_damp}",
             (),
         )
 
@@ -158,6 +158,9 @@ def main(argv=None) -> int:
         )
 
     names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
     if "dense" in names:
         emit(
             dict(
