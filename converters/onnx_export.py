@@ -18,6 +18,8 @@ with its 2:4 groups along the reduction axis, and the mapping is recorded in the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -90,6 +92,24 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
+@contextlib.contextmanager
+def _quiet_exporters():
+    """Silence the exporters' chatter (missing torchvision ops, per-step banners) for one trace;
+    the converter reports progress itself and errors still raise."""
+    names = ("torch.onnx", "torch.export", "onnxscript", "transformers.exporters")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
 def export_logits_graph(model, opset: int | None = None, exporter: str = "torch"):
     """The full-sequence logits graph (``onnx_ir.Model``), batch and sequence dynamic.
 
@@ -103,8 +123,7 @@ def export_logits_graph(model, opset: int | None = None, exporter: str = "torch"
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, model.config.vocab_size, (2, 16), generator=gen)
     dims = {0: Dim("batch"), 1: Dim("sequence")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_exporters():
         if exporter == "torch":
             prog = torch.onnx.export(
                 _Logits(model).eval(),
@@ -177,8 +196,7 @@ def export_generation_graphs(model, opset: int | None = None) -> dict:
     cache = generation_cache(model.config)
     if cache is not None:
         inputs["cache"] = cache
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_exporters():
         ex = OnnxExporter().export_for_generation(
             model,
             inputs,
