@@ -207,10 +207,10 @@ def test_run_on_the_embedded_model_then_the_runtime_suite(smollm2_dir: Path, tmp
     fit CI; its default fp32 ONNX logits graph), then `pytest runtime_tests --artifact` on its hf/,
     its onnx/ and a `dsnt-export export hf` of it. (`--onnx full`, adding the fp16 and KV-cache
     graphs, takes ~7 minutes of one core for this model: README; tested on tiny models here.)"""
-    import subprocess
-    import sys
+    import re
 
     from dsnt_export.cli import main
+    from tests.test_converters_runtime_suite import run_suite
 
     out = tmp_path / "run"
     rc = main(
@@ -248,23 +248,9 @@ def test_run_on_the_embedded_model_then_the_runtime_suite(smollm2_dir: Path, tmp
     assert len(onnx_manifest["extra"]["graphs"]["float32/model.onnx"]["weights"]) == 30 * 7
     # the vLLM/HF export of the checkpoint (parity run, reference outputs stored for the suite)
     assert main(["export", "hf", str(out / "hf"), "--out", str(tmp_path / "export-hf")]) == 0
-    import re
-
-    root = Path(__file__).resolve().parents[1]
     # run's own hf/ (reference outputs written by run), the hf export, the ONNX export
     for artifact, at_least in ((out / "hf", 6), (tmp_path / "export-hf", 6), (onnx_dir, 4)):
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "runtime_tests",
-            "-q",
-            "-rs",
-            "-p",
-            "no:cacheprovider",
-        ]
-        cmd += ["--artifact", str(artifact)]
-        res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
+        res = run_suite(artifact)
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
         passed = re.search(r"(\d+) passed", res.stdout)
         assert passed and int(passed.group(1)) >= at_least, (artifact, res.stdout[-2000:])
