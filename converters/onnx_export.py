@@ -274,27 +274,26 @@ class OnnxConverter(Converter):
         graphs: dict[str, dict] = {}
         reference = {} if "float32" in dtypes else compute_reference(src.load_model(torch.float32))
         steps = len(dtypes) + len(generation_dtypes)
-        bar = tqdm(total=steps, desc="ONNX export", unit="trace", disable=not progress)
-        for dt in dtypes:
-            model = src.load_model(dtype=DTYPES[dt])
-            bar.set_postfix_str(f"{dt} logits graph")
-            programs = {"logits": export_logits_graph(model, opset, exporter)}
-            bar.update()
-            if dt in generation_dtypes:
-                bar.set_postfix_str(f"{dt} prefill + decode graphs")
-                programs.update(export_generation_graphs(model, opset))
+        with tqdm(total=steps, desc="ONNX export", unit="trace", disable=not progress) as bar:
+            for dt in dtypes:
+                model = src.load_model(dtype=DTYPES[dt])
+                bar.set_postfix_str(f"{dt} logits graph")
+                programs = {"logits": export_logits_graph(model, opset, exporter)}
                 bar.update()
-            (tmp / dt).mkdir()
-            params = {k: v.to(DTYPES[dt]).numpy() for k, v in src.target_weights().items()}
-            for kind, program in programs.items():
-                rel = f"{dt}/{GRAPH_FILES[kind]}"
-                files = save_graph(program, tmp / rel, external_data_threshold)
-                del program
-                graphs[rel] = self._describe(tmp / rel, kind, dt, files, params, result)
-            if dt == "float32":
-                reference = compute_reference(model)
-            del model, programs
-        bar.close()
+                if dt in generation_dtypes:
+                    bar.set_postfix_str(f"{dt} prefill + decode graphs")
+                    programs.update(export_generation_graphs(model, opset))
+                    bar.update()
+                (tmp / dt).mkdir()
+                params = {k: v.to(DTYPES[dt]).numpy() for k, v in src.target_weights().items()}
+                for kind, program in programs.items():
+                    rel = f"{dt}/{GRAPH_FILES[kind]}"
+                    files = save_graph(program, tmp / rel, external_data_threshold)
+                    del program
+                    graphs[rel] = self._describe(tmp / rel, kind, dt, files, params, result)
+                if dt == "float32":
+                    reference = compute_reference(model)
+                del model, programs
         save_reference(tmp, reference)
         return self._manifest(src, graphs, removed, exporter)
 
