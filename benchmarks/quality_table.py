@@ -50,11 +50,12 @@ PRESETS = {
     "mean": lambda: DSnoTConfig.default(criterion="mean", sign_check=True, loss_guard=True),
 }
 # the hessian criterion's dampening (DSnoTConfig.percdamp), swept to choose the default
-for _damp in (0.01, 0.03, 0.1, 0.3):
+DAMPS = (0.01, 0.03, 0.1, 0.3)
+for _damp in DAMPS:
     PRESETS[f"default percdamp={_damp}"] = lambda d=_damp: DSnoTConfig.default(percdamp=d)
 for _init in ("magnitude", "wanda", "sparsegpt"):
     CONFIGS[f"{_init}+dsnot(mean)"] = (_init, "dsnot", "mean", ())
-    for _damp in (0.01, 0.03, 0.1, 0.3):
+    for _damp in DAMPS:
         CONFIGS[f"{_init}+dsnot(default percdamp={_damp})"] = (
             _init,
             "dsnot",
