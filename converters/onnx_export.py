@@ -35,7 +35,14 @@ from dsnt_export.artifacts import new_manifest
 from dsnt_export.errors import ArtifactError, UserInputError
 
 from . import Converter, ExportResult, Tolerance, register, vllm_compat
-from .onnx_graph import io_signature, linear_weights, load_model, map_params, where_is
+from .onnx_graph import (
+    fingerprint,
+    io_signature,
+    linear_weights,
+    load_model,
+    map_params,
+    where_is,
+)
 from .parity import ParityCheck, parity_ids
 from .reference import compute_reference, save_reference
 from .source import SparseSource, carried_files, read_source
@@ -209,6 +216,41 @@ def export_generation_graphs(model, opset: int | None = None) -> dict:
     return programs
 
 
+def name_weights(program, params: dict[str, np.ndarray]) -> int:
+    """Give the linear weights of an exported graph their Hugging Face names, in place.
+
+    Constant folding leaves them exporter-invented names (``val_5097``), which is what TensorRT's
+    logs, Polygraphy and Netron then print. Each MatMul/Gemm constant that equals a parameter
+    ``W [out, in]`` (matched by value, as ``graph_weights`` does) is renamed ``<param>`` when stored
+    as ``W`` (Gemm ``transB=1``) and ``<param>.T`` when stored as ``W^T`` (MatMul). A name already
+    taken is left alone. Returns how many initializers were renamed.
+    """
+    by_fp = {}
+    for name, W in params.items():
+        by_fp[(fingerprint(W.T), 0)] = f"{name}.T"
+        by_fp[(fingerprint(W), 1)] = name
+    graph = program.graph
+    renamed = 0
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        b = node.inputs[1]
+        if b is None or not b.is_initializer() or b.const_value is None:
+            continue
+        if len(b.const_value.shape) != 2:
+            continue
+        axis = 0
+        if node.op_type == "Gemm":
+            trans_b = node.attributes.get("transB")
+            axis = 1 if trans_b is not None and trans_b.value == 1 else 0
+        new = by_fp.get((fingerprint(b.const_value.numpy()), axis))
+        if new is None or b.name == new or new in graph.initializers:
+            continue
+        b.name = new
+        renamed += 1
+    return renamed
+
+
 def save_graph(program, path: Path, threshold: int) -> list[str]:
     """Save one graph, its weights in ``<name>.data`` beside it above ``threshold`` bytes."""
     import onnx_ir
@@ -288,6 +330,7 @@ class OnnxConverter(Converter):
                 params = {k: v.to(DTYPES[dt]).numpy() for k, v in src.target_weights().items()}
                 for kind, program in programs.items():
                     rel = f"{dt}/{GRAPH_FILES[kind]}"
+                    name_weights(program, params)
                     files = save_graph(program, tmp / rel, external_data_threshold)
                     del program
                     graphs[rel] = self._describe(tmp / rel, kind, dt, files, params, result)

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from converters import get_converter
 from converters.check import check_path
-from converters.onnx_export import generation_cache, graph_weights, save_graph
+from converters.onnx_export import generation_cache, graph_weights, name_weights, save_graph
 from converters.onnx_graph import linear_weights, load_model, map_params
 from converters.onnx_run import run_generation, run_logits, session
 from converters.source import read_source
@@ -80,10 +80,63 @@ def test_mapping_is_by_value_not_name(exported):
         model = load_model(out / dt / "model.onnx")
         inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         for param, rec in man["extra"]["graphs"][f"{dt}/model.onnx"]["weights"].items():
-            assert "proj" not in rec["initializer"]  # exporter-invented names: useless
+            assert rec["initializer"] == f"{param}.T"  # HF name, stored transposed for MatMul
             b = inits[rec["initializer"]]
             assert b.dtype == np_dt
             assert np.array_equal(b, sd[param].to(getattr(torch, dt)).numpy().T)
+
+
+def test_mapping_survives_renamed_initializers(exported, tmp_path):
+    """graph_weights finds every weight again after all initializer names are scrambled."""
+    src, out, _ = exported
+    params = {k: v.numpy() for k, v in read_source(src).target_weights().items()}
+    model = load_model(out / "float32" / "model.onnx")
+    new = {t.name: f"w{i}" for i, t in enumerate(model.graph.initializer)}
+    for t in model.graph.initializer:
+        t.name = new[t.name]
+    for n in model.graph.node:
+        n.input[:] = [new.get(x, x) for x in n.input]
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    mapping, problems = graph_weights(tmp_path / "model.onnx", params)
+    assert not problems and set(mapping) == set(params)
+    assert {m["initializer"] for m in mapping.values()} == {new[f"{p}.T"] for p in params}
+
+
+def test_name_weights_gemm_and_matmul():
+    """W stored as-is under Gemm(transB=1) keeps the parameter's name; W^T under MatMul gets '.T'."""
+    import onnx_ir
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((3, 4)).astype(np.float32)  # [out, in]
+    w2 = rng.standard_normal((2, 3)).astype(np.float32)
+    other = rng.standard_normal((2, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "a"], ["h"], transB=1),
+            helper.make_node("MatMul", ["h", "b"], ["y0"]),
+            helper.make_node("MatMul", ["y0", "c"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],
+        [
+            numpy_helper.from_array(w1, "a"),
+            numpy_helper.from_array(np.ascontiguousarray(w2.T), "b"),
+            numpy_helper.from_array(other, "c"),
+        ],
+    )
+    ir = onnx_ir.serde.deserialize_model(helper.make_model(graph))
+    assert name_weights(ir, {"l1.weight": w1, "l2.weight": w2}) == 2
+    assert set(ir.graph.initializers) == {"l1.weight", "l2.weight.T", "c"}
+    proto = onnx_ir.serde.serialize_model(ir)
+    assert [list(n.input) for n in proto.graph.node] == [
+        ["x", "l1.weight"],
+        ["h", "l2.weight.T"],
+        ["y0", "c"],
+    ]
+    # a second pass changes nothing; a taken name is never reused
+    assert name_weights(ir, {"l1.weight": w1, "l2.weight": w2}) == 0
+    assert name_weights(ir, {"c": w1}) == 0  # would rename l1.weight to the existing "c"
 
 
 def test_parity_numbers(exported):
