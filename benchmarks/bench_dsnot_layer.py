@@ -52,6 +52,32 @@ def run_ours(w, st, pattern, cfg):
     return go
 
 
+def run_baseline(w, st, pattern, cfg):
+    """The straightforward implementation on the same inputs (CPU only)."""
+    nm = isinstance(pattern, NM)
+
+    def go():
+        metric = initial_metric("wanda", w, st)
+        k0 = baseline_initial_mask(
+            metric,
+            pattern.n_prune if nm else 0,
+            pattern.m if nm else None,
+            None if nm else pattern.ratio,
+        )
+        return baseline_refine(
+            w,
+            k0,
+            st.sum,
+            st.sq_sum,
+            st.var,
+            pattern.m if nm else None,
+            sign_check=cfg.sign_check_for(pattern),
+            metric=metric,
+        )
+
+    return go
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,7 +108,9 @@ def main(argv=None) -> int:
             t_total = time_fn(go, device=device, repeats=args.repeats)
             metric = initial_metric("wanda", w, st)
             t_init = time_fn(
-                lambda: keep_from_metric(metric, pattern), device=device, repeats=args.repeats
+                lambda m=metric, p=pattern: keep_from_metric(m, p),
+                device=device,
+                repeats=args.repeats,
             )
             base = dict(
                 bench="dsnot_layer",
@@ -106,26 +134,7 @@ def main(argv=None) -> int:
                 cycles=info.cycles,
             )
             if args.baseline and device.type == "cpu":
-                nm = isinstance(pattern, NM)
-
-                def go_base():
-                    k0 = baseline_initial_mask(
-                        metric,
-                        pattern.n_prune if nm else 0,
-                        pattern.m if nm else None,
-                        None if nm else pattern.ratio,
-                    )
-                    return baseline_refine(
-                        w,
-                        k0,
-                        st.sum,
-                        st.sq_sum,
-                        st.var,
-                        pattern.m if nm else None,
-                        sign_check=cfg.sign_check_for(pattern),
-                        metric=metric,
-                    )
-
+                go_base = run_baseline(w, st, pattern, cfg)
                 kb = go_base()
                 tb = time_fn(go_base, device=device, warmup=0, repeats=args.baseline_repeats)
                 row["masks_equal_baseline"] = bool(torch.equal(kb, keep))
