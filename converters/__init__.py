@@ -97,12 +97,21 @@ class Converter(ABC):
         check_parity: bool = True,
         **opts: Any,
     ) -> ExportResult:
-        """Write the artifact atomically; re-validate masks and parity before it appears."""
+        """Write the artifact atomically; re-validate masks and parity before it appears.
+
+        ``source_label`` (optional) replaces the source path recorded in the manifest
+        (``extra.export.source.path``), e.g. ``"../hf"`` when the source sits beside the artifact
+        in a directory that is renamed afterwards; a relative label is read against the artifact.
+        """
+        source_label = opts.pop("source_label", None)
         self.check_environment(src_dir, **opts)
         result = ExportResult(self.name, Path(out_dir))
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             t0 = time.perf_counter()
             manifest = self.write(Path(src_dir), tmp, result, **opts)
+            if source_label is not None:
+                export = manifest.setdefault("extra", {}).setdefault("export", {})
+                export.setdefault("source", {})["path"] = str(source_label)
             result.timings["write_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             result.mask_checks = self.check_masks(tmp, manifest)

@@ -93,7 +93,11 @@ def rows_from_manifest(manifest: dict, path: str | Path = "") -> list[dict]:
 
 
 def collect_rows(run_dir: str | Path) -> list[dict]:
-    """Every row under ``run_dir``: ``*.jsonl`` benchmark rows and manifests' layer rows."""
+    """Every row under ``run_dir``: ``*.jsonl`` benchmark rows and manifests' layer rows.
+
+    Each row's ``source`` is its file's path relative to ``run_dir``, so a report stays true when
+    the directory is moved (``dsnt-export run`` writes into a temporary directory, then renames it).
+    """
     from .bench.timing import read_rows
 
     root = Path(run_dir)
@@ -104,7 +108,9 @@ def collect_rows(run_dir: str | Path) -> list[dict]:
         if REPORT_DIRNAME in p.relative_to(root).parts[:1]:
             continue
         rows += [
-            dict(r, source=str(p)) for r in read_rows(p) if isinstance(r, dict) and "bench" in r
+            dict(r, source=p.relative_to(root).as_posix())
+            for r in read_rows(p)
+            if isinstance(r, dict) and "bench" in r
         ]
     for p in sorted(root.rglob(MANIFEST_NAME)):
         try:
@@ -113,11 +119,13 @@ def collect_rows(run_dir: str | Path) -> list[dict]:
             log.warning("skipping unreadable manifest %s: %s", p, e)
             continue
         if isinstance(m, dict) and m.get("kind") == "hf":
-            rows += rows_from_manifest(m, p.parent)
+            rows += rows_from_manifest(m, p.parent.relative_to(root).as_posix() or ".")
     summary = root / REPORT_DIRNAME / "summary.json"  # written by `dsnt-export run`
     if summary.is_file():
         try:
-            rows += rows_from_run_summary(json.loads(summary.read_text()), str(summary))
+            rows += rows_from_run_summary(
+                json.loads(summary.read_text()), summary.relative_to(root).as_posix()
+            )
         except (OSError, ValueError) as e:
             log.warning("skipping unreadable run summary %s: %s", summary, e)
     return rows
@@ -275,8 +283,13 @@ def rows_from_run_summary(summary: dict, source: str = "") -> list[dict]:
     return rows
 
 
-def report_run_dir(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Collect a run directory's rows and write its report (default ``run_dir/report``)."""
+def report_run_dir(
+    run_dir: str | Path, out_dir: str | Path | None = None, *, name: str | None = None
+) -> dict:
+    """Collect a run directory's rows and write its report (default ``run_dir/report``).
+
+    ``name`` titles the report (default: the directory's name; ``dsnt-export run`` passes the final
+    name, as it writes into a temporary directory first)."""
     rows = collect_rows(run_dir)
     if not rows:
         raise UserInputError(
@@ -286,5 +299,5 @@ def report_run_dir(run_dir: str | Path, out_dir: str | Path | None = None) -> di
     return write_report(
         rows,
         Path(out_dir) if out_dir else Path(run_dir) / REPORT_DIRNAME,
-        title=f"dsnt-export run report: {Path(run_dir).name}",
+        title=f"dsnt-export run report: {name or Path(run_dir).name}",
     )

@@ -48,6 +48,7 @@ def stage_export_onnx(ctx) -> None:
             ctx.tmp / "hf",
             ctx.tmp / "onnx",
             progress=not getattr(ctx.args, "no_progress", False),
+            source_label="../hf",  # OUT/hf: ctx.tmp is renamed to OUT at the end
             **ONNX_LEVELS[level],
         )
     except DsntError as e:  # the checkpoint stays valid; the failed export leaves nothing behind

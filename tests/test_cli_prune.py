@@ -218,6 +218,20 @@ def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
     ref = load_reference(out / "hf")
     model = read_source(out / "hf").load_model().float().eval()
     assert np.allclose(torch_logits(model, ref["input_ids"]), ref["logits"], atol=1e-5)
+    # written in a temporary directory, then renamed: no record points into the temporary one
+    for f in out.rglob("*"):
+        if f.suffix in (".json", ".jsonl", ".md"):
+            assert ".tmp-" not in f.read_text(), f
+    assert (
+        (out / "report" / "report.md")
+        .read_text()
+        .startswith(f"# dsnt-export run report: {out.name}")
+    )
+    onnx_manifest = json.loads((out / "onnx" / MANIFEST_NAME).read_text())
+    assert onnx_manifest["extra"]["export"]["source"]["path"] == "../hf"
+    from dsnt_export.bench.target import resolve_target
+
+    assert resolve_target(out / "onnx", "onnxruntime").hf_dir.resolve() == (out / "hf").resolve()
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,7 @@ def resolve_target(path: str | Path, runtime: str, *, dense: str | Path | None =
             f"Create one with `{hint}`"
         )
     manifest = read_manifest(found, required=False)
-    hf_dir = found if want == "hf" else _source_hf(root, manifest)
+    hf_dir = found if want == "hf" else _source_hf(root, manifest, found)
     hf_manifest = read_manifest(hf_dir, required=False) if hf_dir else None
     if dense is not None:
         d = Path(dense).expanduser()
@@ -151,15 +151,18 @@ def resolve_target(path: str | Path, runtime: str, *, dense: str | Path | None =
     return Target(runtime, found, want, manifest, hf_dir, dense_dir, reason, info)
 
 
-def _source_hf(root: Path, manifest: dict | None) -> Path | None:
+def _source_hf(root: Path, manifest: dict | None, artifact: Path) -> Path | None:
     """The sparse HF checkpoint an export was made from (``extra.export.source``: a path, or a
-    dict with one, as the ONNX converter writes it), else an HF artifact beside it."""
+    dict with one, as the ONNX converter writes it; relative paths are read against the
+    ``artifact`` directory), else an HF artifact beside it."""
     src = (((manifest or {}).get("extra") or {}).get("export") or {}).get("source")
     p = src.get("path") if isinstance(src, dict) else src
-    if p and Path(p).is_dir():
-        kind = _kind(Path(p))
+    if p:
+        p = Path(artifact) / Path(p).expanduser()  # an absolute p stays as it is
+    if p and p.is_dir():
+        kind = _kind(p)
         if kind == "hf":
-            return Path(p)
+            return p
         if kind == "onnx":  # a TensorRT artifact built from an ONNX export: follow it
-            return _source_hf(root, read_manifest(p))
+            return _source_hf(root, read_manifest(p), p)
     return _find_kind(root, "hf")

@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         write_report(tmp / "report", summary)
         from ..report import report_run_dir
 
-        report_run_dir(tmp)  # report.json/.md + PNG figures from every stage's rows
+        report_run_dir(tmp, name=out.name)  # report.json/.md + figures from every stage's rows
     _print_summary(summary, out)
     checks_ok = all(c.get("ok", True) for c in summary["exports"].get("check", {}).values())
     return 0 if summary["validation"]["ok"] and checks_ok else 1
