@@ -3,6 +3,7 @@
     python benchmarks/quality_table.py                       # 2:4, calibrate on docstrings
     python benchmarks/quality_table.py --patterns 2:4,4:8,0.5,0.6,0.7 --calib stdlib-docs,stdlib-code
     python benchmarks/quality_table.py --markdown benchmarks/results/quality.jsonl   # table only
+    python benchmarks/quality_table.py --figure benchmarks/results/quality.png       # figure only
 
 Each configuration is pruned from the same dense fp32 model with the same calibration windows
 (``--nsamples`` x ``--seqlen`` tokens of the calibration domain, seed 0), then evaluated with the
@@ -103,6 +104,93 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+STANDARD = [c for c in CONFIGS if "percdamp" not in c and "(mean)" not in c]
+PATTERN_ORDER = ("2:4", "4:8", "0.5", "0.6", "0.7")
+
+
+def canonical(rows: list[dict], calib: str, nsamples: int = 32) -> dict[tuple[str, str], dict]:
+    """``{(config, pattern): row}`` of the standard configurations calibrated on ``calib``.
+
+    A sweep row whose dampening is the default's counts as ``+dsnot(default)``; a later row
+    replaces an earlier one of the same cell.
+    """
+    damp = DSnoTConfig.default().percdamp
+    out = {}
+    for r in rows:
+        if r.get("calib") != calib or (r.get("calibration") or {}).get("nsamples") != nsamples:
+            continue
+        name = r["config"]
+        if name.endswith(f"+dsnot(default percdamp={damp})"):
+            name = name.split("+", 1)[0] + "+dsnot(default)"
+        if name in STANDARD:
+            out[(name, r["pattern"])] = r
+    return out
+
+
+def figure(rows: list[dict], path: Path, calib: str = "stdlib-docs") -> Path:
+    """Perplexity vs pattern for every standard configuration, one panel per evaluation domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = canonical(rows, calib)
+    dense = next((r for r in rows if r["config"] == "dense"), None)
+    patterns = [p for p in PATTERN_ORDER if any(k[1] == p for k in cells)]
+    if not patterns:
+        raise SystemExit(f"no rows calibrated on {calib} in the rows file")
+    colors = {"magnitude": "tab:gray", "wanda": "tab:blue", "sparsegpt": "tab:red"}
+    styles = {"none": (":", "o"), "official": ("--", "s"), "default": ("-", "D")}
+    fig, axes = plt.subplots(1, len(DOMAINS), figsize=(13, 4.8), sharey=True)
+    for ax, dom in zip(axes, DOMAINS, strict=True):
+        for name in STANDARD[1:]:
+            init, refine, preset, _ = CONFIGS[name]
+            xs, ys = [], []
+            for x, p in enumerate(patterns):
+                r = cells.get((name, p))
+                if r is not None:
+                    xs.append(x)
+                    ys.append(r["eval"][dom]["ppl"])
+            if not xs:
+                continue
+            ls, mk = styles[preset or "none"]
+            label = (
+                init
+                + {"none": "", "official": " + DSnoT official", "default": " + DSnoT default"}[
+                    preset or "none"
+                ]
+            )
+            ax.plot(
+                xs,
+                ys,
+                ls=ls,
+                marker=mk,
+                color=colors[init],
+                label=label,
+                lw=2 if preset == "default" else 1,
+            )
+        if dense is not None:
+            ax.axhline(dense["eval"][dom]["ppl"], color="black", lw=1, label="dense")
+        ax.set_xticks(range(len(patterns)))
+        ax.set_xticklabels([p if ":" in p else f"{float(p):.0%}" for p in patterns])
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity pattern")
+        where = "in-domain" if dom == calib else "other domain"
+        ax.set_title(f"held-out {dom} ({where})")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("perplexity (log scale, lower is better)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
+    fig.suptitle(f"SmolLM2-135M, calibrated on {calib} (32 x 256 tokens)")
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,7 +206,16 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--markdown", metavar="ROWS", help="only print the Markdown table of a rows file"
     )
+    ap.add_argument(
+        "--figure",
+        metavar="PNG",
+        help="only draw perplexity vs pattern from the rows in --out (no pruning)",
+    )
     args = ap.parse_args(argv)
+    if args.figure:
+        rows = [json.loads(x) for x in Path(args.out).read_text().splitlines() if x.strip()]
+        print(f"wrote {figure(rows, Path(args.figure))}")
+        return 0
     if args.markdown:
         rows = [
             json.loads(line)
