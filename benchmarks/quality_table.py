@@ -76,34 +76,6 @@ def load_embedded():
     return model, AutoTokenizer.from_pretrained(d)
 
 
-def markdown(rows: list[dict]) -> str:
-    """One table per (pattern, calibration domain): rows = configurations, columns = eval domains."""
-    out = []
-    dense = {
-        r["eval"][d]["domain"]: r["eval"][d]["ppl"]
-        for r in rows
-        if r["config"] == "dense"
-        for d in r["eval"]
-    }
-    keys = sorted({(r["pattern"], r["calib"]) for r in rows if r["config"] != "dense"})
-    for pattern, calib in keys:
-        out.append(f"\n**{pattern}, calibrated on {calib}** (perplexity, lower is better)\n")
-        out.append("| configuration | ppl stdlib-docs | ppl stdlib-code | prune time (s) |")
-        out.append("|---|---|---|---|")
-        out.append(
-            f"| dense | {dense.get('stdlib-docs', float('nan')):.2f} | {dense.get('stdlib-code', float('nan')):.2f} | |"
-        )
-        for r in rows:
-            if (r["pattern"], r["calib"]) != (pattern, calib):
-                continue
-            e = {v["domain"]: v["ppl"] for v in r["eval"].values()}
-            out.append(
-                f"| {r['config']} | {e.get('stdlib-docs', float('nan')):.2f} | "
-                f"{e.get('stdlib-code', float('nan')):.2f} | {r['prune_s']:.0f} |"
-            )
-    return "\n".join(out) + "\n"
-
-
 STANDARD = [c for c in CONFIGS if "percdamp" not in c and "(mean)" not in c]
 PATTERN_ORDER = ("2:4", "4:8", "0.5", "0.6", "0.7")
 
@@ -125,6 +97,62 @@ def canonical(rows: list[dict], calib: str, nsamples: int = 32) -> dict[tuple[st
         if name in STANDARD:
             out[(name, r["pattern"])] = r
     return out
+
+
+DOMAIN_LABEL = {"stdlib-docs": "docstrings", "stdlib-code": "code"}
+
+
+def _label(name: str) -> str:
+    init, _, rest = name.partition("+")
+    if not rest:
+        return init
+    preset = rest[len("dsnot(") : -1]
+    return f"{init} + DSnoT {preset}"
+
+
+def _pattern_label(p: str) -> str:
+    return p if ":" in p else f"{float(p):.0%} unstructured".replace("%", " %")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README's tables: one per (calibration domain, pattern) with cells, rows = standard
+    configurations, columns = evaluation domains; each refined cell also gives its change against
+    the same initial mask alone (``worse`` where it went up). Our default config is in bold."""
+    out = []
+    dense = next((r for r in rows if r["config"] == "dense"), None)
+    for calib in DOMAINS:
+        cells = canonical(rows, calib)
+        for pattern in PATTERN_ORDER:
+            names = [n for n in STANDARD if (n, pattern) in cells]
+            if not names:
+                continue
+            where = {d: "in-domain" if d == calib else "other domain" for d in DOMAINS}
+            out.append(
+                f"\n**{_pattern_label(pattern)}, calibrated on {DOMAIN_LABEL[calib]}** "
+                "(32 x 256 windows)\n"
+            )
+            out.append(
+                "| configuration | "
+                + " | ".join(f"ppl {DOMAIN_LABEL[d]} ({where[d]})" for d in DOMAINS)
+                + " | prune s |"
+            )
+            out.append("|---|---|---|---|")
+            if dense is not None:
+                vals = " | ".join(f"{dense['eval'][d]['ppl']:.2f}" for d in DOMAINS)
+                out.append(f"| dense | {vals} | |")
+            for name in names:
+                r = cells[(name, pattern)]
+                base = cells.get((name.split("+")[0], pattern))
+                texts = []
+                for d in DOMAINS:
+                    v = r["eval"][d]["ppl"]
+                    t = f"{v:.2f}"
+                    if base is not None and base is not r:
+                        ch = (v / base["eval"][d]["ppl"] - 1) * 100
+                        t += f" ({ch:+.1f} %{', worse' if ch > 0 else ''})"
+                    texts.append(f"**{t}**" if name.endswith("(default)") else t)
+                out.append(f"| {_label(name)} | {' | '.join(texts)} | {r['prune_s']:.0f} |")
+    return "\n".join(out) + "\n"
 
 
 def figure(rows: list[dict], path: Path, calib: str = "stdlib-docs") -> Path:

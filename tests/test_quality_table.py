@@ -64,12 +64,17 @@ def test_figure_and_markdown(qt, tmp_path):
         _row("dense", "dense", calib=None, n=None, docs=20.0, code=12.0),
         _row("wanda", "2:4", docs=90.0, code=70.0),
         _row("wanda+dsnot(default)", "2:4", docs=50.0, code=40.0),
+        _row("wanda+dsnot(official)", "2:4", docs=95.0, code=63.0),
         _row("wanda", "0.7", docs=900.0, code=700.0),
     ]
     png = qt.figure(rows, tmp_path / "fig" / "quality.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not list(png.parent.glob(".*"))  # no temporary file left
     md = qt.markdown(rows)
-    assert "| wanda+dsnot(default) | 50.00 | 40.00 | 1 |" in md and "**0.7, calibrated" in md
+    assert "| dense | 20.00 | 12.00 | |" in md
+    assert "| wanda + DSnoT default | **50.00 (-44.4 %)** | **40.00 (-42.9 %)** | 1 |" in md
+    assert "| wanda + DSnoT official | 95.00 (+5.6 %, worse) | 63.00 (-10.0 %) | 1 |" in md
+    assert "**70 % unstructured, calibrated on docstrings**" in md
+    assert "calibrated on code" not in md
     with pytest.raises(SystemExit, match="no rows calibrated on stdlib-code"):
         qt.figure(rows, tmp_path / "x.png", calib="stdlib-code")
