@@ -12,8 +12,10 @@ text of BOTH domains: docstrings ("stdlib-docs") and source code ("stdlib-code")
 to ``--out`` (JSONL) as they finish, so an interrupted run keeps what it measured.
 
 Configurations: dense; for each of magnitude / wanda / sparsegpt: alone, + DSnoT with the official
-preset (reference defaults: attention projections only), + DSnoT with our default config (every
-linear, sign check, loss guard).
+preset (reference defaults: attention projections only, mean criterion), + DSnoT with our default
+config (every linear, exact-loss swap criterion with 3 % dampening: ``DSnoTConfig.default()``).
+``--figure`` draws perplexity against the pattern for every configuration, one panel per evaluation
+domain.
 """
 
 from __future__ import annotations
