@@ -116,6 +116,39 @@ def _pattern_label(p: str) -> str:
     return p if ":" in p else f"{float(p):.0%} unstructured".replace("%", " %")
 
 
+def _changes(cells: dict, name: str, pattern: str) -> list[float] | None:
+    r, base = cells.get((name, pattern)), cells.get((name.split("+")[0], pattern))
+    if r is None or base is None:
+        return None
+    return [(r["eval"][d]["ppl"] / base["eval"][d]["ppl"] - 1) * 100 for d in DOMAINS]
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """One line per (pattern, calibration domain): each DSnoT configuration's change against its
+    initial mask alone, docstrings / code, in percent (negative = better)."""
+    cols = [n for n in STANDARD if "+" in n]
+    out = [
+        "| pattern | calibrated on | " + " | ".join(_label(n) for n in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for calib in DOMAINS:
+        cells = canonical(rows, calib)
+        for pattern in PATTERN_ORDER:
+            ch = [_changes(cells, n, pattern) for n in cols]
+            if not any(ch):
+                continue
+            texts = []
+            for n, c in zip(cols, ch, strict=True):
+                if c is None:
+                    texts.append("—")
+                    continue
+                t = " / ".join(f"{v:+.1f}" for v in c)
+                texts.append(f"**{t}**" if n.endswith("(default)") else t)
+            short = pattern if ":" in pattern else f"{float(pattern):.0%}".replace("%", " %")
+            out.append(f"| {short} | {DOMAIN_LABEL[calib]} | " + " | ".join(texts) + " |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
     """The README's tables: one per (calibration domain, pattern) with cells, rows = standard
     configurations, columns = evaluation domains; each refined cell also gives its change against
@@ -252,6 +285,7 @@ def main(argv=None) -> int:
             for line in Path(args.markdown).read_text().splitlines()
             if line.strip()
         ]
+        print(summary_markdown(rows))
         print(markdown(rows))
         return 0
     if args.threads:

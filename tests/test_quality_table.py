@@ -76,5 +76,9 @@ def test_figure_and_markdown(qt, tmp_path):
     assert "| wanda + DSnoT official | 95.00 (+5.6 %, worse) | 63.00 (-10.0 %) | 1 |" in md
     assert "**70 % unstructured, calibrated on docstrings**" in md
     assert "calibrated on code" not in md
+    summary = qt.summary_markdown(rows).splitlines()
+    assert summary[0].startswith("| pattern | calibrated on | magnitude + DSnoT official |")
+    assert summary[2] == "| 2:4 | docstrings | — | — | +5.6 / -10.0 | **-44.4 / -42.9** | — | — |"
+    assert len(summary) == 3  # the 70 % cell has no refined configuration
     with pytest.raises(SystemExit, match="no rows calibrated on stdlib-code"):
         qt.figure(rows, tmp_path / "x.png", calib="stdlib-code")
