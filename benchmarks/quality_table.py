@@ -112,8 +112,13 @@ def _label(name: str) -> str:
     return f"{init} + DSnoT {preset}"
 
 
+def _short(p: str) -> str:
+    """``2:4`` stays, ``0.6`` becomes ``60 %``."""
+    return p if ":" in p else f"{float(p):.0%}".replace("%", " %")
+
+
 def _pattern_label(p: str) -> str:
-    return p if ":" in p else f"{float(p):.0%} unstructured".replace("%", " %")
+    return p if ":" in p else f"{_short(p)} unstructured"
 
 
 def _changes(cells: dict, name: str, pattern: str) -> list[float] | None:
@@ -144,8 +149,7 @@ def summary_markdown(rows: list[dict]) -> str:
                     continue
                 t = " / ".join(f"{v:+.1f}" for v in c)
                 texts.append(f"**{t}**" if n.endswith("(default)") else t)
-            short = pattern if ":" in pattern else f"{float(pattern):.0%}".replace("%", " %")
-            out.append(f"| {short} | {DOMAIN_LABEL[calib]} | " + " | ".join(texts) + " |")
+            out.append(f"| {_short(pattern)} | {DOMAIN_LABEL[calib]} | " + " | ".join(texts) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -207,7 +211,7 @@ def figure(rows: list[dict], path: Path, calib: str = "stdlib-docs") -> Path:
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(13, 4.8), sharey=True)
     for ax, dom in zip(axes, DOMAINS, strict=True):
         for name in STANDARD[1:]:
-            init, refine, preset, _ = CONFIGS[name]
+            init, _, preset, _ = CONFIGS[name]
             xs, ys = [], []
             for x, p in enumerate(patterns):
                 r = cells.get((name, p))
@@ -217,25 +221,19 @@ def figure(rows: list[dict], path: Path, calib: str = "stdlib-docs") -> Path:
             if not xs:
                 continue
             ls, mk = styles[preset or "none"]
-            label = (
-                init
-                + {"none": "", "official": " + DSnoT official", "default": " + DSnoT default"}[
-                    preset or "none"
-                ]
-            )
             ax.plot(
                 xs,
                 ys,
                 ls=ls,
                 marker=mk,
                 color=colors[init],
-                label=label,
+                label=_label(name),
                 lw=2 if preset == "default" else 1,
             )
         if dense is not None:
             ax.axhline(dense["eval"][dom]["ppl"], color="black", lw=1, label="dense")
         ax.set_xticks(range(len(patterns)))
-        ax.set_xticklabels([p if ":" in p else f"{float(p):.0%}" for p in patterns])
+        ax.set_xticklabels([_short(p) for p in patterns])
         ax.set_yscale("log")
         ax.set_xlabel("sparsity pattern")
         where = "in-domain" if dom == calib else "other domain"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ def qt():
         "quality_table", ROOT / "benchmarks" / "quality_table.py"
     )
     mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("quality_table", mod)
     spec.loader.exec_module(mod)
     return mod
 
