@@ -216,19 +216,26 @@ def export_generation_graphs(model, opset: int | None = None) -> dict:
     return programs
 
 
-def name_weights(program, params: dict[str, np.ndarray]) -> int:
+def weight_names(params: dict[str, np.ndarray]) -> dict[tuple[str, int], str]:
+    """``{(fingerprint, reduction axis): initializer name}`` for :func:`name_weights`: a parameter
+    ``W [out, in]`` is ``<param>.T`` stored as ``W^T`` (axis 0, MatMul) and ``<param>`` stored as
+    ``W`` (axis 1, Gemm ``transB=1``). Hashes every weight twice: build it once per dtype."""
+    names = {}
+    for name, W in params.items():
+        names[(fingerprint(W.T), 0)] = f"{name}.T"
+        names[(fingerprint(W), 1)] = name
+    return names
+
+
+def name_weights(program, names: dict[tuple[str, int], str]) -> int:
     """Give the linear weights of an exported graph their Hugging Face names, in place.
 
     Constant folding leaves them exporter-invented names (``val_5097``), which is what TensorRT's
     logs, Polygraphy and Netron then print. Each MatMul/Gemm constant that equals a parameter
-    ``W [out, in]`` (matched by value, as ``graph_weights`` does) is renamed ``<param>`` when stored
-    as ``W`` (Gemm ``transB=1``) and ``<param>.T`` when stored as ``W^T`` (MatMul). A name already
-    taken is left alone. Returns how many initializers were renamed.
+    (matched by value, as ``graph_weights`` does; ``names`` from :func:`weight_names`) is renamed
+    ``<param>.T`` under MatMul and ``<param>`` under Gemm ``transB=1``. A name already taken is
+    left alone. Returns how many initializers were renamed.
     """
-    by_fp = {}
-    for name, W in params.items():
-        by_fp[(fingerprint(W.T), 0)] = f"{name}.T"
-        by_fp[(fingerprint(W), 1)] = name
     graph = program.graph
     renamed = 0
     for node in graph:
@@ -243,7 +250,7 @@ def name_weights(program, params: dict[str, np.ndarray]) -> int:
         if node.op_type == "Gemm":
             trans_b = node.attributes.get("transB")
             axis = 1 if trans_b is not None and trans_b.value == 1 else 0
-        new = by_fp.get((fingerprint(b.const_value.numpy()), axis))
+        new = names.get((fingerprint(b.const_value.numpy()), axis))
         if new is None or b.name == new or new in graph.initializers:
             continue
         b.name = new
@@ -328,9 +335,10 @@ class OnnxConverter(Converter):
                     bar.update()
                 (tmp / dt).mkdir()
                 params = {k: v.to(DTYPES[dt]).numpy() for k, v in src.target_weights().items()}
+                names = weight_names(params)
                 for kind, program in programs.items():
                     rel = f"{dt}/{GRAPH_FILES[kind]}"
-                    name_weights(program, params)
+                    name_weights(program, names)
                     files = save_graph(program, tmp / rel, external_data_threshold)
                     del program
                     graphs[rel] = self._describe(tmp / rel, kind, dt, files, params, result)

@@ -20,7 +20,13 @@ from onnx import helper, numpy_helper
 
 from converters import get_converter
 from converters.check import check_path
-from converters.onnx_export import generation_cache, graph_weights, name_weights, save_graph
+from converters.onnx_export import (
+    generation_cache,
+    graph_weights,
+    name_weights,
+    save_graph,
+    weight_names,
+)
 from converters.onnx_graph import linear_weights, load_model, map_params
 from converters.onnx_run import run_generation, run_logits, session
 from converters.source import read_source
@@ -126,7 +132,8 @@ def test_name_weights_gemm_and_matmul():
         ],
     )
     ir = onnx_ir.serde.deserialize_model(helper.make_model(graph))
-    assert name_weights(ir, {"l1.weight": w1, "l2.weight": w2}) == 2
+    names = weight_names({"l1.weight": w1, "l2.weight": w2})
+    assert name_weights(ir, names) == 2
     assert set(ir.graph.initializers) == {"l1.weight", "l2.weight.T", "c"}
     proto = onnx_ir.serde.serialize_model(ir)
     assert [list(n.input) for n in proto.graph.node] == [
@@ -135,8 +142,10 @@ def test_name_weights_gemm_and_matmul():
         ["y0", "c"],
     ]
     # a second pass changes nothing; a taken name is never reused
-    assert name_weights(ir, {"l1.weight": w1, "l2.weight": w2}) == 0
-    assert name_weights(ir, {"c": w1}) == 0  # would rename l1.weight to the existing "c"
+    assert name_weights(ir, names) == 0
+    assert (
+        name_weights(ir, weight_names({"c": w1})) == 0
+    )  # would rename l1.weight to the existing "c"
 
 
 def test_parity_numbers(exported):
