@@ -41,6 +41,7 @@ from .onnx_graph import (
     linear_weights,
     load_model,
     map_params,
+    param_fingerprints,
     where_is,
 )
 from .parity import ParityCheck, parity_ids
@@ -216,14 +217,14 @@ def export_generation_graphs(model, opset: int | None = None) -> dict:
     return programs
 
 
-def weight_names(params: dict[str, np.ndarray]) -> dict[tuple[str, int], str]:
-    """``{(fingerprint, reduction axis): initializer name}`` for :func:`name_weights`: a parameter
-    ``W [out, in]`` is ``<param>.T`` stored as ``W^T`` (axis 0, MatMul) and ``<param>`` stored as
-    ``W`` (axis 1, Gemm ``transB=1``). Hashes every weight twice: build it once per dtype."""
+def weight_names(fps: dict[str, tuple[str, str]]) -> dict[tuple[str, int], str]:
+    """``{(fingerprint, reduction axis): initializer name}`` for :func:`name_weights`, from
+    :func:`param_fingerprints`: a parameter ``W [out, in]`` is ``<param>.T`` stored as ``W^T``
+    (axis 0, MatMul) and ``<param>`` stored as ``W`` (axis 1, Gemm ``transB=1``)."""
     names = {}
-    for name, W in params.items():
-        names[(fingerprint(W.T), 0)] = f"{name}.T"
-        names[(fingerprint(W), 1)] = name
+    for name, (fp_t, fp_w) in fps.items():
+        names[(fp_t, 0)] = f"{name}.T"
+        names[(fp_w, 1)] = name
     return names
 
 
@@ -274,11 +275,16 @@ def save_graph(program, path: Path, threshold: int) -> list[str]:
     return [path.name]
 
 
-def graph_weights(path: Path, params: dict[str, np.ndarray]) -> tuple[dict, list[str]]:
-    """Map the written graph's MatMul/Gemm constants to the HF weights; explain missing ones."""
-    model = load_model(path)
+def graph_weights(
+    path: Path, params: dict[str, np.ndarray], fps: dict | None = None, model=None
+) -> tuple[dict, list[str]]:
+    """Map the written graph's MatMul/Gemm constants to the HF weights; explain missing ones.
+
+    ``fps``: :func:`param_fingerprints` of ``params``; ``model``: the graph at ``path`` if loaded.
+    """
+    model = model if model is not None else load_model(path)
     found, _ = linear_weights(model)
-    mapping, missing = map_params(found, params)
+    mapping, missing = map_params(found, params, fps)
     problems = [f"{path.name}: {name} {where_is(model, params[name])}" for name in missing]
     return {k: v.to_json() for k, v in mapping.items()}, problems
 
@@ -335,13 +341,14 @@ class OnnxConverter(Converter):
                     bar.update()
                 (tmp / dt).mkdir()
                 params = {k: v.to(DTYPES[dt]).numpy() for k, v in src.target_weights().items()}
-                names = weight_names(params)
+                fps = param_fingerprints(params)
+                names = weight_names(fps)
                 for kind, program in programs.items():
                     rel = f"{dt}/{GRAPH_FILES[kind]}"
                     name_weights(program, names)
                     files = save_graph(program, tmp / rel, external_data_threshold)
                     del program
-                    graphs[rel] = self._describe(tmp / rel, kind, dt, files, params, result)
+                    graphs[rel] = self._describe(tmp / rel, kind, dt, files, params, fps)
                 if dt == "float32":
                     reference = compute_reference(model)
                 del model, programs
@@ -350,16 +357,16 @@ class OnnxConverter(Converter):
 
     @staticmethod
     def _describe(
-        path: Path, kind: str, dt: str, files: list[str], params: dict, result: ExportResult
+        path: Path, kind: str, dt: str, files: list[str], params: dict, fps: dict
     ) -> dict:
-        weights, problems = graph_weights(path, params)
+        model = load_model(path)
+        weights, problems = graph_weights(path, params, fps, model)
         if problems:
             raise ArtifactError(
                 f"{len(problems)} targeted weight(s) do not reach the ONNX graph as constant "
                 f"MatMul/Gemm weights, so their 2:4 pattern is hidden from TensorRT:\n  "
                 + "\n  ".join(problems[:10])
             )
-        model = load_model(path)
         return {
             "kind": kind,
             "dtype": dt,

@@ -120,19 +120,32 @@ def fingerprint(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def map_params(weights: list[LinearWeight], params: dict[str, np.ndarray]) -> tuple[dict, list]:
+def param_fingerprints(params: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
+    """``{param: (fingerprint of W^T, fingerprint of W)}``: hashes every weight twice, so compute
+    it once per dtype and pass it to :func:`map_params` for each graph."""
+    return {name: (fingerprint(W.T), fingerprint(W)) for name, W in params.items()}
+
+
+def map_params(
+    weights: list[LinearWeight],
+    params: dict[str, np.ndarray],
+    fps: dict[str, tuple[str, str]] | None = None,
+) -> tuple[dict, list]:
     """Match HF weights ``W [out, in]`` (numpy, in the graph's dtype) to graph weights by value.
 
+    ``fps``: :func:`param_fingerprints` of ``params`` if already computed.
     Returns ``({param: LinearWeight}, [params not found as a MatMul/Gemm constant])``.
     """
+    fps = fps if fps is not None else param_fingerprints(params)
     by_fp: dict[str, list[LinearWeight]] = {}
     for w in weights:
         by_fp.setdefault(fingerprint(w.array), []).append(w)
     mapping: dict[str, LinearWeight] = {}
     missing: list[str] = []
-    for name, W in params.items():
-        cands = [w for w in by_fp.get(fingerprint(W.T), []) if w.axis == 0]
-        cands += [w for w in by_fp.get(fingerprint(W), []) if w.axis == 1]
+    for name in params:
+        fp_t, fp_w = fps[name]
+        cands = [w for w in by_fp.get(fp_t, []) if w.axis == 0]
+        cands += [w for w in by_fp.get(fp_w, []) if w.axis == 1]
         if cands:
             mapping[name] = cands[0]
         else:

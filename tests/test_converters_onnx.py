@@ -27,7 +27,7 @@ from converters.onnx_export import (
     save_graph,
     weight_names,
 )
-from converters.onnx_graph import linear_weights, load_model, map_params
+from converters.onnx_graph import linear_weights, load_model, map_params, param_fingerprints
 from converters.onnx_run import run_generation, run_logits, session
 from converters.source import read_source
 from dsnt_export.artifacts import MANIFEST_NAME, read_manifest
@@ -132,7 +132,7 @@ def test_name_weights_gemm_and_matmul():
         ],
     )
     ir = onnx_ir.serde.deserialize_model(helper.make_model(graph))
-    names = weight_names({"l1.weight": w1, "l2.weight": w2})
+    names = weight_names(param_fingerprints({"l1.weight": w1, "l2.weight": w2}))
     assert name_weights(ir, names) == 2
     assert set(ir.graph.initializers) == {"l1.weight", "l2.weight.T", "c"}
     proto = onnx_ir.serde.serialize_model(ir)
@@ -144,7 +144,7 @@ def test_name_weights_gemm_and_matmul():
     # a second pass changes nothing; a taken name is never reused
     assert name_weights(ir, names) == 0
     assert (
-        name_weights(ir, weight_names({"c": w1})) == 0
+        name_weights(ir, weight_names(param_fingerprints({"c": w1}))) == 0
     )  # would rename l1.weight to the existing "c"
 
 
