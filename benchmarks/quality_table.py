@@ -181,13 +181,12 @@ def markdown(rows: list[dict]) -> str:
                 out.append(f"| dense | {vals} | |")
             for name in names:
                 r = cells[(name, pattern)]
-                base = cells.get((name.split("+")[0], pattern))
+                changes = _changes(cells, name, pattern) if "+" in name else None
                 texts = []
-                for d in DOMAINS:
-                    v = r["eval"][d]["ppl"]
-                    t = f"{v:.2f}"
-                    if base is not None and base is not r:
-                        ch = (v / base["eval"][d]["ppl"] - 1) * 100
+                for i, d in enumerate(DOMAINS):
+                    t = f"{r['eval'][d]['ppl']:.2f}"
+                    if changes is not None:
+                        ch = changes[i]
                         t += f" ({ch:+.1f} %{', worse' if ch > 0 else ''})"
                     texts.append(f"**{t}**" if name.endswith("(default)") else t)
                 out.append(f"| {_label(name)} | {' | '.join(texts)} | {r['prune_s']:.0f} |")
