@@ -3,7 +3,7 @@
 It follows the textbook structure of the reference implementation: the N:M initial mask built group
 by group in a Python loop that grows index tensors with ``torch.cat`` (quadratic), full stable sorts
 of whole rows for every candidate order, and a host synchronisation every cycle. On layers where no
-candidate list runs out it returns the same masks as ``dsnt_export.dsnot.refine``; the benchmark
+candidate list runs out it returns the same masks as ``dsnt_export.refine.dsnot.refine``; the benchmark
 checks that before it reports a ratio.
 """
 

@@ -13,7 +13,7 @@ layers    per layer at the same shapes, 2:4 and unstructured 0.5, on synthetic L
           activations (2048 tokens): Wanda initial mask, DSnoT (official preset; default preset
           with its loss guard), SparseGPT; plus the whole-model projection (x 32 blocks) next to
           the published numbers (DSnoT ~5 s, Wanda ~3.4 s, SparseGPT ~145 s for LLaMA-7B).
-pipeline  dsnt_export.pipeline.sparsify on a randomly initialised LLaMA-7B-shaped model (hidden
+pipeline  dsnt_export.sparsify.driver.sparsify on a randomly initialised LLaMA-7B-shaped model (hidden
           4096, MLP 11008, 32 heads, vocab 32000, --blocks blocks) with 128 x 2048 random
           calibration tokens: time, per-block time, peak memory; wanda+dsnot and sparsegpt+dsnot.
 e2e       that model's latency: dense (before pruning), sparse (2:4 zeros, dense kernels) and
@@ -93,7 +93,7 @@ def shapes(ctx: Ctx) -> list[tuple[int, int]]:
 
 def semi_backends(ctx: Ctx) -> dict[str, object]:
     """Available 2:4 tensor classes on this device, or {} with rows saying why."""
-    from dsnt_export.bench.torch_runtime import semi_structured_backend
+    from dsnt_export.runtimes.torch_eager import semi_structured_backend
 
     _, why = semi_structured_backend(ctx.device)
     if why:
@@ -123,7 +123,7 @@ def section_gemm(ctx: Ctx) -> None:
     dtype = ctx.dtype
     backends = semi_backends(ctx)
     if not backends:
-        from dsnt_export.bench.torch_runtime import semi_structured_backend
+        from dsnt_export.runtimes.torch_eager import semi_structured_backend
 
         ctx.skip("gemm", semi_structured_backend(ctx.device)[1], variant="sparse-kernels")
     inner = 1 if ctx.smoke else 20
@@ -219,10 +219,10 @@ def section_layers(ctx: Ctx) -> None:
 def layer_point(ctx: Ctx, w: torch.Tensor, st, p, base: dict) -> None:
     """Wanda mask, DSnoT (official preset, our mean-criterion and default hessian-criterion
     configs) and SparseGPT times for one layer."""
-    from dsnt_export.dsnot import DSnoTConfig, refine_with_info
-    from dsnt_export.hessian_swap import hessian_refine
     from dsnt_export.masks import validate_mask
     from dsnt_export.methods import initial_metric, keep_from_metric, prune_initial
+    from dsnt_export.refine.dsnot import DSnoTConfig, refine_with_info
+    from dsnt_export.refine.hessian_swap import hessian_refine
 
     reps = 2 if ctx.smoke else 3
     t = measure(
@@ -341,8 +341,8 @@ def build_model(ctx: Ctx, blocks: int):
 
 
 def section_pipeline(ctx: Ctx, blocks: int) -> None:
-    from dsnt_export.dsnot import DSnoTConfig
-    from dsnt_export.pipeline import SparsifyConfig, sparsify
+    from dsnt_export.refine.dsnot import DSnoTConfig
+    from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
 
     n, t = (2, 32) if ctx.smoke else (128, 2048)
     runs = [("wanda", DSnoTConfig.official()), ("sparsegpt", DSnoTConfig.default())]
@@ -400,13 +400,13 @@ def e2e(ctx: Ctx, model, variant: str, names: list[str] = ()) -> None:
     ``names``: the pruned weights, converted to semi-structured for "sparse-kernels"."""
     from dsnt_export.bench import BenchOptions
     from dsnt_export.bench.runner import latency_rows
-    from dsnt_export.bench.torch_runtime import TorchEngine, to_semi_structured
+    from dsnt_export.runtimes.torch_eager import TorchEngine, to_semi_structured
 
     backend = "eager"
     if variant == "sparse-kernels":
         backends = semi_backends(ctx)
         if not backends:
-            from dsnt_export.bench.torch_runtime import semi_structured_backend
+            from dsnt_export.runtimes.torch_eager import semi_structured_backend
 
             return ctx.skip(
                 "latency", semi_structured_backend(ctx.device)[1], variant=variant, runtime="torch"

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from dsnt_export.dsnot import DSnoTConfig
-from dsnt_export.perplexity import perplexity
-from dsnt_export.pipeline import SparsifyConfig, sparsify
+from dsnt_export.evaluation.perplexity import perplexity
+from dsnt_export.refine.dsnot import DSnoTConfig
+from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
 
 CONFIGS = {
     "dense": None,

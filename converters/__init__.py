@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from converters.parity import ParityCheck, Tolerance
 from dsnt_export.artifacts import atomic_output_dir, read_manifest, write_manifest
 from dsnt_export.errors import MaskViolationError, UserInputError
-
-from .parity import ParityCheck, Tolerance
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,9 @@ __all__ = [
 
 # converter name -> module that defines (and registers) it
 MODULES: dict[str, str] = {
-    "hf": "converters.hf_vllm",
-    "onnx": "converters.onnx_export",
-    "tensorrt": "converters.tensorrt",
+    "hf": "converters.writers.hf",
+    "onnx": "converters.writers.onnx",
+    "tensorrt": "converters.writers.tensorrt",
 }
 _REGISTRY: dict[str, type[Converter]] = {}
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters.parity import parity_ids
 from dsnt_export.errors import ArtifactError
-
-from .parity import parity_ids
 
 REFERENCE_NAME = "dsnt_reference.npz"
 PARITY_SHAPE = (1, 32)
@@ -43,7 +42,7 @@ def torch_logits(model, ids: np.ndarray, *, batch: int = 4) -> np.ndarray:
 
 def compute_reference(model) -> dict[str, np.ndarray]:
     """``input_ids``, ``logits`` [1, 32, V], ``ppl_ids`` [4, 64], ``ppl`` of a float32 model."""
-    from .runtime_lm import windows_ppl
+    from dsnt_export.runtimes.logits_lm import windows_ppl
 
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("reference outputs are computed in float32; upcast the model first")

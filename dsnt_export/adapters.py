@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from dsnt_export.errors import UnsupportedModelError
 
 __all__ = [
     "Adapter",

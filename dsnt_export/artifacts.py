@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import ArtifactError, UserInputError
+from dsnt_export import __version__
+from dsnt_export.errors import ArtifactError, UserInputError
 
 MANIFEST_NAME = "dsnt_manifest.json"
 SCHEMA = "dsnt-export/manifest"

@@ -12,8 +12,8 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .errors import DsntError, UserInputError
+from dsnt_export import __version__
+from dsnt_export.errors import DsntError, UserInputError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from .errors import DataSourceError, MissingDependencyError, UserInputError, require
-from .stdlib_corpus import STDLIB_SOURCES, stdlib_part
+from dsnt_export.errors import DataSourceError, MissingDependencyError, UserInputError, require
+from dsnt_export.stdlib_corpus import STDLIB_SOURCES, stdlib_part
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import __version__
-from .artifacts import atomic_output_dir
-from .errors import DataSourceError
+from dsnt_export import __version__
+from dsnt_export.artifacts import atomic_output_dir
+from dsnt_export.errors import DataSourceError
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import MaskViolationError, ShapeError
-from .patterns import NM, Pattern, Unstructured, parse_pattern
+from dsnt_export.errors import MaskViolationError, ShapeError
+from dsnt_export.patterns import NM, Pattern, Unstructured, parse_pattern
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import PatternError
+from dsnt_export.errors import PatternError
 
 
 @dataclass(frozen=True)

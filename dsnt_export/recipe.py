@@ -2,7 +2,7 @@
 
 A :class:`Recipe` is a frozen dataclass validated at construction; unknown keys raise
 :class:`~dsnt_export.errors.UserInputError` listing the known ones. It loads from and saves to YAML
-and converts to the driver's :class:`~dsnt_export.pipeline.SparsifyConfig`.
+and converts to the driver's :class:`~dsnt_export.sparsify.driver.SparsifyConfig`.
 
 Built-in presets (``Recipe.preset(name)``, also shipped as ``recipes/<name>.yaml`` examples):
 
@@ -44,9 +44,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .artifacts import config_hash
-from .errors import UserInputError
-from .patterns import parse_pattern
+from dsnt_export.artifacts import config_hash
+from dsnt_export.errors import UserInputError
+from dsnt_export.patterns import parse_pattern
 
 INITS = ("magnitude", "wanda", "sparsegpt")
 REFINES = ("dsnot", "none")
@@ -212,7 +212,7 @@ class Recipe:
         return _dsnot_config(self.dsnot)
 
     def sparsify_config(self):
-        from .pipeline import SparsifyConfig
+        from dsnt_export.sparsify.driver import SparsifyConfig
 
         return SparsifyConfig(
             pattern=parse_pattern(self.pattern),
@@ -260,7 +260,7 @@ def _check_choice(r: Recipe, key: str, choices: tuple[str, ...]) -> None:
 
 def dsnot_keys() -> tuple[str, ...]:
     """The DSnoTConfig fields a recipe may set (besides ``preset``)."""
-    from .dsnot import DSnoTConfig
+    from dsnt_export.refine.dsnot import DSnoTConfig
 
     return tuple(f.name for f in fields(DSnoTConfig) if f.name != "preset")
 
@@ -283,7 +283,7 @@ def _check_dsnot(d: Any) -> dict:
 
 
 def _dsnot_config(d: dict):
-    from .dsnot import DSnoTConfig
+    from dsnt_export.refine.dsnot import DSnoTConfig
 
     maker = DSnoTConfig.official if d["preset"] == "official" else DSnoTConfig.default
     base = maker()

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .errors import EmptyStatisticsError, NonFiniteError, ShapeError
+from dsnt_export.errors import EmptyStatisticsError, NonFiniteError, ShapeError
 
 
 class ActivationStats:

@@ -29,7 +29,7 @@ import sysconfig
 import tokenize as pytokenize
 from pathlib import Path
 
-from .errors import DataSourceError, UserInputError
+from dsnt_export.errors import DataSourceError, UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def docstrings(source: str) -> list[str]:
 
 
 def _cache_file(root: Path) -> Path:
-    from .embedded import cache_root
+    from dsnt_export.embedded import cache_root
 
     tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
     version = ".".join(map(str, sys.version_info[:3]))

@@ -7,8 +7,8 @@ from runtime_tests.conftest import dump
 
 def test_manifest_and_files(artifact):
     """The manifest's file hashes match what is on disk (nothing truncated or modified)."""
-    from converters.check import check_files
-    from converters.check_report import CheckReport
+    from converters.checkers.common import check_files
+    from converters.checkers.report import CheckReport
 
     report = CheckReport(str(artifact.path), artifact.kind)
     check_files(report, artifact.path, artifact.manifest)
@@ -18,7 +18,7 @@ def test_manifest_and_files(artifact):
 
 def test_mask_in_stored_tensors(artifact):
     """`dsnt-export check` passes: pattern re-derived from the tensors, vLLM config contract."""
-    from converters.check import check_path
+    from converters.checkers.common import check_path
 
     report = check_path(artifact.path)
     assert report.ok, "\n".join(report.summary_lines())

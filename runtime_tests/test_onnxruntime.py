@@ -23,10 +23,10 @@ def _providers(ort, runtime_device):
 def test_onnxruntime_graphs_match_reference(artifact, reference, ort, runtime_device):
     """Collects every graph's mismatches, then fails once with the per-output max difference."""
     artifact.require("onnx", "tensorrt")
-    from converters.onnx_export import OnnxConverter
-    from converters.onnx_run import run_generation, run_logits, session
     from converters.parity import ParityCheck
-    from converters.runtime_lm import ort_lm, windows_ppl
+    from converters.writers.onnx import OnnxConverter
+    from dsnt_export.runtimes.logits_lm import ort_lm, windows_ppl
+    from dsnt_export.runtimes.onnx_io import run_generation, run_logits, session
 
     providers = _providers(ort, runtime_device)
     check = ParityCheck(f"onnxruntime ({providers[0]})")

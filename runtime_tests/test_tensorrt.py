@@ -22,8 +22,8 @@ def trt_device(artifact, runtime_device):
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_tensorrt_engine_matches_reference(artifact, reference, trt_device, kind):
     from converters.parity import ParityCheck
-    from converters.runtime_lm import LogitsFnLM, windows_ppl
-    from converters.tensorrt import EngineRunner, TensorRTConverter
+    from converters.writers.tensorrt import EngineRunner, TensorRTConverter
+    from dsnt_export.runtimes.logits_lm import LogitsFnLM, windows_ppl
 
     tol = TensorRTConverter.tolerance["float16"]
     runner = EngineRunner(artifact.path / f"model.{kind}.plan", trt_device)
@@ -36,7 +36,7 @@ def test_tensorrt_engine_matches_reference(artifact, reference, trt_device, kind
 
 def test_tensorrt_report_has_eligible_layers(artifact):
     artifact.require("tensorrt")
-    from converters.tensorrt_report import check_tensorrt
+    from converters.checkers.tensorrt import check_tensorrt
 
     report = check_tensorrt(artifact.path)
     assert report.ok, "\n".join(report.summary_lines())

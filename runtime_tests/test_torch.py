@@ -23,7 +23,7 @@ def loaded(artifact, runtime_device):
     artifact.require("hf")
     import torch
 
-    from converters.source import read_source
+    from converters.common.source import read_source
 
     src = read_source(artifact.path)
     device = runtime_device or "cpu"
@@ -72,7 +72,7 @@ def test_torch_logits_match_reference(loaded, reference):
 
 def test_torch_perplexity_matches_reference(loaded, reference):
     from converters.parity import ParityCheck
-    from converters.runtime_lm import windows_ppl
+    from dsnt_export.runtimes.logits_lm import windows_ppl
 
     _, model, device = loaded
     check = ParityCheck(f"torch on {device}")

@@ -15,13 +15,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass, field
 
-from ..errors import UserInputError
+from dsnt_export.errors import UserInputError
 
 RUNTIMES: dict[str, str] = {
-    "torch": "dsnt_export.bench.torch_runtime",
-    "onnxruntime": "dsnt_export.bench.ort_runtime",
-    "tensorrt": "dsnt_export.bench.tensorrt_runtime",
-    "vllm": "dsnt_export.bench.vllm_runtime",
+    "torch": "dsnt_export.runtimes.torch_eager",
+    "onnxruntime": "dsnt_export.runtimes.onnxruntime",
+    "tensorrt": "dsnt_export.runtimes.tensorrt",
+    "vllm": "dsnt_export.runtimes.vllm",
 }
 
 
@@ -91,7 +91,7 @@ class BenchOptions:
 
 def run_bench(path, options: BenchOptions, *, sink=None) -> list[dict]:
     """Benchmark the artifact at ``path``; every row is passed to ``sink`` as soon as it exists."""
-    from .runner import run
+    from dsnt_export.bench.runner import run
 
     return run(path, options, sink=sink)
 

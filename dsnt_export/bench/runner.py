@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from ..errors import DsntError
-from . import BenchOptions, runtime_module
-from .engine import Engine, LogitsModule
-from .env import environment
-from .schema import make_row, new_run_id
-from .target import Target, resolve_target
-from .timing import PeakMemory, measure
+from dsnt_export.bench import BenchOptions, runtime_module
+from dsnt_export.bench.env import environment
+from dsnt_export.bench.schema import make_row, new_run_id
+from dsnt_export.bench.target import Target, resolve_target
+from dsnt_export.bench.timing import PeakMemory, measure
+from dsnt_export.errors import DsntError
+from dsnt_export.runtimes.base import Engine, LogitsModule
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run(path, options: BenchOptions, *, sink=None) -> list[dict]:
 def _eval_tokens(target: Target, options: BenchOptions):
     from transformers import AutoTokenizer
 
-    from ..data import get_eval_tokens
+    from dsnt_export.data import get_eval_tokens
 
     tok_dir = target.hf_dir or target.path
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -115,7 +115,7 @@ def _bench_engine(
 def _perplexity(eng: Engine, tokens, dataset, options: BenchOptions):
     if hasattr(eng, "perplexity"):
         return eng.perplexity(tokens, options.seqlen, options.max_windows, dataset)
-    from ..perplexity import perplexity
+    from dsnt_export.evaluation.perplexity import perplexity
 
     module = eng.as_module()
     dev = torch.device("cpu") if isinstance(module, LogitsModule) else eng.device

@@ -38,7 +38,7 @@ measurement; ``cpu_rss_peak``: the process's peak resident set since the measure
 includes memory earlier variants left with the allocator; ``cpu_rss_peak_process``: the kernel
 refused the reset, process-lifetime peak).
 
-``perplexity`` rows add the :class:`dsnt_export.perplexity.PerplexityResult` fields: ``ppl``,
+``perplexity`` rows add the :class:`dsnt_export.evaluation.perplexity.PerplexityResult` fields: ``ppl``,
 ``nll``, ``n_windows``, ``seqlen``, ``n_tokens_scored``, ``dataset`` (source, split, token hash),
 ``seconds``.
 

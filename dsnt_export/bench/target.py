@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import MANIFEST_NAME, read_manifest
-from ..errors import ArtifactError, UserInputError
+from dsnt_export.artifacts import MANIFEST_NAME, read_manifest
+from dsnt_export.errors import ArtifactError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _dense_from_manifests(*manifests: dict | None) -> tuple[Path | None, str | N
             if not v:
                 continue
             if str(v).lower().startswith("embedded:"):
-                from ..embedded import embedded_model_dir
+                from dsnt_export.embedded import embedded_model_dir
 
                 return embedded_model_dir(progress=False), None
             p = Path(v).expanduser()

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArtifactError
+from dsnt_export.errors import ArtifactError
 
 __all__ = [
     "Timing",

@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def default_rows_path(d: str) -> Path:
     """``RUN/bench/rows.jsonl``: beside an artifact (never inside it: that would change the
     artifact's files), or inside a run directory that holds artifacts."""
-    from ..artifacts import MANIFEST_NAME
+    from dsnt_export.artifacts import MANIFEST_NAME
 
     p = Path(d)
     base = p.parent if (p / MANIFEST_NAME).is_file() else p
@@ -101,8 +101,8 @@ def _fmt(row: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import BenchOptions, run_bench
-    from ..bench.timing import append_rows
+    from dsnt_export.bench import BenchOptions, run_bench
+    from dsnt_export.bench.timing import append_rows
 
     opts = BenchOptions(
         runtime=args.runtime,

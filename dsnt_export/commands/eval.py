@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ArtifactError
+from dsnt_export.errors import ArtifactError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def checkpoint_dir(spec: str) -> str:
     """The HF checkpoint to load for ``spec`` (a directory, an artifact's ``hf/``, or embedded)."""
-    from ..pipeline_io import resolve_model_source
+    from dsnt_export.hf_io import resolve_model_source
 
     p = Path(spec).expanduser()
     if p.is_dir() and not (p / "config.json").is_file() and (p / "hf" / "config.json").is_file():
@@ -73,9 +73,9 @@ def checkpoint_dir(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import get_eval_tokens
-    from ..perplexity import perplexity
-    from ..pipeline_io import (
+    from dsnt_export.data import get_eval_tokens
+    from dsnt_export.evaluation.perplexity import perplexity
+    from dsnt_export.hf_io import (
         load_config,
         load_model,
         load_tokenizer,

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import UserInputError
-from ..recipe import DTYPES, INITS, REFINES, SAVE_DTYPES, Recipe
+from dsnt_export.errors import UserInputError
+from dsnt_export.recipe import DTYPES, INITS, REFINES, SAVE_DTYPES, Recipe
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,8 +126,8 @@ def check_out_dir(out: str, overwrite: bool) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifacts import atomic_output_dir
-    from ..pipeline_run import prune_recipe, write_checkpoint
+    from dsnt_export.artifacts import atomic_output_dir
+    from dsnt_export.workflow import prune_recipe, write_checkpoint
 
     recipe = recipe_from_args(args)
     out = check_out_dir(args.out, args.overwrite)

@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.timing import read_rows
-    from ..errors import UserInputError
-    from ..report import collect_rows, write_report
+    from dsnt_export.bench.timing import read_rows
+    from dsnt_export.errors import UserInputError
+    from dsnt_export.report.collect import collect_rows, write_report
 
     rows = collect_rows(args.dir)
     for f in args.rows:

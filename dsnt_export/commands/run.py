@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import run_exports as _run_exports
-from .prune import add_recipe_arguments, check_out_dir, recipe_from_args
+from dsnt_export import workflow_exports as _run_exports
+from dsnt_export.commands.prune import add_recipe_arguments, check_out_dir, recipe_from_args
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _timed(ctx: RunContext, name: str, fn: Callable[[], Any]) -> Any:
 
 
 def _perplexity(ctx: RunContext, model) -> Any:
-    from ..perplexity import perplexity
+    from dsnt_export.evaluation.perplexity import perplexity
 
     tokens, desc = ctx.eval_tokens
     dev = ctx.loaded[4]
@@ -94,8 +94,8 @@ def _perplexity(ctx: RunContext, model) -> Any:
 
 
 def stage_dense(ctx: RunContext) -> None:
-    from ..data import get_eval_tokens
-    from ..pipeline_run import load_for_recipe
+    from dsnt_export.data import get_eval_tokens
+    from dsnt_export.workflow import load_for_recipe
 
     ctx.loaded = _timed(ctx, "load", lambda: load_for_recipe(ctx.recipe))
     if ctx.recipe.eval is None or ctx.args.no_eval:
@@ -106,8 +106,8 @@ def stage_dense(ctx: RunContext) -> None:
 
 
 def stage_prune_and_save(ctx: RunContext) -> None:
-    from ..pipeline_report import validate_checkpoint
-    from ..pipeline_run import prune_recipe, write_checkpoint
+    from dsnt_export.report.run_summary import validate_checkpoint
+    from dsnt_export.workflow import prune_recipe, write_checkpoint
 
     progress = not ctx.args.no_progress
     ctx.result = _timed(
@@ -124,8 +124,8 @@ def _save_reference_outputs(hf: Path) -> None:
     """Eager float32 outputs of the saved checkpoint in ``hf/dsnt_reference.npz`` (as ``dsnt-export
     export hf`` writes), so ``pytest runtime_tests --artifact OUT/hf`` can check logits parity and
     perplexity of any runtime against them."""
+    from converters.common.source import read_source
     from converters.reference import compute_reference, save_reference
-    from converters.source import read_source
 
     model = read_source(hf).load_model().float().eval()
     save_reference(hf, compute_reference(model))
@@ -134,7 +134,7 @@ def _save_reference_outputs(hf: Path) -> None:
 def stage_sparse_eval(ctx: RunContext) -> None:
     if ctx.eval_tokens is None:
         return
-    from ..pipeline_io import load_model, resolve_dtype, source_dtype
+    from dsnt_export.hf_io import load_model, resolve_dtype, source_dtype
 
     def run():
         cfg_dtype = resolve_dtype(ctx.recipe.dtype, ctx.loaded[4], source_dtype(ctx.loaded[1]))
@@ -176,8 +176,8 @@ def build_summary(ctx: RunContext) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifacts import atomic_output_dir
-    from ..pipeline_report import write_report
+    from dsnt_export.artifacts import atomic_output_dir
+    from dsnt_export.report.run_summary import write_report
 
     recipe = recipe_from_args(args)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         ctx.timings["total"] = round(time.perf_counter() - t0, 3)
         summary = build_summary(ctx)
         write_report(tmp / "report", summary)
-        from ..report import report_run_dir
+        from dsnt_export.report.collect import report_run_dir
 
         report_run_dir(tmp, name=out.name)  # report.json/.md + figures from every stage's rows
     _print_summary(summary, out)

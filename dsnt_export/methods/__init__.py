@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .._keys import smallest_k_mask
-from ..errors import NonFiniteError, ShapeError, UserInputError
-from ..patterns import NM, Pattern, Unstructured, parse_pattern
-from ..stats import ActivationStats
+from dsnt_export.errors import NonFiniteError, ShapeError, UserInputError
+from dsnt_export.patterns import NM, Pattern, Unstructured, parse_pattern
+from dsnt_export.selection import smallest_k_mask
+from dsnt_export.stats import ActivationStats
 
 MetricFn = Callable[[torch.Tensor, "ActivationStats | None"], torch.Tensor]
 _METRICS: dict[str, MetricFn] = {}
@@ -177,7 +177,7 @@ def prune_initial(
     if method not in INITIAL_METHODS:
         raise UserInputError(f"unknown initial method {method!r}; known: {list(INITIAL_METHODS)}")
     if method == "sparsegpt":
-        from .sparsegpt import sparsegpt_prune
+        from dsnt_export.methods.sparsegpt import sparsegpt_prune
 
         _check_weight(weight, stats, name)
         if stats is None or not stats.has_hessian:

@@ -34,8 +34,8 @@ import logging
 
 import torch
 
-from ..errors import NonFiniteError, ShapeError, UserInputError
-from ..patterns import NM, Pattern, Unstructured, parse_pattern
+from dsnt_export.errors import NonFiniteError, ShapeError, UserInputError
+from dsnt_export.patterns import NM, Pattern, Unstructured, parse_pattern
 
 logger = logging.getLogger(__name__)
 

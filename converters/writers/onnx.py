@@ -1,0 +1,453 @@
+"""Export a sparse checkpoint to ONNX through maintained exporters (torch.onnx's dynamo exporter and
+transformers 5's ``transformers.exporters``; optimum-onnx does not run with transformers 5).
+
+Graphs, per dtype directory (``float32/`` for ONNX Runtime on CPU, ``float16/`` FP16-typed for
+TensorRT 11, which has no FP16 builder flag):
+
+- ``model.onnx``: ``input_ids [batch, seq] -> logits [batch, seq, vocab]``, no cache (perplexity,
+  prefill latency, TensorRT engines); ``torch.onnx.export(dynamo=True)`` by default, or
+  ``OnnxExporter`` with ``exporter="transformers"``;
+- ``prefill.onnx`` + ``decode.onnx`` (``OnnxExporter.export_for_generation``): prompt -> logits +
+  KV cache, and one token + cache -> logits + grown cache (decode latency).
+
+Weights go to external data (``<graph>.onnx.data``) when a graph's initializers exceed
+``external_data_threshold`` (default 1.5 GiB, under the 2 GB protobuf limit). After writing, each
+targeted linear is located in the *written* graph by value, must be a constant MatMul/Gemm weight
+with its 2:4 groups along the reduction axis, and the mapping is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from converters import Converter, ExportResult, Tolerance, register
+from converters.common import vllm_compat
+from converters.common.onnx_graph import (
+    fingerprint,
+    io_signature,
+    linear_weights,
+    load_model,
+    map_params,
+    param_fingerprints,
+    where_is,
+)
+from converters.common.source import SparseSource, carried_files, read_source
+from converters.parity import ParityCheck, parity_ids
+from converters.reference import compute_reference, save_reference
+from dsnt_export.artifacts import new_manifest
+from dsnt_export.errors import ArtifactError, UserInputError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+GRAPH_FILES = {"logits": "model.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+EXPORTERS = ("torch", "transformers")
+
+
+def optimize_graph(model) -> None:
+    """Fold constants and clean up an exported graph in place, without pattern rewrites.
+
+    ``torch.onnx.export(optimize=True)`` also runs onnxscript's rewrite rules and fusions, whose
+    matcher walks the graph once per candidate node: on the 30-block embedded model that step took
+    103 s of a 190 s export (1.4 s for 2 blocks), and more per block the deeper the model. What
+    the artifact needs from optimization is constant folding (a linear's weight must reach its
+    MatMul as a plain initializer, not behind a Transpose) and dead-node removal; ONNX Runtime
+    and TensorRT apply their own fusions when they load the graph. This pass list is onnxscript's
+    ``optimize_ir`` minus the rewriter: 7 s on the embedded model, same weights and outputs.
+    """
+    import onnx_ir
+    import onnx_ir.passes.common as passes
+    from onnxscript.optimizer import fold_constants_ir
+
+    passes.InlinePass()(model)
+    for _ in range(2):
+        changed = fold_constants_ir(model, onnx_shape_inference=True).modified
+        changed |= passes.RemoveUnusedNodesPass()(model).modified
+        if not changed:
+            break
+    onnx_ir.passes.Sequential(
+        passes.RemoveUnusedFunctionsPass(),
+        passes.RemoveUnusedOpsetsPass(),
+        passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        passes.LiftSubgraphInitializersToMainGraphPass(),
+        passes.DeduplicateInitializersPass(),
+        passes.CommonSubexpressionEliminationPass(),
+        passes.OutputFixPass(),
+        passes.NameFixPass(),
+    )(model)
+
+
+class _Logits(torch.nn.Module):
+    """``input_ids -> logits`` of a causal LM, cache off (the only output)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def _quiet_exporters():
+    """Silence the exporters' chatter (missing torchvision ops, per-step banners) for one trace;
+    the converter reports progress itself and errors still raise."""
+    names = ("torch.onnx", "torch.export", "onnxscript", "transformers.exporters")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def export_logits_graph(model, opset: int | None = None, exporter: str = "torch"):
+    """The full-sequence logits graph (``onnx_ir.Model``), batch and sequence dynamic.
+
+    ``exporter``: ``"torch"`` (``torch.onnx.export(dynamo=True)``, the default: about twice as
+    fast) or ``"transformers"`` (``transformers.exporters.OnnxExporter``).
+    """
+    from torch.export import Dim
+
+    if exporter not in EXPORTERS:
+        raise UserInputError(f"unknown ONNX exporter {exporter!r}; choose one of {EXPORTERS}")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (2, 16), generator=gen)
+    dims = {0: Dim("batch"), 1: Dim("sequence")}
+    with _quiet_exporters():
+        if exporter == "torch":
+            prog = torch.onnx.export(
+                _Logits(model).eval(),
+                (ids,),
+                dynamo=True,
+                input_names=["input_ids"],
+                output_names=["logits"],
+                dynamic_shapes=(dims,),
+                opset_version=opset,
+                optimize=False,
+                verbose=False,
+            )
+            program = prog.model
+        else:
+            from transformers.exporters import OnnxConfig, OnnxExporter
+
+            cfg = OnnxConfig(
+                dynamic=True,
+                opset_version=opset,
+                dynamic_shapes={"input_ids": dims},
+                optimize=False,
+            )
+            inputs = {"input_ids": ids, "use_cache": False}
+            program = OnnxExporter().export(model, inputs, cfg).program
+    optimize_graph(program)
+    return program
+
+
+def generation_cache(config):
+    """The KV cache to export prefill/decode against, or ``None`` for the one ``generate()`` builds.
+
+    ``generate()`` builds ``DynamicCache(config=<text config>)``, which gives every layer that
+    ``config.layer_types`` (or, without it, a set ``sliding_window`` / ``attention_chunk_size``)
+    marks as sliding or chunked a ``DynamicSlidingWindowLayer``. That layer carries a scalar
+    ``_sliding_window_tensor``, and the exporter flattens every tensor of the cache into the graph:
+    prefill and decode would take (and pass straight through) one ``input.cache.layers.N.
+    _sliding_window_tensor`` per layer, state no runner can feed from the KV cache alone. The
+    exporter already traces those layers as a full ``DynamicLayer`` (its cut to the window does not
+    survive a trace), and the graph's attention mask, built from the config, applies the window. So
+    the same cache with those layers as plain ``DynamicLayer``s exports the same graph without the
+    extra inputs: the decode cache keeps every position, and the mask keeps the model's window.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    if not any(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers):
+        return None
+    cache.layers = [
+        DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
+
+
+def export_generation_graphs(model, opset: int | None = None) -> dict:
+    """``{"prefill": ..., "decode": ...}`` graphs with an explicit KV cache, batch dynamic.
+
+    The graphs' only cache inputs/outputs are per-layer keys and values, sliding-window models
+    included (see ``generation_cache``).
+    """
+    from transformers import GenerationConfig
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    ids = torch.randint(
+        4, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)
+    )
+    gen = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=None)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cache = generation_cache(model.config)
+    if cache is not None:
+        inputs["cache"] = cache
+    with _quiet_exporters():
+        ex = OnnxExporter().export_for_generation(
+            model,
+            inputs,
+            OnnxConfig(dynamic=True, opset_version=opset, optimize=False),
+            generation_config=gen,
+        )
+    programs = {name: c.program for name, c in ex.components.items()}
+    for program in programs.values():
+        optimize_graph(program)
+    return programs
+
+
+def weight_names(fps: dict[str, tuple[str, str]]) -> dict[tuple[str, int], str]:
+    """``{(fingerprint, reduction axis): initializer name}`` for :func:`name_weights`, from
+    :func:`param_fingerprints`: a parameter ``W [out, in]`` is ``<param>.T`` stored as ``W^T``
+    (axis 0, MatMul) and ``<param>`` stored as ``W`` (axis 1, Gemm ``transB=1``)."""
+    names = {}
+    for name, (fp_t, fp_w) in fps.items():
+        names[(fp_t, 0)] = f"{name}.T"
+        names[(fp_w, 1)] = name
+    return names
+
+
+def name_weights(program, names: dict[tuple[str, int], str]) -> int:
+    """Give the linear weights of an exported graph their Hugging Face names, in place.
+
+    Constant folding leaves them exporter-invented names (``val_5097``), which is what TensorRT's
+    logs, Polygraphy and Netron then print. Each MatMul/Gemm constant that equals a parameter
+    (matched by value, as ``graph_weights`` does; ``names`` from :func:`weight_names`) is renamed
+    ``<param>.T`` under MatMul and ``<param>`` under Gemm ``transB=1``. A name already taken is
+    left alone. Returns how many initializers were renamed.
+    """
+    graph = program.graph
+    renamed = 0
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        b = node.inputs[1]
+        if b is None or not b.is_initializer() or b.const_value is None:
+            continue
+        if len(b.const_value.shape) != 2:
+            continue
+        axis = 0
+        if node.op_type == "Gemm":
+            trans_b = node.attributes.get("transB")
+            axis = 1 if trans_b is not None and trans_b.value == 1 else 0
+        new = names.get((fingerprint(b.const_value.numpy()), axis))
+        if new is None or b.name == new or new in graph.initializers:
+            continue
+        b.name = new
+        renamed += 1
+    return renamed
+
+
+def save_graph(program, path: Path, threshold: int) -> list[str]:
+    """Save one graph, its weights in ``<name>.data`` beside it above ``threshold`` bytes."""
+    import onnx_ir
+
+    size = sum(
+        v.const_value.nbytes
+        for v in program.graph.initializers.values()
+        if v.const_value is not None
+    )
+    if size > threshold:
+        onnx_ir.save(program, path, external_data=f"{path.name}.data")
+        return [path.name, f"{path.name}.data"]
+    onnx_ir.save(program, path)
+    return [path.name]
+
+
+def graph_weights(
+    path: Path, params: dict[str, np.ndarray], fps: dict | None = None, model=None
+) -> tuple[dict, list[str]]:
+    """Map the written graph's MatMul/Gemm constants to the HF weights; explain missing ones.
+
+    ``fps``: :func:`param_fingerprints` of ``params``; ``model``: the graph at ``path`` if loaded.
+    """
+    model = model if model is not None else load_model(path)
+    found, _ = linear_weights(model)
+    mapping, missing = map_params(found, params, fps)
+    problems = [f"{path.name}: {name} {where_is(model, params[name])}" for name in missing]
+    return {k: v.to_json() for k, v in mapping.items()}, problems
+
+
+@register
+class OnnxConverter(Converter):
+    name = "onnx"
+    extras = ()
+    tolerance = {
+        "float32": Tolerance(logits_atol=1e-4, ppl_rel=1e-3),
+        "float16": Tolerance(logits_atol=2e-2, ppl_rel=2e-2),
+    }
+    description = "ONNX graphs (logits; prefill/decode with KV cache), fp32 for ORT, fp16 for TRT"
+
+    def write(
+        self,
+        src_dir: Path,
+        tmp: Path,
+        result: ExportResult,
+        *,
+        dtypes=("float32", "float16"),
+        generation_dtypes=("float32",),
+        opset: int | None = None,
+        exporter: str = "torch",
+        external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+        progress: bool = True,
+        **_: Any,
+    ) -> dict:
+        bad = [d for d in (*dtypes, *generation_dtypes) if d not in DTYPES]
+        if bad or not dtypes:
+            raise UserInputError(f"ONNX dtypes must be among {sorted(DTYPES)}, got {bad or dtypes}")
+        if set(generation_dtypes) - set(dtypes):
+            raise UserInputError(
+                f"generation dtypes {generation_dtypes} must be among the exported dtypes {dtypes}"
+            )
+        src = read_source(src_dir)
+        config, removed = vllm_compat.strip_sparsity_config(src.config)
+        result.warnings += [f"dropped {r} from the ONNX export's config.json" for r in removed]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for f in carried_files(src.path):
+            shutil.copy2(f, tmp / f.name)
+        graphs: dict[str, dict] = {}
+        reference = {} if "float32" in dtypes else compute_reference(src.load_model(torch.float32))
+        steps = len(dtypes) + len(generation_dtypes)
+        with tqdm(total=steps, desc="ONNX export", unit="trace", disable=not progress) as bar:
+            for dt in dtypes:
+                model = src.load_model(dtype=DTYPES[dt])
+                bar.set_postfix_str(f"{dt} logits graph")
+                programs = {"logits": export_logits_graph(model, opset, exporter)}
+                bar.update()
+                if dt in generation_dtypes:
+                    bar.set_postfix_str(f"{dt} prefill + decode graphs")
+                    programs.update(export_generation_graphs(model, opset))
+                    bar.update()
+                (tmp / dt).mkdir()
+                params = {k: v.to(DTYPES[dt]).numpy() for k, v in src.target_weights().items()}
+                fps = param_fingerprints(params)
+                names = weight_names(fps)
+                for kind, program in programs.items():
+                    rel = f"{dt}/{GRAPH_FILES[kind]}"
+                    name_weights(program, names)
+                    files = save_graph(program, tmp / rel, external_data_threshold)
+                    del program
+                    graphs[rel] = self._describe(tmp / rel, kind, dt, files, params, fps)
+                if dt == "float32":
+                    reference = compute_reference(model)
+                del model, programs
+        save_reference(tmp, reference)
+        return self._manifest(src, graphs, removed, exporter)
+
+    @staticmethod
+    def _describe(
+        path: Path, kind: str, dt: str, files: list[str], params: dict, fps: dict
+    ) -> dict:
+        model = load_model(path)
+        weights, problems = graph_weights(path, params, fps, model)
+        if problems:
+            raise ArtifactError(
+                f"{len(problems)} targeted weight(s) do not reach the ONNX graph as constant "
+                f"MatMul/Gemm weights, so their 2:4 pattern is hidden from TensorRT:\n  "
+                + "\n  ".join(problems[:10])
+            )
+        return {
+            "kind": kind,
+            "dtype": dt,
+            "files": [f"{dt}/{f}" for f in files],
+            "opset": max(
+                (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None
+            ),
+            **io_signature(model),
+            "weights": weights,
+        }
+
+    def _manifest(self, src: SparseSource, graphs: dict, removed: list[str], exporter: str) -> dict:
+        sm = src.manifest or {}
+        import transformers
+
+        return new_manifest(
+            "onnx",
+            source_model=sm.get(
+                "source_model", {"id": str(src.path), "model_type": src.model_type}
+            ),
+            pattern=src.pattern.to_json(),
+            recipe=sm.get("recipe", {}),
+            calibration=sm.get("calibration", {}),
+            tensors={k: dict(v) for k, v in sm.get("tensors", {}).items()},
+            skipped=sm.get("skipped", []),
+            timings={},
+            extra={
+                "graphs": graphs,
+                "export": {
+                    "converter": self.name,
+                    "exporter": {
+                        "logits": "torch.onnx.export(dynamo=True)"
+                        if exporter == "torch"
+                        else "transformers.exporters.OnnxExporter",
+                        "prefill/decode": "transformers.exporters.OnnxExporter"
+                        ".export_for_generation",
+                        "versions": {
+                            "transformers": transformers.__version__,
+                            "torch": torch.__version__,
+                        },
+                    },
+                    "stripped_from_config": removed,
+                    "source": {"path": str(src.path), "recipe_hash": sm.get("recipe_hash")},
+                    "tolerance": {k: v.to_json() for k, v in self.tolerance.items()},
+                    "runtimes": "fp32 graphs: ONNX Runtime (CPU/CUDA, dense kernels); fp16 graphs: "
+                    "TensorRT (SPARSE_WEIGHTS) or ORT",
+                },
+            },
+        )
+
+    def check_masks(self, tmp: Path, manifest: dict) -> dict[str, dict]:
+        from converters.checkers.common import mask_checks_from_report
+        from converters.checkers.onnx import check_onnx
+
+        return mask_checks_from_report(check_onnx(tmp, manifest=manifest, hashes=False))
+
+    def parity(
+        self, src_dir: Path, tmp: Path, manifest: dict, check: ParityCheck, **_: Any
+    ) -> None:
+        from converters.reference import load_reference
+        from dsnt_export.runtimes.logits_lm import ort_lm, windows_ppl
+        from dsnt_export.runtimes.onnx_io import run_generation, run_logits, session
+
+        src = read_source(src_dir)
+        ref = load_reference(tmp)
+        model = src.load_model(dtype=torch.float32)  # eager truth for every graph dtype
+        vocab = src.config["vocab_size"]
+        for rel, g in manifest["extra"]["graphs"].items():
+            tol = self.tolerance[g["dtype"]]
+            sess = session(tmp / rel)
+            if g["kind"] == "logits":
+                ids = parity_ids(vocab, batch=2, seqlen=32, seed=2)
+                with torch.no_grad():
+                    want = model(input_ids=ids).logits
+                check.compare(f"{rel}:logits", run_logits(sess, ids.numpy()), want, tol)
+                got_ppl = windows_ppl(ort_lm(sess), ref["ppl_ids"])
+                check.compare_ppl(f"{rel}:perplexity", got_ppl, float(ref["ppl"]), tol)
+            elif g["kind"] == "prefill":
+                decode = rel.replace(GRAPH_FILES["prefill"], GRAPH_FILES["decode"])
+                ids = parity_ids(vocab, batch=2, seqlen=12, seed=3)
+                got = run_generation(sess, session(tmp / decode), ids.numpy(), prompt_len=8)
+                with torch.no_grad():
+                    want = model(input_ids=ids).logits[:, 7:]
+                check.compare(f"{rel}+decode:logits", got, want, tol)

@@ -1,0 +1,231 @@
+"""DSnoT's prune-and-grow cycles driven by the exact second-order layer loss (``criterion="hessian"``).
+
+DSnoT (spec sections 2-4) picks, in every cycle of a row, one pruned weight to grow and one kept
+weight to prune so that the row's *mean-based* error estimate ``sum_j (w_j - w'_j) E[x_j]`` shrinks;
+weights are never changed. That estimate ignores the covariance of the inputs, and on top of
+SparseGPT (whose kept weights carry an OBS update) it undoes part of the compensation.
+
+Here every cycle of a row still swaps one pruned and one kept weight inside the row (inside one N:M
+group for N:M patterns, so per-row counts and the pattern hold after every swap), but the pair is
+the one that lowers the row's exact reconstruction loss
+
+    L_r = (w_ref - w')_r  H  (w_ref - w')_r^T,      H = 2/n X^T X + damp * mean(diag H) * I
+
+the most (SparseGPT's objective, with its dampening), and the grown weight takes its loss-optimal
+value instead of its dense value. With ``d = w_ref - w'`` and ``g = d H`` (kept up to date with two
+rank-1 row updates per swap), pruning kept ``j`` (value ``u``) and growing pruned ``i`` changes
+
+    dL = 2 u g_j + u^2 H_jj  -  (g_i + u H_ij)^2 / H_ii,       new w'_i = (g_i + u H_ij) / H_ii
+
+A row stops after ``max_cycles`` swaps or when no swap lowers its loss. For N:M every (grow, prune)
+pair of every group is scored (``n_keep * n_prune`` per group); for unstructured sparsity the grow
+with the largest ``g_i^2 / H_ii`` is paired with the prune of smallest cost (then scored exactly).
+
+Pure tensor function: ``hessian_refine(weight, keep, reference, hessian, pattern) -> (w', keep', info)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsnt_export.errors import ShapeError, UserInputError
+from dsnt_export.patterns import NM, Pattern, parse_pattern
+
+__all__ = ["HessianRefineInfo", "hessian_refine", "layer_loss"]
+
+
+@dataclass
+class HessianRefineInfo:
+    loss_before: float
+    loss_after: float
+    n_swaps: int
+    cycles: int
+
+    def summary(self) -> dict:
+        return {
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "n_swaps": self.n_swaps,
+            "cycles": self.cycles,
+        }
+
+
+def _dampened(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    H = hessian.to(torch.float32).clone()
+    diag = torch.diagonal(H)
+    damp = percdamp * diag.mean()
+    dead = diag <= 0
+    diag += damp
+    if bool(dead.any()):  # a channel that never fires: growing it cannot help, never pick it
+        diag[dead] = float("inf")
+    return H
+
+
+def layer_loss(reference: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``sum_r (ref - w)_r H (ref - w)_r^T`` (float32)."""
+    d = reference.to(torch.float32) - weight.to(torch.float32)
+    return float(((d @ hessian.to(torch.float32)) * d).sum())
+
+
+@torch.no_grad()
+def hessian_refine(
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    reference: torch.Tensor,
+    hessian: torch.Tensor,
+    pattern: Pattern | str,
+    *,
+    max_cycles: int = 50,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, HessianRefineInfo]:
+    """Swap pruned and kept weights row by row to lower the exact layer loss (module docstring).
+
+    ``weight`` [out, in]: the sparse layer's current values (entries where ``keep`` is False are
+    ignored, treated as 0); ``reference``: the dense weight the loss is measured against;
+    ``hessian``: ``2/n X^T X`` [in, in]. Returns the new weight (``weight``'s dtype, exact zeros
+    where pruned), the new keep mask, and what was done. Work happens in float32 on the weight's
+    device; ``keep``'s per-row counts (and N:M groups) are preserved.
+    """
+    pattern = parse_pattern(pattern)
+    R, C = weight.shape
+    if keep.shape != weight.shape or reference.shape != weight.shape:
+        raise ShapeError(
+            f"weight {tuple(weight.shape)}, keep {tuple(keep.shape)} and reference "
+            f"{tuple(reference.shape)} must have the same shape"
+        )
+    if hessian.shape != (C, C):
+        raise ShapeError(f"hessian has shape {tuple(hessian.shape)}, expected ({C}, {C})")
+    if isinstance(max_cycles, bool) or not isinstance(max_cycles, int) or max_cycles < 0:
+        raise UserInputError(f"max_cycles must be an int >= 0, got {max_cycles!r}")
+    dev = weight.device
+    H = _dampened(hessian.to(dev), percdamp)
+    Hd = torch.diagonal(H)
+    w = torch.where(keep, weight.to(torch.float32), 0.0)
+    ref = reference.to(device=dev, dtype=torch.float32)
+    keep = keep.clone()
+    Hfin = torch.where(torch.isfinite(H), H, 0.0)  # dead channels: gradient contribution 0
+    g = (ref - w) @ Hfin
+    loss_before = float(((ref - w) * g).sum())
+    if max_cycles == 0 or keep.all() or not keep.any():
+        return w.to(weight.dtype), keep, HessianRefineInfo(loss_before, loss_before, 0, 0)
+    if isinstance(pattern, NM):
+        w, keep, swaps, cycles = _nm_swaps(w, keep, g, Hfin, Hd, pattern, max_cycles)
+    else:
+        w, keep, swaps, cycles = _unstructured_swaps(w, keep, g, Hfin, Hd, max_cycles)
+    d = ref - w
+    loss_after = float(((d @ Hfin) * d).sum())
+    out = w.to(weight.dtype).masked_fill_(~keep, 0)
+    return out, keep, HessianRefineInfo(loss_before, loss_after, swaps, cycles)
+
+
+def _apply(w, keep, g, Hfin, rows, i, j, v, ok):
+    """Prune j (value u) and grow i (value v) in the rows where ``ok``; keep g = (ref - w) H exact."""
+    u = torch.where(ok, w[rows, j], 0.0)
+    v = torch.where(ok, v, 0.0)
+    g.addcmul_(u[:, None], Hfin.index_select(0, j))
+    g.addcmul_(v[:, None], Hfin.index_select(0, i), value=-1.0)
+    w[rows, j] = torch.where(ok, 0.0, w[rows, j])
+    w[rows, i] = torch.where(ok, v, w[rows, i])
+    keep[rows, j] &= ~ok
+    keep[rows, i] |= ok
+
+
+def _nm_swaps(w, keep, g, Hfin, Hd, pattern: NM, max_cycles: int):
+    """N:M: score every (grow, prune) pair of every group, apply each row's best one per cycle.
+
+    Per (row, group) state that only a swap in that group changes is cached (kept values, their
+    prune costs' constant part, the coupling ``u_j H_ij`` and ``1 / H_ii``); a cycle then costs a
+    few passes over ``[rows, in]``. A row whose best pair does not lower its loss is final (its
+    ``g`` no longer changes), so finished rows are dropped from the work set as they accumulate.
+    """
+    R, C = w.shape
+    m, nk = pattern.m, pattern.n_keep
+    npr = m - nk
+    G = C // m
+    dev = w.device
+    idx = torch.arange(C, device=dev).reshape(G, m)
+    Hb = Hfin[idx[:, :, None], idx[:, None, :]]  # [G, m, m] diagonal blocks
+    Hdf = torch.diagonal(Hfin).reshape(G, m)  # prune costs (0 on dead channels)
+    Hdi = Hd.reshape(G, m)  # grow denominators (inf on dead channels)
+    gidx = torch.arange(G, device=dev)
+    order = torch.argsort((~keep).reshape(R, G, m).to(torch.uint8), dim=-1, stable=True)
+    ki, pi = order[..., :nk].contiguous(), order[..., nk:].contiguous()  # local slots
+
+    def group_state(w_rg, ki_rg, pi_rg, grp):
+        """Cached terms of the groups ``grp`` ([n] or [n, G]) of rows with values ``w_rg``."""
+        u = w_rg.gather(-1, ki_rg)
+        hjj = Hdf[grp].gather(-1, ki_rg)
+        hb = Hb[grp]  # [..., m, m]
+        hij = hb.gather(-2, pi_rg[..., :, None].expand(*pi_rg.shape, m))
+        hij = hij.gather(-1, ki_rg[..., None, :].expand(*pi_rg.shape, nk))
+        return u, u * u * hjj, hij * u[..., None, :], 1.0 / Hdi[grp].gather(-1, pi_rg)
+
+    u, c2, uh, ihii = group_state(w.reshape(R, G, m), ki, pi, gidx.expand(R, G))
+    out_w, out_keep = w, keep
+    live = torch.arange(R, device=dev)  # rows of the work set, as indices into the outputs
+    swaps = torch.zeros((), dtype=torch.int64, device=dev)
+    sync_every = 1 if dev.type == "cpu" else 8
+    cycles = 0
+    for cycle in range(max_cycles):
+        cycles = cycle + 1
+        n = live.numel()
+        gg = g.reshape(n, G, m)
+        gnew = gg.gather(2, pi)[..., :, None] + uh  # [n, G, np, nk]: g_i after pruning j
+        cost = torch.addcmul(c2, u, gg.gather(2, ki), value=2.0)  # loss added by pruning j
+        dl = cost[..., None, :] - gnew.square_().mul_(ihii[..., :, None])
+        best, arg = dl.reshape(n, -1).min(dim=1)
+        del gnew, cost, dl
+        ok = best < 0
+        rows = torch.arange(n, device=dev)
+        grp, a, b = arg // (npr * nk), (arg // nk) % npr, arg % nk
+        i_loc, j_loc = pi[rows, grp, a], ki[rows, grp, b]
+        i, j = grp * m + i_loc, grp * m + j_loc
+        v = (gg[rows, grp, i_loc] + Hb[grp, i_loc, j_loc] * u[rows, grp, b]) / Hd[i]
+        _apply(w, keep, g, Hfin, rows, i, j, v, ok)
+        ki[rows, grp, b] = torch.where(ok, i_loc, j_loc)
+        pi[rows, grp, a] = torch.where(ok, j_loc, i_loc)
+        new = group_state(w.reshape(n, G, m)[rows, grp], ki[rows, grp], pi[rows, grp], grp)
+        for cache, val in zip((u, c2, uh, ihii), new, strict=True):
+            cache[rows, grp] = val
+        swaps += ok.sum()
+        if cycles % sync_every:
+            continue
+        n_ok = int(ok.sum())
+        if n_ok < 0.75 * n:  # write the finished rows out, go on with the others only
+            done, go = (~ok).nonzero().squeeze(1), ok.nonzero().squeeze(1)
+            out_w[live[done]], out_keep[live[done]] = w[done], keep[done]
+            if n_ok == 0:
+                return out_w, out_keep, int(swaps), cycles
+            live = live[go]
+            w, keep, g, ki, pi = w[go], keep[go], g[go], ki[go], pi[go]
+            u, c2, uh, ihii = u[go], c2[go], uh[go], ihii[go]
+    if w is not out_w:  # the work set was compacted: write its rows back
+        out_w[live], out_keep[live] = w, keep
+    return out_w, out_keep, int(swaps), cycles
+
+
+def _unstructured_swaps(w, keep, g, Hfin, Hd, max_cycles: int):
+    R, _ = w.shape
+    rows = torch.arange(R, device=w.device)
+    swaps = torch.zeros((), dtype=torch.int64, device=w.device)
+    sync_every = 1 if w.device.type == "cpu" else 8
+    inf = float("inf")
+    Hdf = torch.diagonal(Hfin)
+    cycles = 0
+    for cycle in range(max_cycles):
+        cycles = cycle + 1
+        gain = (g * g / Hd).masked_fill(keep, -inf)  # loss removed by growing i (alone)
+        cost = (2 * w * g + w * w * Hdf).masked_fill(~keep, inf)  # loss added by pruning j (alone)
+        i = gain.argmax(dim=1)
+        j = cost.argmin(dim=1)
+        u = w[rows, j]
+        gi = g[rows, i] + u * Hfin[i, j]
+        dl = cost[rows, j] - gi * gi / Hd[i]
+        ok = dl < 0
+        _apply(w, keep, g, Hfin, rows, i, j, gi / Hd[i], ok)
+        swaps += ok.sum()
+        if cycles % sync_every == 0 and not bool(ok.any()):
+            break
+    return w, keep, int(swaps), cycles

@@ -1,0 +1,1 @@
+"""dsnt_export/report."""

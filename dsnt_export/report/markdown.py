@@ -1,0 +1,172 @@
+"""Markdown rendering of a run report (the dict :func:`dsnt_export.report.collect.build_report` returns)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        a = abs(v)
+        if a != 0 and (a < 1e-3 or a >= 1e6):
+            return f"{v:.3g}"
+        return f"{v:.4g}" if a < 100 else f"{v:,.1f}"
+    if isinstance(v, list):
+        return "×".join(str(x) for x in v)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    if not rows:
+        return "_none_\n"
+    head = "| " + " | ".join(h for _, h in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def _mib(b: Any) -> float | None:
+    return b / 2**20 if isinstance(b, (int, float)) else None
+
+
+def _latency_rows(lat: list[dict]) -> list[dict]:
+    out = []
+    for c in lat:
+        row = {k: c[k] for k in ("runtime", "device", "phase", "batch_size", "prompt_len")}
+        row["backend"] = ", ".join(sorted({v.get("backend") or "" for v in c["variants"].values()}))
+        for name in ("dense", "sparse", "sparse-kernels"):
+            v = c["variants"].get(name)
+            if v:
+                row[f"{name}_ms"] = v["latency_ms"]
+                row[f"{name}_x"] = v.get("speedup_vs_dense")
+                row[f"{name}_mem"] = _mib(v.get("peak_mem_bytes"))
+        out.append(row)
+    return out
+
+
+PPL_COLS = [
+    ("label", "model"),
+    ("runtime", "runtime"),
+    ("backend", "backend"),
+    ("ppl", "perplexity"),
+    ("increase_vs_dense_pct", "vs dense (%)"),
+    ("dataset", "data"),
+    ("seqlen", "seqlen"),
+    ("n_windows", "windows"),
+]
+LAYER_COLS = [
+    ("name", "layer"),
+    ("method", "method"),
+    ("pattern", "pattern"),
+    ("sparsity", "sparsity"),
+    ("err_before", "err before"),
+    ("err_after", "err after"),
+    ("swaps", "swaps"),
+    ("time_s", "s"),
+]
+SKIP_COLS = [
+    ("runtime", "runtime"),
+    ("variant", "variant"),
+    ("bench", "what"),
+    ("section", "section"),
+    ("status", "status"),
+    ("reason", "reason"),
+]
+LATENCY_NOTE = (
+    "Median of the timed runs after warm-up, device synchronised. Prefill: one forward over the "
+    "prompt (ms). Decode: ms per step of the whole batch on the prompt's KV cache. `x` = dense "
+    "time / variant time (>1 = faster than dense), both from the same run. Memory: peak MiB "
+    "(CUDA: allocated tensors; CPU: the process's peak RSS, which still holds memory of the "
+    "variants loaded before it, so only CUDA memory compares across variants).\n"
+)
+
+
+def _summary(rep: dict) -> list[str]:
+    s = rep["summary"]
+    md = [
+        f"# {rep.get('title', 'dsnt-export run report')}\n",
+        f"{s['rows']} rows; {s['perplexity_points']} perplexity points, "
+        f"{s['latency_points']} latency points, {s['layers']} pruned layers; "
+        f"{s['skipped_or_failed']} rows skipped or failed (see the last section).\n",
+    ]
+    if s.get("ppl_increase_vs_dense_pct"):
+        lo, hi = s["ppl_increase_vs_dense_pct"]
+        md.append(f"- Perplexity vs dense: {lo:+.2f}% to {hi:+.2f}%.")
+    if s.get("speedup_vs_dense"):
+        lo, hi = s["speedup_vs_dense"]
+        md.append(
+            f"- Latency speedup vs dense (dense time / variant time; >1 is faster): "
+            f"{lo:.2f}x to {hi:.2f}x."
+        )
+    if s.get("layers_refined"):
+        md.append(
+            f"- DSnoT lowered the reconstruction error of {s['layers_error_reduced']} of "
+            f"{s['layers_refined']} refined layers."
+        )
+    return [*md, ""]
+
+
+def _latency(rep: dict, figs: dict) -> list[str]:
+    md = ["## Latency\n", LATENCY_NOTE]
+    if "latency" in figs:
+        md.append(f"![latency dense vs sparse]({figs['latency']})\n")
+    cols = [
+        ("runtime", "runtime"),
+        ("device", "device"),
+        ("backend", "backend"),
+        ("phase", "phase"),
+        ("batch_size", "batch"),
+        ("prompt_len", "prompt"),
+    ]
+    rows = _latency_rows(rep["latency"])
+    for name in ("dense", "sparse", "sparse-kernels"):
+        if any(f"{name}_ms" in r for r in rows):
+            cols.append((f"{name}_ms", f"{name} ms"))
+            if name != "dense":
+                cols.append((f"{name}_x", "x"))
+            cols.append((f"{name}_mem", "MiB"))
+    return [*md, table(rows, cols)]
+
+
+def _environment(rep: dict) -> list[str]:
+    md = ["## Environment\n"]
+    for e in rep.get("environments") or []:
+        vers = ", ".join(f"{k} {x}" for k, x in (e.get("versions") or {}).items() if x)
+        gpu = e.get("gpu") or "none"
+        if e.get("gpu"):
+            gpu += (
+                f" sm{''.join(map(str, e.get('capability') or []))}, driver "
+                f"{e.get('driver')}, CUDA {e.get('cuda_runtime')}, cuSPARSELt "
+                f"{e.get('cusparselt')}"
+            )
+        cores = e.get("cpu_affinity") or e.get("cpu_count")
+        md.append(f"- CPU {e.get('cpu')} ({cores} cores); GPU {gpu}; {vers}")
+    return [*md, ""]
+
+
+def render_markdown(rep: dict) -> str:
+    figs = rep.get("figures") or {}
+    md = _summary(rep)
+    md.append("## Perplexity\n")
+    if "perplexity" in figs:
+        md.append(f"![perplexity per method and pattern]({figs['perplexity']})\n")
+    md.append(table(rep["perplexity"], PPL_COLS))
+    md += _latency(rep, figs)
+    md.append("## DSnoT per layer\n")
+    if "layer_error" in figs:
+        md.append(f"![per-layer DSnoT error]({figs['layer_error']})\n")
+    md.append(table(rep["layers"], LAYER_COLS))
+    for bench, rows in (rep.get("other") or {}).items():
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        md += [f"## {bench}\n", table(rows, [(k, k) for k in keys[:14]])]
+    md += ["## Skipped and failed\n", table(rep["skipped"], SKIP_COLS)]
+    md += _environment(rep)
+    return "\n".join(md)

@@ -1,0 +1,223 @@
+"""``dsnt-export check`` against deliberately damaged artifacts: each damage kind must be caught."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from converters import get_converter
+from converters.checkers.common import check_path, derive_nm
+from dsnt_export.artifacts import MANIFEST_NAME
+from dsnt_export.cli import main
+from tests._sparse_fixtures import make_sparse_hf_dir
+
+UP = "model.layers.0.mlp.up_proj.weight"  # [128, 64]
+Q = "model.layers.1.self_attn.q_proj.weight"  # [64, 64]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("check")
+    src = make_sparse_hf_dir(root / "src", "llama", pattern="2:4")
+    get_converter("hf").export(src, root / "hf")
+    return root / "hf"
+
+
+@pytest.fixture
+def art(exported, tmp_path) -> Path:
+    """A fresh copy of the exported checkpoint to damage."""
+    return Path(shutil.copytree(exported, tmp_path / "art"))
+
+
+def edit_weights(d: Path, fn) -> None:
+    f = d / "model.safetensors"
+    sd = load_file(str(f))
+    fn(sd)
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
+def drop_hashes(d: Path) -> None:
+    """Remove the file hashes so that the tensor checks alone must catch the damage."""
+    m = json.loads((d / MANIFEST_NAME).read_text())
+    m.pop("files")
+    (d / MANIFEST_NAME).write_text(json.dumps(m))
+
+
+def codes(report) -> set[str]:
+    return {f.code for f in report.findings if f.severity != "warning"}
+
+
+def test_clean_export_passes(art, capsys):
+    assert main(["check", str(art)]) == 0
+    r = check_path(art)
+    assert r.ok and r.derived_pattern == "2:4" and len(r.tensors) == 14
+    assert r.pattern_source == "manifest"
+
+
+@pytest.mark.parametrize("hashes", [True, False])
+def test_single_flipped_weight(art, hashes):
+    def flip(sd):
+        w = sd[UP]
+        r, c = (w == 0).nonzero()[0].tolist()
+        w[r, c] = 1e-3  # one pruned zero made non-zero
+
+    edit_weights(art, flip)
+    if not hashes:
+        drop_hashes(art)
+    r = check_path(art)
+    assert r.exit_code == 1
+    assert {"mask", "sparsity-mismatch"} <= codes(r)
+    assert ("sha256" in codes(r)) == hashes
+    bad = [f for f in r.violations if f.code == "mask"]
+    assert [f.subject for f in bad] == [UP] and "1 of" in bad[0].message
+    assert r.tensors[UP]["derived"] == "3:4"
+
+
+def test_flipped_weight_without_manifest(art):
+    edit_weights(art, lambda sd: sd[Q].__setitem__((0, int((sd[Q][0] == 0).nonzero()[0])), 0.5))
+    (art / MANIFEST_NAME).unlink()
+    r = check_path(art, pattern="2:4")
+    assert r.exit_code == 1 and codes(r) == {"mask"}
+    assert r.derived_pattern == "3:4"
+
+
+@pytest.mark.parametrize("name", [UP, Q])
+def test_transposed_export(art, name):
+    edit_weights(art, lambda sd: sd.__setitem__(name, sd[name].t().contiguous()))
+    drop_hashes(art)
+    r = check_path(art)
+    assert r.exit_code == 1
+    assert "mask" in codes(r)  # the groups now lie along the wrong axis
+    if name == UP:
+        assert "transposed" in codes(r)
+
+
+def test_missing_tensor(art):
+    edit_weights(art, lambda sd: sd.pop(Q))
+    drop_hashes(art)
+    r = check_path(art)
+    assert r.exit_code == 1 and codes(r) == {"missing-tensor"}
+    assert r.violations[0].subject == Q
+
+
+def test_truncated_file_is_unreadable(art):
+    f = art / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    assert main(["check", str(art)]) == 2
+    r = check_path(art)
+    assert r.exit_code == 2 and "unreadable" in codes(r) and "sha256" in codes(r)
+
+
+def test_truncated_shard_of_sharded_checkpoint(tmp_path):
+    src = make_sparse_hf_dir(tmp_path / "src", "qwen2")
+    out = tmp_path / "sharded"
+    get_converter("hf").export(src, out, max_shard_size="60KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").exists()
+    assert check_path(out).ok
+    shards[1].write_bytes(shards[1].read_bytes()[:100])
+    r = check_path(out)
+    assert r.exit_code == 2 and "unreadable" in codes(r)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "sparse-24-bitmask"])
+def test_leftover_sparsity_config(art, fmt):
+    cfg = json.loads((art / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {
+            "format": fmt,
+            "sparsity_structure": "2:4",
+            "targets": ["Linear"],
+            "ignore": ["lm_head"],
+        },
+    }
+    (art / "config.json").write_text(json.dumps(cfg))
+    drop_hashes(art)
+    r = check_path(art)
+    assert r.exit_code == 1 and codes(r) == {"vllm-config"}
+
+
+def test_unknown_architecture(art):
+    cfg = json.loads((art / "config.json").read_text())
+    cfg["architectures"] = ["MyCustomForCausalLM"]
+    (art / "config.json").write_text(json.dumps(cfg))
+    r = check_path(art)
+    assert r.exit_code == 1 and codes(r) == {"vllm-config", "sha256"}  # config.json was edited
+
+
+def test_single_safetensors_file(art):
+    assert check_path(art / "model.safetensors").ok
+    edit_weights(art, lambda sd: sd.pop(Q))
+    r = check_path(art / "model.safetensors")
+    assert r.exit_code == 1 and {"missing-tensor", "sha256"} <= codes(r)
+
+
+def test_pattern_option(art):
+    r = check_path(art, pattern="1:4")
+    assert r.exit_code == 1 and "pattern-mismatch" in codes(r) and "mask" in codes(r)
+    assert main(["check", str(art), "--pattern", "5:4"]) == 2
+
+
+def test_bad_inputs(tmp_path):
+    assert main(["check", str(tmp_path / "nope")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["check", str(tmp_path / "empty")]) == 2
+    (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["check", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_json_and_junit(art, tmp_path, capsys):
+    edit_weights(art, lambda sd: sd[UP].__setitem__((3, int((sd[UP][3] == 0).nonzero()[0])), 2.0))
+    junit = tmp_path / "check.xml"
+    assert main(["check", str(art), "--json", "--junit", str(junit)]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ok"] is False and rep["exit_code"] == 1
+    assert any(f["code"] == "mask" and f["subject"] == UP for f in rep["findings"])
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert int(suite.get("tests")) >= 14 and int(suite.get("failures")) >= 2
+    failed = {c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None}
+    assert UP in failed and Q not in failed
+
+
+def test_legacy_bitmask_export_checks_and_catches_corruption(tmp_path):
+    src = make_sparse_hf_dir(tmp_path / "src", "llama")
+    out = tmp_path / "legacy"
+    get_converter("hf").export(src, out, format="sparse-24-bitmask")
+    r = check_path(out)
+    assert r.ok and any(f.code == "vllm-legacy" for f in r.findings)
+    sd = load_file(str(out / "model.safetensors"))
+    mod = Q[: -len(".weight")]
+    sd[f"{mod}.bitmask"][0, 0] ^= 0b1  # corrupt one bit of the mask
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    r = check_path(out)
+    assert r.exit_code == 1 and "bitmask" in codes(r)
+
+
+def test_derive_nm():
+    w = torch.tensor([[1.0, 0, 0, 0, 1, 1, 0, 0]])
+    assert derive_nm(w, -1, 4) == "2:4"
+    assert derive_nm(w, -1, 8) == "3:8"
+    assert derive_nm(w.t(), 0, 4) == "2:4"
+    assert derive_nm(torch.ones(2, 4), -1, 4) == "dense"
+    assert derive_nm(torch.ones(2, 6), -1, 4) is None
+
+
+def test_sparsity_config_without_targets_is_only_a_warning(art):
+    cfg = json.loads((art / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {"format": "dense", "sparsity_structure": "2:4", "targets": []},
+    }
+    (art / "config.json").write_text(json.dumps(cfg))
+    drop_hashes(art)
+    r = check_path(art)
+    assert r.exit_code == 0
+    assert any(f.code == "vllm-config" and f.severity == "warning" for f in r.findings)

@@ -1,0 +1,238 @@
+"""The run report: tables from synthetic rows, Markdown, PNG figures, atomic writes, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dsnt_export.artifacts import new_manifest, write_manifest
+from dsnt_export.bench.schema import make_row
+from dsnt_export.bench.timing import append_rows
+from dsnt_export.cli import main
+from dsnt_export.report.collect import build_report, collect_rows, rows_from_manifest, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DATASET = {"source": "stdlib-docs", "hash": "abc"}
+
+
+def _lat(run, variant, rt, phase, b, n, ms, backend="eager", k=8):
+    samples = [ms / 1e3 * (k if phase == "decode" else 1) * f for f in (0.9, 1.0, 1.2)]
+    med = sorted(samples)[1]
+    return make_row(
+        "latency",
+        run,
+        runtime=rt,
+        device="cpu",
+        variant=variant,
+        backend=backend,
+        model={"method": "wanda+dsnot", "pattern": "2:4"},
+        phase=phase,
+        batch_size=b,
+        prompt_len=n,
+        decode_tokens=k if phase == "decode" else 0,
+        timing={
+            "median_s": med,
+            "q1_s": samples[0],
+            "q3_s": samples[2],
+            "samples_s": samples,
+            "repeats": 3,
+        },
+        latency_ms=ms,
+        tokens_per_s=b * (k if phase == "decode" else n) / med,
+        peak_mem_bytes=123 * 2**20,
+        peak_mem_kind="cpu_rss_peak",
+        env={"cpu": "test cpu", "hostname_hash": "h", "torch": "x"},
+    )
+
+
+def _ppl(run, variant, method, pattern, ppl, rt="torch", n_windows=4):
+    return make_row(
+        "perplexity",
+        run,
+        runtime=rt,
+        device="cpu",
+        variant=variant,
+        backend="eager",
+        model={"method": method, "pattern": pattern, "id": "m"},
+        ppl=ppl,
+        nll=0.0,
+        n_windows=n_windows,
+        seqlen=256,
+        n_tokens_scored=1020,
+        dataset=DATASET,
+    )
+
+
+def synthetic_rows() -> list[dict]:
+    rows = [
+        _ppl("r1", "dense", None, None, 20.0),
+        _ppl("r1", "sparse", "wanda", "2:4", 25.0),
+        _ppl("r2", "sparse", "wanda+dsnot", "2:4", 24.0),
+        _ppl("r3", "sparse", "sparsegpt+dsnot", "4:8", 22.0, rt="onnxruntime"),
+    ]
+    for rt, be in (("torch", "eager"), ("onnxruntime", "CPUExecutionProvider")):
+        for phase in ("prefill", "decode"):
+            for b in (1, 4):
+                for n in (32, 128):
+                    d = 10.0 * b * (n / 32 if phase == "prefill" else 1)
+                    rows.append(_lat("r1", "dense", rt, phase, b, n, d, be))
+                    rows.append(_lat("r1", "sparse", rt, phase, b, n, d / 1.25, be))
+    # a later run measured only the sparse variant, slower: must not be paired with r1's dense
+    rows.append(_lat("r9", "sparse", "torch", "prefill", 1, 32, 99.0))
+    rows.append(
+        make_row("skip", "r1", status="skipped", runtime="vllm", reason="vllm is not installed")
+    )
+    rows.append(
+        make_row(
+            "gemm",
+            "g1",
+            shape=[4096, 4096],
+            tokens=16,
+            backend="cusparselt",
+            latency_us=12.5,
+            speedup_vs_dense=1.3,
+        )
+    )
+    layers = [
+        {
+            "name": f"model.layers.{i // 2}.mlp.{'up' if i % 2 else 'down'}_proj",
+            "block": i // 2,
+            "linear": f"mlp.{'up' if i % 2 else 'down'}_proj",
+            "method": "wanda+dsnot",
+            "pattern": "2:4",
+            "sparsity": 0.5,
+            "err_before": 1.0 + i,
+            "err_after": 0.5 + i * 0.9,
+            "swaps": 10 * i,
+            "time_s": {"total": 0.1},
+        }
+        for i in range(6)
+    ]
+    man = new_manifest(
+        "hf",
+        source_model={"id": "m", "model_type": "llama"},
+        extra={"run_report": {"layers": layers}},
+    )
+    return rows + rows_from_manifest(man, "hf")
+
+
+def test_tables_recomputed_from_rows():
+    rep = build_report(synthetic_rows())
+    ppl = {t["label"]: t for t in rep["perplexity"]}
+    assert ppl["wanda 2:4 [torch]"]["increase_vs_dense_pct"] == pytest.approx(25.0)
+    assert ppl["wanda+dsnot 2:4 [torch]"]["increase_vs_dense_pct"] == pytest.approx(20.0)
+    # the ORT row has no ORT dense: compared with the torch dense of the same data and windows
+    ort = ppl["sparsegpt+dsnot 4:8 [onnxruntime]"]
+    assert ort["dense_runtime"] == "torch" and ort["increase_vs_dense_pct"] == pytest.approx(10.0)
+    cells = {
+        (c["runtime"], c["phase"], c["batch_size"], c["prompt_len"]): c for c in rep["latency"]
+    }
+    assert len(cells) == 16
+    c = cells[("torch", "prefill", 1, 32)]
+    assert c["run_id"] == "r1"  # the run with both variants, not the later sparse-only run
+    assert c["variants"]["sparse"]["speedup_vs_dense"] == pytest.approx(1.25)
+    assert c["variants"]["sparse"]["q3_ms"] == pytest.approx(8.0 * 1.2)
+    dec = cells[("onnxruntime", "decode", 4, 128)]["variants"]["sparse"]
+    assert dec["q1_ms"] == pytest.approx(32.0 * 0.9)  # per decode step, not per 8 steps
+    s = rep["summary"]
+    assert s["speedup_vs_dense"] == pytest.approx([1.25, 1.25])
+    assert s["layers_refined"] == 6 and s["layers_error_reduced"] == 6
+    assert rep["skipped"][0]["reason"] == "vllm is not installed"
+    assert rep["other"]["gemm"][0]["speedup_vs_dense"] == 1.3
+    assert rep["layers"][3]["short"] == "1.up_proj"
+
+
+def test_write_report_files(tmp_path):
+    out = tmp_path / "run" / "report"
+    out.mkdir(parents=True)
+    (out / "summary.md").write_text("another stage's file")  # kept
+    write_report([r for r in synthetic_rows() if r["bench"] == "layer"], out)
+    (out / "latency.png").write_bytes(b"stale")  # an earlier report's figure, replaced
+    rep = write_report(synthetic_rows(), out)
+    assert (out / "summary.md").read_text() == "another stage's file"
+    names = [
+        "report.json",
+        "report.md",
+        "dsnt_manifest.json",
+        "perplexity.png",
+        "latency.png",
+        "layer_error.png",
+        "summary.md",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    man = json.loads((out / "dsnt_manifest.json").read_text())
+    assert man["kind"] == "report" and "report.json" in man["files"]
+    assert "summary.md" not in man["files"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    j = json.loads((out / "report.json").read_text())
+    assert j["schema"] == "dsnt-export/report" and j["figures"] == rep["figures"]
+    for name in rep["figures"].values():
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    md = (out / "report.md").read_text()
+    assert "![latency dense vs sparse](latency.png)" in md
+    assert "| torch | cpu | eager | prefill | 1 | 32 | 10 |" in md
+    assert "vllm is not installed" in md and "## gemm" in md
+
+
+def test_report_without_figure_data(tmp_path):
+    write_report(synthetic_rows(), tmp_path / "report")
+    rows = [make_row("skip", "r", status="skipped", runtime="tensorrt", reason="no tensorrt")]
+    rep = write_report(rows, tmp_path / "report")
+    assert rep["figures"] == {}
+    assert not list((tmp_path / "report").glob("*.png"))  # stale figures removed
+    assert "no tensorrt" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_collect_rows_and_cli(tmp_path):
+    run = tmp_path / "run"
+    rows = synthetic_rows()
+    bench_rows = [r for r in rows if r["bench"] != "layer"]
+    append_rows(run / "bench" / "rows.jsonl", bench_rows)
+    layers = [
+        {
+            k: r[k]
+            for k in ("name", "block", "linear", "method", "pattern", "err_before", "err_after")
+        }
+        for r in rows
+        if r["bench"] == "layer"
+    ]
+    (run / "hf").mkdir()
+    write_manifest(run / "hf", new_manifest("hf", extra={"run_report": {"layers": layers}}))
+    got = collect_rows(run)
+    assert len(got) == len(bench_rows) + len(layers)
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "layer_error.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(collect_rows(run)) == len(got)  # the report's own files are not read back
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    assert not Path(empty / "report").exists()
+
+
+def test_run_summary_rows_and_foreign_manifest(tmp_path):
+    run = tmp_path / "run"
+    summary = {
+        "source_model": {"id": "embedded:smollm2-135m", "model_type": "llama"},
+        "recipe": {"init": "wanda", "refine": "dsnot", "pattern": "2:4", "device": "cpu"},
+        "perplexity": {
+            "dense": 20.0,
+            "sparse": 30.0,
+            "seqlen": 256,
+            "n_windows": 8,
+            "n_tokens_scored": 2040,
+            "data": DATASET,
+        },
+    }
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "summary.json").write_text(json.dumps(summary))
+    write_manifest(run / "report", new_manifest("report", extra={"by": "pipeline"}))
+    before = (run / "report" / "dsnt_manifest.json").read_text()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "dsnt_manifest.json").read_text() == before  # not ours: kept
+    rep = json.loads((run / "report" / "report.json").read_text())
+    (t,) = [t for t in rep["perplexity"] if t["variant"] == "sparse"]
+    assert t["label"] == "wanda+dsnot 2:4 [torch]"
+    assert t["increase_vs_dense_pct"] == pytest.approx(50.0)
