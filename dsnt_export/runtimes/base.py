@@ -1,63 +1,235 @@
-"""The small contract every benchmarked runtime implements.
+"""The one small interface every runtime implements, and the registry of runtimes.
 
-An :class:`Engine` is one loaded variant (dense, sparse, sparse-kernels) on one backend. The runner
-times ``prefill`` and ``decode`` and scores perplexity through ``as_module`` with the protocol of
-:mod:`dsnt_export.evaluation.perplexity`; it never knows which runtime it talks to.
+An :class:`Engine` is one loaded model (a variant: ``dense``, ``sparse`` or ``sparse-kernels``) on
+one runtime backend. Export parity (:mod:`converters.parity`), ``runtime_tests`` and
+``dsnt-export bench`` all talk to a runtime through it and never know which one it is:
 
-A runtime module (``torch_runtime``, ``ort_runtime``, ...) provides:
+``logits(ids) -> Tensor``
+    ``ids`` is an int64 tensor ``[B, T]`` (any device; the engine moves it where it runs); the
+    result is float32 logits ``[B, T, V]`` for one window scored from scratch (no KV cache),
+    on the engine's device or the CPU. Engines batch internally as they see fit.
+``prefill(ids) -> Step``
+    one forward over the prompt ``ids`` (as returned by :meth:`Engine.to_input`), building the KV
+    cache; the :class:`Step` holds the last position's logits ``[B, 1, V]``.
+``decode_step(state, ids) -> Step``
+    one step with ``ids [B, 1]`` on ``state`` (a :class:`Step`); returns the grown state.
+``nll_sums(ids) -> Tensor``
+    float64 ``[B]``: the sum of next-token NLLs of each window of ``ids [B, T]``. The default
+    scores :meth:`Engine.logits` with :func:`dsnt_export.evaluation.perplexity.nll_sums` (the
+    project's one perplexity protocol); an engine that exposes log-probabilities instead of
+    logits (vLLM) overrides it. :func:`dsnt_export.evaluation.perplexity.perplexity` accepts an
+    engine wherever it accepts a model.
+``close()``
+    frees the engine's memory (and any temporary files it owns); idempotent.
 
-``unavailable(options) -> str | None``
-    why the runtime cannot run here (package or device missing), None if it can;
-``variants(target, options) -> Iterator[tuple[str, Callable[[], Engine] | str]]``
-    the variants to compare, each with a factory (called lazily, one engine in memory at a time)
-    or the reason it is skipped.
+Attributes, set by the constructor to what the engine REALLY uses (recorded in every bench row):
+``name`` (the runtime key, e.g. ``"onnxruntime"``), ``variant``, ``backend`` (how it runs:
+``"eager"``, ``"CPUExecutionProvider"``, ``"semi-structured:cutlass"``, ...), ``device``
+(:class:`torch.device`) and ``dtype`` (:class:`torch.dtype` of the compute; ``dtype_name`` gives
+``"float32"`` etc. for rows). ``rows`` holds extra rows (e.g. a ``conversion`` row) for the bench
+to emit. Optional behaviour, each with a default here:
+
+- ``to_input(ids)``: the untimed conversion of CPU int64 ids into what ``prefill`` /
+  ``decode_step`` take (device tensor, numpy array, token lists) - the engine's own I/O binding;
+- ``decode_skip_reason``: set (a string) by an engine that cannot decode step by step;
+- ``prefill_note``: set by an engine whose ``prefill`` is not a KV-cache prefill (e.g. timed on a
+  full-sequence logits graph); the bench writes it into the prefill rows;
+- ``decode_by_generate`` + ``generate(ids, max_tokens)``: an engine whose decode is reachable
+  only through generation (vLLM); the bench then times ``generate(1 + N) - generate(1)``.
+
+A runtime is a module providing ``unavailable(options) -> str | None`` (why it cannot run here,
+None if it can) and ``variants(target, options)`` yielding ``(variant, factory | reason)`` pairs
+(each factory called lazily, so one engine is in memory at a time). It is registered by one line
+in :mod:`dsnt_export.runtimes` (``register_runtime(name, module, artifact_kind)``); the CLI's
+``--runtime`` choices, the bench's target resolution and the row schema are derived from the
+registry. Adding a runtime = one module + one registry line.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
+
+from dsnt_export.errors import UserInputError
+
+__all__ = [
+    "Engine",
+    "Step",
+    "RuntimeInfo",
+    "RUNTIMES",
+    "register_runtime",
+    "get_runtime",
+    "runtime_module",
+    "runtime_names",
+    "dtype_name",
+    "teacher_forced_logits",
+]
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.float32`` or ``"float32"`` -> ``"float32"`` (the form rows record)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Step:
+    """The state between ``prefill`` and ``decode_step``.
+
+    ``logits``: the last position's logits ``[B, 1, V]`` (the runtime's own array type and
+    dtype; :meth:`Engine.step_logits` gives float32 torch); ``cache``: the runtime's KV cache,
+    opaque to callers; ``length``: tokens seen so far (the next position).
+    """
+
+    logits: Any
+    cache: Any
+    length: int
 
 
 class Engine(ABC):
-    """One loaded model variant on one runtime backend."""
+    """One loaded model variant on one runtime (see the module docstring for the contract)."""
 
-    variant: str
-    backend: str
-    device: torch.device
-    dtype: str
+    name: ClassVar[str] = ""
+    decode_skip_reason: str | None = None
+    prefill_note: str | None = None
+    decode_by_generate: bool = False
 
-    def __init__(self, variant: str, backend: str, device: torch.device | str, dtype: str):
+    def __init__(
+        self,
+        variant: str,
+        backend: str,
+        device: torch.device | str,
+        dtype: torch.dtype | str,
+    ):
         self.variant, self.backend = variant, backend
-        self.device, self.dtype = torch.device(device), dtype
-        self.rows: list[dict] = []  # extra rows (e.g. per-layer conversion) for the runner to emit
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype_name(dtype)) if isinstance(dtype, str) else dtype
+        if not isinstance(self.dtype, torch.dtype):
+            raise UserInputError(f"engine dtype must be a torch dtype or its name, got {dtype!r}")
+        self.rows: list[dict] = []
 
-    @abstractmethod
+    @property
+    def dtype_name(self) -> str:
+        """The compute dtype as rows record it (``"float32"``, ``"bfloat16"``, ...)."""
+        return dtype_name(self.dtype)
+
+    @property
+    def supports_decode(self) -> bool:
+        return self.decode_skip_reason is None
+
     def to_input(self, ids: torch.Tensor) -> Any:
-        """Token ids ``[B, T]`` (CPU int64) in the form ``prefill``/``decode`` take (untimed)."""
+        """CPU int64 ``ids [B, T]`` in the form ``prefill``/``decode_step`` take (untimed)."""
+        return ids.to(self.device)
 
     @abstractmethod
-    def prefill(self, ids: Any) -> Any:
-        """One forward over the prompt; returns the state (KV cache) for ``decode``."""
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[B, T, V]`` of ``ids [B, T]`` (int64), one window, no cache."""
 
     @abstractmethod
-    def decode(self, state: Any, ids: Any) -> Any:
-        """One step with ``ids [B, 1]`` on ``state``; returns the new state."""
+    def prefill(self, ids: Any) -> Step:
+        """One forward over the prompt (from :meth:`to_input`); the state for ``decode_step``."""
 
-    @abstractmethod
-    def as_module(self) -> nn.Module:
-        """A module whose ``forward(input_ids=..., use_cache=False).logits`` is [B, T, V]."""
+    def decode_step(self, state: Step, ids: Any) -> Step:
+        """One step with ``ids [B, 1]`` (from :meth:`to_input`) on ``state``; the new state.
+
+        Raises NotImplementedError (with ``decode_skip_reason``) where the engine cannot decode.
+        """
+        raise NotImplementedError(self.decode_skip_reason or f"{self.name} has no decode step")
+
+    def step_logits(self, state: Step) -> torch.Tensor:
+        """A state's last-position logits as a float32 CPU tensor ``[B, 1, V]``."""
+        x = state.logits
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        return x.detach().float().cpu()
+
+    def nll_sums(self, ids: torch.Tensor) -> torch.Tensor:
+        """float64 ``[B]``: summed next-token NLL of each window of ``ids [B, T]``."""
+        from dsnt_export.evaluation.perplexity import nll_sums
+
+        return nll_sums(self.logits(ids), ids)
 
     def close(self) -> None:
-        """Free the engine's memory."""
+        """Free the engine's memory; safe to call twice."""
         return None
 
+    def __enter__(self) -> Engine:
+        return self
 
-class LogitsModule(nn.Module):
-    """Adapts a ``ids[B, T] (int64 numpy) -> logits[B, T, V]`` function to the perplexity API."""
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def teacher_forced_logits(engine: Engine, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Prefill ``ids[:, :prompt_len]``, then decode the rest of ``ids`` one token at a time.
+
+    Returns float32 CPU logits ``[B, T - prompt_len + 1, V]``: the prefill's last position, then
+    every decode step; compare with eager logits ``[:, prompt_len - 1:]``. Raises
+    NotImplementedError if the engine cannot decode.
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).cpu()
+    if not 1 <= prompt_len <= ids.shape[1]:
+        raise UserInputError(f"prompt_len must be in [1, {ids.shape[1]}], got {prompt_len}")
+    state = engine.prefill(engine.to_input(ids[:, :prompt_len]))
+    out = [engine.step_logits(state)]
+    for t in range(prompt_len, ids.shape[1]):
+        state = engine.decode_step(state, engine.to_input(ids[:, t : t + 1]))
+        out.append(engine.step_logits(state))
+    return torch.cat(out, dim=1)
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """A registered runtime: its key, the module implementing it, the artifact kind it reads."""
+
+    name: str
+    module: str
+    artifact_kind: str
+    description: str = ""
+
+    def load(self) -> ModuleType:
+        """Import the runtime's module (its heavy dependencies stay lazy inside it)."""
+        return importlib.import_module(self.module)
+
+
+RUNTIMES: dict[str, RuntimeInfo] = {}
+
+
+def register_runtime(name: str, module: str, artifact_kind: str, description: str = "") -> None:
+    """Register runtime ``name`` implemented by ``module`` reading ``artifact_kind`` artifacts."""
+    if name in RUNTIMES and RUNTIMES[name].module != module:
+        raise ValueError(f"runtime {name!r} is already registered by {RUNTIMES[name].module}")
+    RUNTIMES[name] = RuntimeInfo(name, module, artifact_kind, description)
+
+
+def runtime_names() -> tuple[str, ...]:
+    """The registered runtime keys, in registration order (the CLI's ``--runtime`` choices)."""
+    import dsnt_export.runtimes  # noqa: F401  (fills the registry)
+
+    return tuple(RUNTIMES)
+
+
+def get_runtime(name: str) -> RuntimeInfo:
+    """The registered runtime ``name``; UserInputError listing the known ones otherwise."""
+    known = runtime_names()
+    if name not in RUNTIMES:
+        raise UserInputError(f"unknown runtime {name!r}; known: {', '.join(known)}")
+    return RUNTIMES[name]
+
+
+def runtime_module(name: str) -> ModuleType:
+    """The module of runtime ``name`` (``unavailable``, ``variants``, its engine class)."""
+    return get_runtime(name).load()
+
+
+class LogitsModule(torch.nn.Module):
+    """TEMPORARY (removed by the next runtimes commit): the old ``ids -> logits`` adapter."""
 
     def __init__(self, fn):
         super().__init__()
