@@ -18,7 +18,7 @@ def test_manifest_and_files(artifact):
 
 def test_mask_in_stored_tensors(artifact):
     """`dsnt-export check` passes: pattern re-derived from the tensors, vLLM config contract."""
-    from converters.checkers.common import check_path
+    from converters.checkers import check_path
 
     report = check_path(artifact.path)
     assert report.ok, "\n".join(report.summary_lines())

@@ -1,10 +1,9 @@
-"""``dsnt-export check``: re-validate an artifact from its stored tensors, against its manifest.
+"""Helpers every artifact checker shares: one tensor's pattern check, the pattern to check against,
+file hashes against the manifest, findings turned into an exporter's mask checks.
 
-Artifact kinds: a Hugging Face checkpoint directory, a single ``.safetensors`` file, an ONNX file or
-export directory, a TensorRT sparsity report (JSON) or engine directory. For each the pattern is
-re-derived from the tensors themselves, compared with the manifest (pattern, per-tensor shape and
-sparsity, file sha256) and, for checkpoints, the config is checked against current vLLM's contract.
-See :mod:`converters.checkers.report` for the exit codes.
+Imports go one way (:mod:`converters.checkers` dispatcher -> a kind's checker -> this module):
+nothing here imports a kind's checker or the dispatcher. See :mod:`converters.checkers.report`
+for the findings and exit codes.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from pathlib import Path
 import torch
 
 from converters.checkers.report import UNREADABLE, VIOLATION, WARNING, CheckReport
-from converters.common.source import CONFIG_NAME, INDEX_NAME, sparsity_config_of
-from dsnt_export.artifacts import MANIFEST_NAME, file_digest, read_manifest
-from dsnt_export.errors import ArtifactError
+from converters.common.source import sparsity_config_of
+from dsnt_export.artifacts import MANIFEST_NAME, file_digest
 from dsnt_export.masks import validate_mask
 from dsnt_export.patterns import NM, Pattern, parse_pattern
 
@@ -117,6 +115,10 @@ def weakest(derived: list[str | None]) -> str | None:
 def resolve_pattern(
     report: CheckReport, cli: str | None, manifest: dict | None, config: dict | None = None
 ) -> Pattern:
+    """The pattern to check against, recorded in ``report``: ``--pattern`` (``cli``), else the
+    manifest's, else the config's ``sparsity_config.sparsity_structure``, else 2:4. A ``cli``
+    pattern that differs from the manifest's is a ``pattern-mismatch`` violation; a malformed
+    pattern string raises :class:`~dsnt_export.errors.PatternError`."""
     man = (manifest or {}).get("pattern", {}).get("string") if manifest else None
     sc = sparsity_config_of(config or {}) or {}
     if cli is not None:
@@ -177,71 +179,6 @@ def check_files(
                 report.add(WARNING, "unlisted-file", rel, "file not listed in the manifest")
 
 
-def detect_kind(path: Path) -> str:
-    if path.is_dir():
-        man = None
-        try:
-            man = read_manifest(path, required=False)
-        except ArtifactError:
-            pass
-        if man is not None and man.get("kind") in ("hf", "onnx", "tensorrt"):
-            return man["kind"]
-        if (
-            (path / CONFIG_NAME).exists()
-            or (path / INDEX_NAME).exists()
-            or any(path.glob("*.safetensors"))
-        ):
-            return "hf"
-        if any(path.rglob("*.onnx")):
-            return "onnx"
-        return "unknown"
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix == ".json":
-        return "tensorrt"
-    return "unknown"
-
-
-def check_path(
-    path: str | Path, *, pattern: str | None = None, require_sparse_tactics: bool = False
-) -> CheckReport:
-    """Detect the artifact kind of ``path`` and check it."""
-    p = Path(path)
-    if not p.exists():
-        r = CheckReport(str(p), "unknown")
-        r.add(UNREADABLE, "not-found", str(p), "no such file or directory")
-        return r
-    if pattern is not None:
-        parse_pattern(pattern)  # bad pattern strings fail fast (exit 2)
-    kind = detect_kind(p)
-    if kind in ("hf", "safetensors"):
-        from converters.checkers.hf import check_hf_dir, check_safetensors_file
-
-        if kind == "hf":
-            return check_hf_dir(p, pattern=pattern)
-        return check_safetensors_file(p, pattern=pattern)
-    if kind == "onnx":
-        from converters.checkers.onnx import check_onnx
-
-        return check_onnx(p, pattern=pattern)
-    if kind == "tensorrt":
-        from converters.checkers.tensorrt import check_tensorrt
-
-        return check_tensorrt(p, pattern=pattern, require_sparse_tactics=require_sparse_tactics)
-    r = CheckReport(str(p), "unknown")
-    r.add(
-        UNREADABLE,
-        "unknown-kind",
-        str(p),
-        "not an artifact this tool knows: expected a checkpoint dir (config.json + safetensors), "
-        "a .safetensors file, an ONNX file/dir, or a TensorRT report .json",
-    )
-    return r
-
-
 def mask_checks_from_report(report: CheckReport, *, ignore: tuple[str, ...] = ()) -> dict:
     """``{subject: {"ok", "message", ...}}`` for an exporter's written-artifact check: every tensor
     entry, failed where a non-warning finding concerns it, plus findings about other subjects."""
@@ -261,6 +198,7 @@ def mask_checks_from_report(report: CheckReport, *, ignore: tuple[str, ...] = ()
 
 
 def load_json_file(path: Path, report: CheckReport) -> dict | None:
+    """The JSON object in ``path``; an unreadable file is an ``unreadable`` finding and None."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

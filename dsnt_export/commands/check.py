@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from converters.checkers.common import check_path
+    from converters.checkers import check_path
 
     report = check_path(
         args.path, pattern=args.pattern, require_sparse_tactics=args.require_sparse_tactics

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from converters import get_converter
-from converters.checkers.common import check_path, derive_nm
+from converters.checkers import check_path
+from converters.checkers.common import derive_nm
 from dsnt_export.artifacts import MANIFEST_NAME
 from dsnt_export.cli import main
 from tests._sparse_fixtures import make_sparse_hf_dir

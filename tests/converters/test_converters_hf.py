@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from converters import ExportResult, get_converter
-from converters.checkers.common import check_path
+from converters.checkers import check_path
 from converters.common.bitmask import FORMAT
 from converters.common.source import read_source
 from converters.common.vllm_compat import config_problems, strip_sparsity_config

@@ -19,7 +19,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from converters import get_converter
-from converters.checkers.common import check_path
+from converters.checkers import check_path
 from converters.common.onnx_graph import linear_weights, load_model, map_params, param_fingerprints
 from converters.common.source import read_source
 from converters.writers.onnx import (

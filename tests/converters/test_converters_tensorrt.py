@@ -16,7 +16,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from converters import get_converter
-from converters.checkers.common import check_path
+from converters.checkers import check_path
 from converters.checkers.tensorrt import (
     REPORT_NAME,
     REPORT_SCHEMA,
