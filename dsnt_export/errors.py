@@ -2,9 +2,22 @@
 
 Every message says what was received, what was expected and how to fix it.
 ``assert`` is kept for internal invariants only.
+
+Exit codes the CLI maps them to (:data:`EXIT_OK` ... :data:`EXIT_INTERNAL`): a
+:class:`UserInputError` is 2, any other :class:`DsntError` (a mask/parity violation) is 1, an
+exception raised by no dsnt-export code path on purpose is 3 (internal error, "please report").
 """
 
 from __future__ import annotations
+
+#: success
+EXIT_OK = 0
+#: a check failed: a mask violates its pattern, an artifact's parity is out of tolerance
+EXIT_VIOLATION = 1
+#: bad input: arguments, files, configs, data past a model limit, wrong artifact kind
+EXIT_BAD_INPUT = 2
+#: internal error (a bug or an untranslated library failure): please report, with the log
+EXIT_INTERNAL = 3
 
 
 class DsntError(Exception):
@@ -41,6 +54,18 @@ class MaskViolationError(DsntError):
 
 class ArtifactError(UserInputError):
     """An artifact directory or file that is missing, truncated or inconsistent."""
+
+
+class WrongArtifactKindError(ArtifactError):
+    """A valid artifact of another kind than the command reads (e.g. an ONNX export given to eval)."""
+
+
+class QuantizedCheckpointError(UserInputError):
+    """A checkpoint whose config declares real quantization; only float weights are read."""
+
+
+class LimitError(UserInputError):
+    """Data or options past a limit of the model (context length, vocabulary, ...)."""
 
 
 class UnsupportedModelError(UserInputError):

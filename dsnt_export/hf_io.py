@@ -21,7 +21,7 @@ from torch import nn
 
 from dsnt_export.adapters import get_adapter
 from dsnt_export.artifacts import new_manifest, write_manifest
-from dsnt_export.errors import ArtifactError, UserInputError
+from dsnt_export.errors import ArtifactError, UserInputError, WrongArtifactKindError
 from dsnt_export.masks import validate_mask
 from dsnt_export.patterns import parse_pattern
 
@@ -44,13 +44,102 @@ def resolve_model_source(spec: str | None) -> str:
         return str(embedded_model_dir())
     p = Path(spec).expanduser()
     if p.exists():
-        if not (p / "config.json").is_file():
-            raise ArtifactError(
-                f"{p} has no config.json; expected a Hugging Face checkpoint directory "
-                "(config.json + *.safetensors + tokenizer files)"
-            )
-        return str(p)
+        return str(require_hf_checkpoint(p))
     return spec
+
+
+# artifact kinds other commands read, and the command that reads each
+_OTHER_KINDS = {
+    "onnx": ("an ONNX export", "`dsnt-export bench {p} --runtime onnxruntime --ppl`"),
+    "tensorrt": ("a TensorRT engine", "`dsnt-export bench {p} --runtime tensorrt --ppl`"),
+    "report": ("a run report", "the hf/ checkpoint of the run it reports on"),
+}
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+def artifact_kind(path: str | Path) -> tuple[str | None, str]:
+    """What a directory holds, established from its manifest or its files: ``(kind, evidence)``.
+
+    ``kind`` is ``"hf"``, ``"onnx"``, ``"tensorrt"``, ``"report"``, ``"run"`` (a run directory
+    holding ``hf/``) or None (none of these); ``evidence`` names the manifest or files seen, for
+    messages (e.g. ``"model.onnx"``). Reads no weights.
+    """
+    from dsnt_export.artifacts import MANIFEST_NAME, read_manifest
+
+    p = Path(path)
+    if not p.is_dir():
+        return None, "not a directory"
+    try:
+        m = read_manifest(p, required=False)
+    except ArtifactError:
+        m = None
+    kind = m.get("kind") if m else None
+    onnx = sorted(p.glob("*.onnx")) + sorted(p.glob("*/*.onnx"))
+    engines = sorted(p.glob("*.engine")) + sorted(p.glob("*.plan")) + sorted(p.glob("*/*.engine"))
+    if kind == "onnx" or (kind is None and onnx):
+        return "onnx", str(onnx[0].relative_to(p)) if onnx else f"{MANIFEST_NAME} kind 'onnx'"
+    if kind == "tensorrt" or (kind is None and engines):
+        return "tensorrt", (
+            str(engines[0].relative_to(p)) if engines else f"{MANIFEST_NAME} kind 'tensorrt'"
+        )
+    if kind == "report":
+        if (p / "hf" / "config.json").is_file():
+            return "run", "hf/config.json"
+        return "report", f"{MANIFEST_NAME} kind 'report'"
+    if (p / "config.json").is_file():
+        return "hf", "config.json"
+    if kind == "hf":
+        return "hf", f"{MANIFEST_NAME} kind 'hf' (no config.json)"
+    if (p / "hf" / "config.json").is_file():
+        return "run", "hf/config.json"
+    return None, "no config.json"
+
+
+def require_hf_checkpoint(path: str | Path, command: str | None = None) -> Path:
+    """The HF checkpoint directory behind ``path``, or a clear error naming what it holds instead.
+
+    A run directory gives its ``hf/``. Raises :class:`WrongArtifactKindError` for an ONNX export,
+    a TensorRT engine or a report (with the command that reads it), and :class:`ArtifactError` for
+    a directory with no config.json, or a config.json but no weight files, or an index naming
+    shard files that are not there (each stated as found, never guessed).
+    """
+    p = Path(path).expanduser()
+    kind, evidence = artifact_kind(p)
+    if kind == "run":
+        return p / "hf"
+    if kind in _OTHER_KINDS:
+        what, use = _OTHER_KINDS[kind]
+        who = f"`dsnt-export {command}` reads" if command else "expected"
+        raise WrongArtifactKindError(
+            f"{p} is not an HF checkpoint: found {what} ({evidence}); {who} a Hugging Face "
+            f"checkpoint directory (config.json + *.safetensors + tokenizer). Use "
+            f"{use.format(p=p)}, or pass the HF checkpoint it was made from"
+        )
+    if kind is None or not (p / "config.json").is_file():
+        raise ArtifactError(
+            f"{p} has no config.json; expected a Hugging Face checkpoint directory "
+            "(config.json + *.safetensors + tokenizer files)"
+        )
+    weights = [f for g in _WEIGHT_GLOBS for f in sorted(p.glob(g))]
+    if not weights:
+        found = sorted(f.name for f in p.iterdir())[:8]
+        raise ArtifactError(
+            f"{p} has a config.json but no weight files (*.safetensors or pytorch_model*.bin; "
+            f"found {found}); copy the weights beside it or re-save the checkpoint"
+        )
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text()).get("weight_map") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ArtifactError(f"{index} is not a valid safetensors index ({e})") from e
+        absent = sorted({f for f in wm.values() if not (p / f).is_file()})
+        if absent:
+            raise ArtifactError(
+                f"{p}: model.safetensors.index.json lists shard file(s) that are not there: "
+                f"{absent[:5]}; copy the missing shards or re-download/re-save the checkpoint"
+            )
+    return p
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -85,7 +174,10 @@ def source_dtype(config: Any) -> torch.dtype | None:
 def load_config(source: str):
     import transformers as T
 
+    from dsnt_export.config_metadata import clean_loaded_config
+
     cfg_file = Path(source) / "config.json"
+    raw: Any = None
     if cfg_file.is_file():  # an unsupported model_type fails here, even one transformers lacks
         try:
             raw = json.loads(cfg_file.read_text())
@@ -93,7 +185,12 @@ def load_config(source: str):
             raise ArtifactError(
                 f"{cfg_file} is not valid JSON ({e}); re-save the checkpoint"
             ) from e
-        get_adapter(raw.get("model_type") if isinstance(raw, dict) else None)
+        if not isinstance(raw, dict):
+            raise ArtifactError(
+                f"{cfg_file} holds a JSON {type(raw).__name__}, not an object; expected a "
+                "Hugging Face config.json"
+            )
+        get_adapter(raw.get("model_type"))
     try:
         config = T.AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:
@@ -109,6 +206,9 @@ def load_config(source: str):
             "embedded model."
         ) from e
     get_adapter(config)  # unsupported model_type: fail before reading any weight
+    if raw is None:  # a hub id: the config transformers fetched
+        raw = config.to_dict()
+    clean_loaded_config(config, raw, source)  # stale sparsity metadata out; quantized: refused
     return config
 
 
@@ -118,14 +218,22 @@ def load_model(source: str, dtype: torch.dtype, config: Any | None = None) -> nn
     from safetensors import SafetensorError
 
     config = config if config is not None else load_config(source)
+    if Path(source).is_dir():
+        check_weight_files(Path(source))
     try:
         model, info = T.AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dtype, output_loading_info=True
         )
-    except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+    except SafetensorError as e:
         raise ArtifactError(
-            f"cannot load the weights of {source!r}: {type(e).__name__}: {e}. The checkpoint is "
-            "missing, truncated or corrupt; re-download or re-save it."
+            f"cannot read the weights of {source!r}: {e}. A safetensors file is truncated or "
+            "corrupt; re-download or re-save the checkpoint."
+        ) from e
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ArtifactError(
+            f"transformers could not load the weights of {source!r}: {type(e).__name__}: "
+            f"{_first_line(e)}. Check that the weights belong to this config.json (shapes, "
+            "names) and are complete; re-save the checkpoint if they are not."
         ) from e
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
@@ -135,6 +243,31 @@ def load_model(source: str, dtype: torch.dtype, config: Any | None = None) -> nn
             f"{mismatched[:5]}; these would be randomly initialised. Use a complete checkpoint."
         )
     return model.eval()
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def check_weight_files(directory: Path) -> None:
+    """Open the header of every safetensors file of ``directory``; a bad one raises ArtifactError.
+
+    Reads no tensor data: safetensors checks the header and that the file holds every byte the
+    header declares, so a truncated or corrupt file is found here, with its name.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ArtifactError(
+                f"cannot read {f} ({_first_line(e)}): the file is truncated or corrupt "
+                f"({f.stat().st_size} bytes); re-download or re-save the checkpoint"
+            ) from e
 
 
 def load_tokenizer(source: str):

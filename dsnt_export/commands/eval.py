@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsnt_export.errors import ArtifactError
+from dsnt_export.errors import ArtifactError, UserInputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,18 +58,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def checkpoint_dir(spec: str) -> str:
-    """The HF checkpoint to load for ``spec`` (a directory, an artifact's ``hf/``, or embedded)."""
-    from dsnt_export.hf_io import resolve_model_source
+    """The HF checkpoint to load for ``spec`` (a directory, a run directory's ``hf/``, or embedded).
 
+    Another artifact kind (an ONNX export, a TensorRT engine) raises WrongArtifactKindError naming
+    what was found and the command that reads it.
+    """
+    from dsnt_export.hf_io import require_hf_checkpoint, resolve_model_source
+
+    if spec.strip().lower().startswith("embedded"):
+        return resolve_model_source(spec)
     p = Path(spec).expanduser()
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "hf" / "config.json").is_file():
-        return str(p / "hf")
-    if not spec.strip().lower().startswith("embedded") and not p.exists():
+    if not p.exists():
         raise ArtifactError(
             f"{spec} does not exist; expected an HF checkpoint directory (config.json + "
-            "safetensors + tokenizer), an artifact directory with hf/, or embedded:smollm2-135m"
+            "safetensors + tokenizer), a run directory with hf/, or embedded:smollm2-135m"
         )
-    return resolve_model_source(spec)
+    return str(require_hf_checkpoint(p, "eval"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,16 +87,25 @@ def run(args: argparse.Namespace) -> int:
         resolve_dtype,
         source_dtype,
     )
+    from dsnt_export.preflight import check_inputs
 
+    for name in ("max_windows", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UserInputError(f"{flag} must be at least 1, got {v}")
     t0 = time.perf_counter()
     source = checkpoint_dir(args.dir)
     config = load_config(source)
+    limits = {"asked": f"--seqlen {args.seqlen}", "fix": "--seqlen {limit}"}
+    check_inputs(config, seqlen=args.seqlen, **limits)  # before any weight is read
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, source_dtype(config))
     model = load_model(source, dtype, config).to(device)
     tokenizer = load_tokenizer(source)
     load_s = time.perf_counter() - t0
     tokens, desc = get_eval_tokens(args.data, tokenizer)
+    check_inputs(config, model=model, ids=tokens, asked=f"--data {args.data}", fix=limits["fix"])
     batch = args.batch_size if args.batch_size is not None else max(1, 2048 // max(args.seqlen, 1))
     result = perplexity(
         model,
