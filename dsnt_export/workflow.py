@@ -27,6 +27,7 @@ from dsnt_export.hf_io import (
     save_checkpoint,
     source_dtype,
 )
+from dsnt_export.preflight import check_calibration
 from dsnt_export.recipe import Recipe
 from dsnt_export.sparsify.driver import SparsifyReport, sparsify
 from dsnt_export.sparsify.plan import plan_targets
@@ -94,6 +95,7 @@ def prune_recipe(recipe: Recipe, *, progress: bool = True, loaded=None) -> Prune
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     ids, calib = calibration_ids(recipe, tok)
+    check_calibration(model, ids, recipe.calib)  # context, vocab: before any forward
     t["calibration_data_s"] = time.perf_counter() - t0
     report = sparsify(model, ids, cfg, device=dev, progress=progress, plan=plan)
     t["sparsify_s"] = report.timings["total_s"]

@@ -125,9 +125,10 @@ class SparseSource:
         """The eager transformers model with these weights (``dtype`` None: the stored one)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from dsnt_export.config_metadata import clean_loaded_config
+
         cfg = AutoConfig.from_pretrained(self.path)
-        if hasattr(cfg, "quantization_config"):  # a leftover sparsity_config is metadata only
-            del cfg.quantization_config
+        clean_loaded_config(cfg, self.config, str(self.path))  # the one stale-metadata cleaner
         kw: dict[str, Any] = {"config": cfg}
         if dtype is not None:
             kw["dtype"] = dtype

