@@ -93,7 +93,7 @@ def shapes(ctx: Ctx) -> list[tuple[int, int]]:
 
 def semi_backends(ctx: Ctx) -> dict[str, object]:
     """Available 2:4 tensor classes on this device, or {} with rows saying why."""
-    from dsnt_export.runtimes.torch_eager import semi_structured_backend
+    from dsnt_export.runtimes.torch_semi import semi_structured_backend
 
     _, why = semi_structured_backend(ctx.device)
     if why:
@@ -123,7 +123,7 @@ def section_gemm(ctx: Ctx) -> None:
     dtype = ctx.dtype
     backends = semi_backends(ctx)
     if not backends:
-        from dsnt_export.runtimes.torch_eager import semi_structured_backend
+        from dsnt_export.runtimes.torch_semi import semi_structured_backend
 
         ctx.skip("gemm", semi_structured_backend(ctx.device)[1], variant="sparse-kernels")
     inner = 1 if ctx.smoke else 20
@@ -387,45 +387,29 @@ def section_pipeline(ctx: Ctx, blocks: int) -> None:
             torch.cuda.empty_cache()
 
 
-@torch.no_grad()
-def _probe(model) -> torch.Tensor:
-    ids = torch.randint(
-        4, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3)
-    )
-    return model(input_ids=ids.to(model.device), use_cache=False).logits.float()
-
-
 def e2e(ctx: Ctx, model, variant: str, names: list[str] = ()) -> None:
     """Prefill/decode latency of the few-block model (rows in the ``latency`` schema);
     ``names``: the pruned weights, converted to semi-structured for "sparse-kernels"."""
     from dsnt_export.bench import BenchOptions
     from dsnt_export.bench.runner import latency_rows
-    from dsnt_export.runtimes.torch_eager import TorchEngine, to_semi_structured
+    from dsnt_export.runtimes.torch_eager import TorchEngine
+    from dsnt_export.runtimes.torch_semi import SemiStructuredEngine
 
-    backend = "eager"
     if variant == "sparse-kernels":
         backends = semi_backends(ctx)
         if not backends:
-            from dsnt_export.runtimes.torch_eager import semi_structured_backend
+            from dsnt_export.runtimes.torch_semi import semi_structured_backend
 
             return ctx.skip(
                 "latency", semi_structured_backend(ctx.device)[1], variant=variant, runtime="torch"
             )
         name = "cusparselt" if "cusparselt" in backends else "cutlass"
-        ref = _probe(model)
-        layers = to_semi_structured(model, list(names), name)
-        conv = sum(r["converted"] for r in layers)
-        ctx.emit(
-            "conversion",
-            runtime="torch",
-            variant=variant,
-            layers=layers,
-            n_converted=conv,
-            n_fallback=len(layers) - conv,
-            logits_max_abs_diff=float((_probe(model) - ref).abs().max()),
-            logits_max_abs_ref=float(ref.abs().max()),
-        )
-        backend = f"semi-structured:{name}"
+        eng = SemiStructuredEngine(model, list(names), name)
+        for row in eng.rows:
+            ctx.emit(row.pop("bench"), runtime="torch", variant=variant, **row)
+    else:
+        eng = TorchEngine(model, variant)
+    backend = eng.backend
     opts = BenchOptions(
         runtime="torch",
         device=str(ctx.device),
@@ -435,14 +419,13 @@ def e2e(ctx: Ctx, model, variant: str, names: list[str] = ()) -> None:
         repeats=1 if ctx.smoke else 5,
         progress=False,
     )
-    eng = TorchEngine(model, variant, backend, ctx.device, str(model.dtype)[6:])
     mcfg = model.config
     info = {
         "id": f"random LLaMA-7B-shaped, {mcfg.num_hidden_layers} blocks",
         "model_type": "llama",
         "pattern": None if variant == "dense" else "2:4",
         "method": None if variant == "dense" else "wanda+dsnot",
-        "dtype": eng.dtype,
+        "dtype": eng.dtype_name,
     }
     for fields in latency_rows(eng, opts, mcfg.vocab_size, mcfg.max_position_embeddings):
         ctx.emit("latency", runtime="torch", variant=variant, backend=backend, model=info, **fields)

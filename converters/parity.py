@@ -1,5 +1,8 @@
 """Parity of an exported artifact against eager PyTorch: comparisons that collect, then raise.
 
+Every runtime is reached through its engine (:mod:`dsnt_export.runtimes`):
+:func:`compare_engine` (logits of one window + perplexity by the project's protocol) and
+:func:`compare_generation` (prefill + decode) are what export parity and ``runtime_tests`` call.
 A :class:`ParityCheck` collects one row per compared output (max |runtime - torch|, the tolerance,
 pass/fail) and raises :class:`~dsnt_export.errors.ParityError` once, listing every mismatch with its
 per-output maximum difference, never just the first one.
@@ -120,22 +123,61 @@ class ParityCheck:
         )
 
 
-def logits_ppl(logits, ids) -> float:
-    """Perplexity of already computed logits ``[n, T, V]`` of windows ``ids [n, T]``, by the
-    project's protocol (each window on its own, float32 log-softmax, float64 sums): saves a
-    second forward pass where the logits are at hand."""
-    lg = torch.as_tensor(_np(logits))[:, :-1]
-    tgt = torch.as_tensor(np.asarray(ids), dtype=torch.long)[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none"
-    ).double()
-    mean = float(nll.sum()) / max(tgt.numel(), 1)
-    return math.exp(mean) if mean < 709 else math.inf
+def compare_engine(
+    check: ParityCheck,
+    name: str,
+    engine,
+    tol: Tolerance,
+    *,
+    ids,
+    want_logits,
+    ppl_ids=None,
+    want_ppl: float | None = None,
+) -> None:
+    """Compare a runtime engine (:class:`dsnt_export.runtimes.base.Engine`) with eager torch.
+
+    Adds ``<name>:logits`` (``engine.logits(ids [B, T])`` vs ``want_logits [B, T, V]``) and, with
+    ``ppl_ids [n, T]`` and ``want_ppl``, ``<name>:perplexity`` (the engine scored by the project's
+    one protocol, :func:`dsnt_export.evaluation.perplexity.windows_perplexity`) to ``check``.
+    A runtime error becomes a failed row, so every output is still compared.
+    """
+    from dsnt_export.evaluation.perplexity import windows_perplexity
+
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    try:
+        check.compare(f"{name}:logits", engine.logits(ids), want_logits, tol)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        check.fail(f"{name}:logits", f"{type(e).__name__}: {e}")
+    if ppl_ids is None:
+        return
+    try:
+        got = windows_perplexity(engine, torch.as_tensor(np.asarray(ppl_ids), dtype=torch.long))
+        check.compare_ppl(f"{name}:perplexity", got, float(want_ppl), tol)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        check.fail(f"{name}:perplexity", f"{type(e).__name__}: {e}")
+
+
+def compare_generation(
+    check: ParityCheck, name: str, engine, tol: Tolerance, *, ids, want_logits, prompt_len: int
+) -> None:
+    """Compare an engine's KV-cache path with eager torch: prefill ``ids[:, :prompt_len]``, decode
+    the rest token by token (:func:`dsnt_export.runtimes.base.teacher_forced_logits`), against
+    ``want_logits = eager(ids).logits[:, prompt_len - 1:]``; adds ``<name>:logits``."""
+    from dsnt_export.runtimes.base import teacher_forced_logits
+
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    try:
+        got = teacher_forced_logits(engine, ids, prompt_len)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        check.fail(f"{name}:logits", f"{type(e).__name__}: {e}")
+        return
+    check.compare(f"{name}:logits", got, want_logits, tol)
 
 
 def parity_ids(
     vocab_size: int, *, batch: int = 2, seqlen: int = 32, seed: int = 0, low: int = 0
 ) -> torch.Tensor:
-    """Deterministic random token ids for parity runs (random tokens are fine for parity)."""
+    """Deterministic random token ids ``[batch, seqlen]`` int64 in ``[low, vocab_size)`` for
+    parity runs (random tokens are fine for parity)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, vocab_size, (batch, seqlen), generator=g)

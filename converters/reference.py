@@ -24,6 +24,8 @@ PPL_SHAPE = (4, 64)
 
 
 def reference_ids(vocab_size: int) -> dict[str, np.ndarray]:
+    """The stored parity ids: ``input_ids`` ``PARITY_SHAPE`` (seed 0) and ``ppl_ids``
+    ``PPL_SHAPE`` (seed 1), int64 numpy."""
     return {
         "input_ids": parity_ids(
             vocab_size, batch=PARITY_SHAPE[0], seqlen=PARITY_SHAPE[1], seed=0
@@ -32,35 +34,41 @@ def reference_ids(vocab_size: int) -> dict[str, np.ndarray]:
     }
 
 
-@torch.no_grad()
-def torch_logits(model, ids: np.ndarray, *, batch: int = 4) -> np.ndarray:
-    """Eager logits as float32 numpy, in batches."""
-    t = torch.as_tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
-    outs = [model(input_ids=t[i : i + batch]).logits.float().cpu() for i in range(0, len(t), batch)]
-    return torch.cat(outs).numpy()
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    """Eager logits ``[B, T, V]`` float32 numpy of ``ids [B, T]`` (the torch engine's ``logits``)."""
+    from dsnt_export.runtimes.torch_eager import TorchEngine
+
+    return TorchEngine(model, "reference").logits(torch.as_tensor(ids)).cpu().numpy()
 
 
 def compute_reference(model) -> dict[str, np.ndarray]:
-    """``input_ids``, ``logits`` [1, 32, V], ``ppl_ids`` [4, 64], ``ppl`` of a float32 model."""
-    from dsnt_export.runtimes.logits_lm import windows_ppl
+    """``input_ids``, ``logits`` [1, 32, V], ``ppl_ids`` [4, 64], ``ppl`` of a float32 model.
+
+    Raises ValueError if the model is not float32.
+    """
+    from dsnt_export.evaluation.perplexity import windows_perplexity
+    from dsnt_export.runtimes.torch_eager import TorchEngine
 
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("reference outputs are computed in float32; upcast the model first")
     ids = reference_ids(model.config.vocab_size)
+    engine = TorchEngine(model, "reference")
     return {
         **ids,
-        "logits": torch_logits(model, ids["input_ids"]),
-        "ppl": np.array(windows_ppl(model, ids["ppl_ids"])),
+        "logits": engine.logits(torch.as_tensor(ids["input_ids"])).cpu().numpy(),
+        "ppl": np.array(windows_perplexity(engine, torch.as_tensor(ids["ppl_ids"]))),
     }
 
 
 def save_reference(directory: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write ``arrays`` to ``directory/dsnt_reference.npz``; returns the path."""
     path = Path(directory) / REFERENCE_NAME
     np.savez(path, **arrays)
     return path
 
 
 def load_reference(directory: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of ``directory/dsnt_reference.npz``; ArtifactError if absent or corrupt."""
     path = Path(directory) / REFERENCE_NAME
     try:
         with np.load(path) as z:

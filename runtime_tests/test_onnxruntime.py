@@ -23,10 +23,9 @@ def _providers(ort, runtime_device):
 def test_onnxruntime_graphs_match_reference(artifact, reference, ort, runtime_device):
     """Collects every graph's mismatches, then fails once with the per-output max difference."""
     artifact.require("onnx", "tensorrt")
-    from converters.parity import ParityCheck
-    from converters.writers.onnx import OnnxConverter
-    from dsnt_export.runtimes.logits_lm import ort_lm, windows_ppl
-    from dsnt_export.runtimes.onnx_io import run_generation, run_logits, session
+    from converters.parity import ParityCheck, compare_engine, compare_generation
+    from converters.writers.onnx import GRAPH_FILES, OnnxConverter
+    from dsnt_export.runtimes.onnxruntime import OrtEngine
 
     providers = _providers(ort, runtime_device)
     check = ParityCheck(f"onnxruntime ({providers[0]})")
@@ -36,14 +35,30 @@ def test_onnxruntime_graphs_match_reference(artifact, reference, ort, runtime_de
         dt, kind = g["dtype"], g["kind"]
         ref_logits = reference["logits"]  # eager torch, float32
         tol = OnnxConverter.tolerance[dt]
-        sess = session(artifact.path / rel, providers)
         ids = reference["input_ids"]
         if kind == "logits":
-            check.compare(f"{rel}:logits", run_logits(sess, ids), ref_logits, tol)
-            ppl = windows_ppl(ort_lm(sess), reference["ppl_ids"])
-            check.compare_ppl(f"{rel}:perplexity", ppl, float(reference["ppl"]), tol)
+            with OrtEngine({"logits": artifact.path / rel}, providers=providers, dtype=dt) as eng:
+                compare_engine(
+                    check,
+                    rel,
+                    eng,
+                    tol,
+                    ids=ids,
+                    want_logits=ref_logits,
+                    ppl_ids=reference["ppl_ids"],
+                    want_ppl=float(reference["ppl"]),
+                )
         elif kind == "prefill":
-            decode = session(artifact.path / rel.replace("prefill.onnx", "decode.onnx"), providers)
-            got = run_generation(sess, decode, ids, prompt_len=PROMPT)
-            check.compare(f"{rel}+decode:logits", got, ref_logits[:, PROMPT - 1 :], tol)
+            decode = rel.replace(GRAPH_FILES["prefill"], GRAPH_FILES["decode"])
+            graphs = {"prefill": artifact.path / rel, "decode": artifact.path / decode}
+            with OrtEngine(graphs, providers=providers, dtype=dt) as eng:
+                compare_generation(
+                    check,
+                    f"{rel}+decode",
+                    eng,
+                    tol,
+                    ids=ids,
+                    want_logits=ref_logits[:, PROMPT - 1 :],
+                    prompt_len=PROMPT,
+                )
     check.raise_if_failed()

@@ -21,16 +21,23 @@ def trt_device(artifact, runtime_device):
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_tensorrt_engine_matches_reference(artifact, reference, trt_device, kind):
-    from converters.parity import ParityCheck
-    from converters.writers.tensorrt import EngineRunner, TensorRTConverter
-    from dsnt_export.runtimes.logits_lm import LogitsFnLM, windows_ppl
+    from converters.parity import ParityCheck, compare_engine
+    from converters.writers.tensorrt import TensorRTConverter
+    from dsnt_export.runtimes.tensorrt import TrtEngine
 
     tol = TensorRTConverter.tolerance["float16"]
-    runner = EngineRunner(artifact.path / f"model.{kind}.plan", trt_device)
     check = ParityCheck(f"tensorrt {kind} engine")
-    check.compare("logits", runner.logits(reference["input_ids"]), reference["logits"], tol)
-    ppl = windows_ppl(LogitsFnLM(runner.logits), reference["ppl_ids"])
-    check.compare_ppl("perplexity", ppl, float(reference["ppl"]), tol)
+    with TrtEngine(artifact.path / f"model.{kind}.plan", kind, trt_device) as engine:
+        compare_engine(
+            check,
+            kind,
+            engine,
+            tol,
+            ids=reference["input_ids"],
+            want_logits=reference["logits"],
+            ppl_ids=reference["ppl_ids"],
+            want_ppl=float(reference["ppl"]),
+        )
     check.raise_if_failed()
 
 

@@ -56,27 +56,22 @@ def test_torch_load_keeps_the_pattern(loaded):
     assert not bad, dump(bad)
 
 
-def test_torch_logits_match_reference(loaded, reference):
-    import torch
-
-    from converters.parity import ParityCheck
-    from converters.reference import torch_logits
-
-    _, model, device = loaded
-    check = ParityCheck(f"torch on {device}")
-    with torch.no_grad():
-        got = torch_logits(model, reference["input_ids"])
-    check.compare("logits", got, reference["logits"], _tol(device))
-    check.raise_if_failed()
-
-
-def test_torch_perplexity_matches_reference(loaded, reference):
-    from converters.parity import ParityCheck
-    from dsnt_export.runtimes.logits_lm import windows_ppl
+def test_torch_logits_and_perplexity_match_reference(loaded, reference):
+    """The torch engine (the runtime layer's eager runtime) against the stored reference."""
+    from converters.parity import ParityCheck, compare_engine
+    from dsnt_export.runtimes.torch_eager import TorchEngine
 
     _, model, device = loaded
     check = ParityCheck(f"torch on {device}")
-    got = windows_ppl(model, reference["ppl_ids"])
-    check.compare_ppl("perplexity", got, float(reference["ppl"]), _tol(device))
+    compare_engine(
+        check,
+        "torch",
+        TorchEngine(model, "sparse"),
+        _tol(device),
+        ids=reference["input_ids"],
+        want_logits=reference["logits"],
+        ppl_ids=reference["ppl_ids"],
+        want_ppl=float(reference["ppl"]),
+    )
     check.raise_if_failed()
-    assert np.isfinite(got)
+    assert np.isfinite(check.rows["torch:perplexity"]["ppl_runtime"])

@@ -32,10 +32,11 @@ from converters.common.source import (
     carried_files,
     read_source,
 )
-from converters.parity import ParityCheck, logits_ppl, parity_ids
+from converters.parity import ParityCheck, parity_ids
 from converters.reference import compute_reference, save_reference
 from dsnt_export.artifacts import new_manifest
 from dsnt_export.errors import PatternError, UnsupportedModelError, UserInputError
+from dsnt_export.evaluation.perplexity import logits_perplexity
 from dsnt_export.patterns import NM
 
 log = logging.getLogger(__name__)
@@ -245,4 +246,6 @@ class HfVllmConverter(Converter):
             ref = ref_model(input_ids=ids).logits
             got = model(input_ids=ids).logits
         check.compare("logits", got, ref, tol)
-        check.compare_ppl("perplexity", logits_ppl(got, ids), logits_ppl(ref, ids), tol)
+        check.compare_ppl(
+            "perplexity", logits_perplexity(got, ids), logits_perplexity(ref, ids), tol
+        )

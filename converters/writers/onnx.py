@@ -426,9 +426,9 @@ class OnnxConverter(Converter):
     def parity(
         self, src_dir: Path, tmp: Path, manifest: dict, check: ParityCheck, **_: Any
     ) -> None:
+        from converters.parity import compare_engine, compare_generation
         from converters.reference import load_reference
-        from dsnt_export.runtimes.logits_lm import ort_lm, windows_ppl
-        from dsnt_export.runtimes.onnx_io import run_generation, run_logits, session
+        from dsnt_export.runtimes.onnxruntime import OrtEngine
 
         src = read_source(src_dir)
         ref = load_reference(tmp)
@@ -436,18 +436,28 @@ class OnnxConverter(Converter):
         vocab = src.config["vocab_size"]
         for rel, g in manifest["extra"]["graphs"].items():
             tol = self.tolerance[g["dtype"]]
-            sess = session(tmp / rel)
             if g["kind"] == "logits":
                 ids = parity_ids(vocab, batch=2, seqlen=32, seed=2)
                 with torch.no_grad():
                     want = model(input_ids=ids).logits
-                check.compare(f"{rel}:logits", run_logits(sess, ids.numpy()), want, tol)
-                got_ppl = windows_ppl(ort_lm(sess), ref["ppl_ids"])
-                check.compare_ppl(f"{rel}:perplexity", got_ppl, float(ref["ppl"]), tol)
+                with OrtEngine({"logits": tmp / rel}, dtype=g["dtype"]) as eng:
+                    compare_engine(
+                        check,
+                        rel,
+                        eng,
+                        tol,
+                        ids=ids,
+                        want_logits=want,
+                        ppl_ids=ref["ppl_ids"],
+                        want_ppl=float(ref["ppl"]),
+                    )
             elif g["kind"] == "prefill":
                 decode = rel.replace(GRAPH_FILES["prefill"], GRAPH_FILES["decode"])
                 ids = parity_ids(vocab, batch=2, seqlen=12, seed=3)
-                got = run_generation(sess, session(tmp / decode), ids.numpy(), prompt_len=8)
                 with torch.no_grad():
                     want = model(input_ids=ids).logits[:, 7:]
-                check.compare(f"{rel}+decode:logits", got, want, tol)
+                graphs = {"prefill": tmp / rel, "decode": tmp / decode}
+                with OrtEngine(graphs, dtype=g["dtype"]) as eng:
+                    compare_generation(
+                        check, f"{rel}+decode", eng, tol, ids=ids, want_logits=want, prompt_len=8
+                    )

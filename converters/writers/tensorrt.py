@@ -22,16 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from converters import Converter, ExportResult, Tolerance, register
 from converters.checkers.common import mask_checks_from_report
 from converters.checkers.tensorrt import REPORT_NAME, REPORT_SCHEMA, engine_entry, write_report
-from converters.parity import ParityCheck
+from converters.parity import ParityCheck, compare_engine
 from converters.reference import REFERENCE_NAME, load_reference
 from dsnt_export.artifacts import new_manifest, read_manifest
 from dsnt_export.errors import ArtifactError, MissingDependencyError, UserInputError
-from dsnt_export.runtimes.logits_lm import LogitsFnLM, windows_ppl
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +254,22 @@ class TensorRTConverter(Converter):
         device: str = "cuda",
         **_: Any,
     ) -> None:
+        from dsnt_export.runtimes.tensorrt import TrtEngine
+
         ref = load_reference(tmp)
         tol = self.tolerance["float16"]
         for kind in ("sparse", "dense"):
-            runner = EngineRunner(tmp / f"model.{kind}.plan", device)
-            check.compare(f"{kind}:logits", runner.logits(ref["input_ids"]), ref["logits"], tol)
-            ppl = windows_ppl(LogitsFnLM(runner.logits), ref["ppl_ids"])
-            check.compare_ppl(f"{kind}:perplexity", ppl, float(ref["ppl"]), tol)
+            with TrtEngine(tmp / f"model.{kind}.plan", kind, device) as engine:
+                compare_engine(
+                    check,
+                    kind,
+                    engine,
+                    tol,
+                    ids=ref["input_ids"],
+                    want_logits=ref["logits"],
+                    ppl_ids=ref["ppl_ids"],
+                    want_ppl=float(ref["ppl"]),
+                )
 
 
 def capturing_logger(trt):
@@ -284,35 +290,3 @@ def capturing_logger(trt):
             return [m for s, m in self.lines if "ERROR" in s]
 
     return CapturingLogger()
-
-
-class EngineRunner:
-    """Run a logits engine on ``device`` with torch tensors as I/O buffers."""
-
-    def __init__(self, plan: Path, device: str = "cuda"):
-        import torch
-
-        trt = TensorRTConverter._trt()
-        self.torch, self.device = torch, torch.device(device)
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
-            plan.read_bytes()
-        )
-        self.context = self.engine.create_execution_context()
-        half = self.engine.get_tensor_dtype("logits") == trt.DataType.HALF
-        self.out_dtype = torch.float16 if half else torch.float32
-
-    def logits(self, ids: np.ndarray, batch: int = 4) -> np.ndarray:
-        torch = self.torch
-        outs = []
-        for i in range(0, len(ids), batch):
-            x = torch.as_tensor(ids[i : i + batch], dtype=torch.int64, device=self.device)
-            self.context.set_input_shape("input_ids", tuple(x.shape))
-            self.context.set_tensor_address("input_ids", x.data_ptr())
-            shape = tuple(self.context.get_tensor_shape("logits"))
-            y = torch.empty(shape, dtype=self.out_dtype, device=self.device)
-            self.context.set_tensor_address("logits", y.data_ptr())
-            stream = torch.cuda.Stream(device=self.device)
-            self.context.execute_async_v3(stream.cuda_stream)
-            stream.synchronize()
-            outs.append(y.float().cpu().numpy())
-        return np.concatenate(outs)

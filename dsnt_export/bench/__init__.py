@@ -3,32 +3,21 @@
     from dsnt_export.bench import BenchOptions, run_bench
     rows = run_bench("out/onnx", BenchOptions(runtime="onnxruntime", ppl=True), sink=print)
 
-Runtimes (``RUNTIMES``; each module imported only when used): ``torch`` (eager, CPU/CUDA, plus
-2:4 semi-structured kernels on sm80+), ``onnxruntime`` (CPU EP; CUDA/TensorRT EPs with
-onnxruntime-gpu), ``tensorrt`` (engines, dense vs SPARSE_WEIGHTS), ``vllm`` (offline LLM API).
+Runtimes come from the registry of :mod:`dsnt_export.runtimes` (each module imported only when
+used): ``torch`` (eager, CPU/CUDA, plus 2:4 semi-structured kernels on sm80+), ``onnxruntime``
+(CPU EP; CUDA/TensorRT EPs with onnxruntime-gpu), ``tensorrt`` (engines, dense vs
+SPARSE_WEIGHTS), ``vllm`` (offline LLM API). Every runtime is driven through the one engine
+interface of :mod:`dsnt_export.runtimes.base`.
 A runtime, device or variant that is absent yields a row with status "skipped" and the reason.
 The row schema is documented in :mod:`dsnt_export.bench.schema`.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass, field
 
 from dsnt_export.errors import UserInputError
-
-RUNTIMES: dict[str, str] = {
-    "torch": "dsnt_export.runtimes.torch_eager",
-    "onnxruntime": "dsnt_export.runtimes.onnxruntime",
-    "tensorrt": "dsnt_export.runtimes.tensorrt",
-    "vllm": "dsnt_export.runtimes.vllm",
-}
-
-
-def runtime_module(name: str):
-    if name not in RUNTIMES:
-        raise UserInputError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)}")
-    return importlib.import_module(RUNTIMES[name])
+from dsnt_export.runtimes import RUNTIMES, get_runtime, runtime_module
 
 
 def _ints(v, what: str) -> tuple[int, ...]:
@@ -45,7 +34,12 @@ def _ints(v, what: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """What to measure and how (validated at construction)."""
+    """What to measure and how (validated at construction; UserInputError when invalid).
+
+    ``dtype="auto"`` is the project's one policy (:func:`dsnt_export.hf_io.resolve_dtype`:
+    float32 on CPU, the checkpoint's 16-bit dtype on an accelerator); rows record the dtype each
+    engine really used.
+    """
 
     runtime: str
     device: str = "cpu"
@@ -70,8 +64,7 @@ class BenchOptions:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.runtime not in RUNTIMES:
-            raise UserInputError(f"unknown runtime {self.runtime!r}; known: {', '.join(RUNTIMES)}")
+        get_runtime(self.runtime)  # UserInputError listing the registered runtimes
         object.__setattr__(self, "prompt_lengths", _ints(self.prompt_lengths, "prompt lengths"))
         object.__setattr__(self, "batch_sizes", _ints(self.batch_sizes, "batch sizes"))
         for name, lo in (("decode_tokens", 0), ("repeats", 1), ("warmup", 0), ("seqlen", 2)):
@@ -86,6 +79,7 @@ class BenchOptions:
             )
 
     def to_json(self) -> dict:
+        """The options as a JSON-able dict (recorded in every row)."""
         return asdict(self)
 
 

@@ -1,4 +1,11 @@
-"""The runtime-independent benchmark loop: variants x (perplexity, prefill, decode) -> rows."""
+"""The runtime-independent benchmark loop: variants x (perplexity, prefill, decode) -> rows.
+
+It drives every runtime through the engine interface of :mod:`dsnt_export.runtimes.base` and
+scores perplexity with the one protocol of :mod:`dsnt_export.evaluation.perplexity`. Latency
+rules: each timed repeat (and warm-up) of a prefill point runs on a fresh random prompt, since a
+repeated prompt may hit caches (prefix caching, allocator reuse); decode is timed on a fresh
+prompt's KV cache (the prefill untimed) with fixed step tokens.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,15 @@ from typing import Any
 
 import torch
 
-from dsnt_export.bench import BenchOptions, runtime_module
+from dsnt_export.bench import BenchOptions
 from dsnt_export.bench.env import environment
 from dsnt_export.bench.schema import make_row, new_run_id
 from dsnt_export.bench.target import Target, resolve_target
 from dsnt_export.bench.timing import PeakMemory, measure
 from dsnt_export.errors import DsntError
 from dsnt_export.preflight import check_bench
-from dsnt_export.runtimes.base import Engine, LogitsModule
+from dsnt_export.runtimes import runtime_module
+from dsnt_export.runtimes.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ class _Rows:
 
 
 def run(path, options: BenchOptions, *, sink=None) -> list[dict]:
+    """Benchmark the artifact at ``path`` as ``options`` say; the rows (also passed to ``sink``
+    one by one). A variant that cannot load or measure gives a failed row, never an abort."""
     dev = torch.device(options.device)
     mod = runtime_module(options.runtime)
     reason = mod.unavailable(options)
@@ -101,7 +111,11 @@ def _eval_tokens(target: Target, options: BenchOptions):
 def _bench_engine(
     eng: Engine, target: Target, options: BenchOptions, out: _Rows, model: dict, tokens, dataset
 ) -> None:
-    base = {"variant": eng.variant, "backend": eng.backend, "model": dict(model, dtype=eng.dtype)}
+    base = {
+        "variant": eng.variant,
+        "backend": eng.backend,
+        "model": dict(model, dtype=eng.dtype_name),
+    }
     for extra in eng.rows:
         out.emit(extra.pop("bench"), **base, **extra)
     if options.ppl:
@@ -115,18 +129,13 @@ def _bench_engine(
 
 
 def _perplexity(eng: Engine, tokens, dataset, options: BenchOptions):
-    if hasattr(eng, "perplexity"):
-        return eng.perplexity(tokens, options.seqlen, options.max_windows, dataset)
     from dsnt_export.evaluation.perplexity import perplexity
 
-    module = eng.as_module()
-    dev = torch.device("cpu") if isinstance(module, LogitsModule) else eng.device
     return perplexity(
-        module,
+        eng,
         tokens,
         options.seqlen,
         batch_size=options.ppl_batch_size,
-        device=dev,
         max_windows=options.max_windows,
         progress=options.progress,
         dataset=dataset,
@@ -142,8 +151,9 @@ def _latency(eng: Engine, target: Target, options: BenchOptions, out: _Rows, bas
 def latency_rows(eng: Engine, options: BenchOptions, vocab: int, max_pos: int | None = None):
     """Yield the fields of one ``latency`` row per (batch, prompt length, phase) of ``options``.
 
-    Token ids are drawn from ``[4, vocab)`` with ``options.seed`` (the same for every variant).
-    A configuration that fails (e.g. out of memory) yields a failed row and the loop goes on."""
+    Token ids are drawn from ``[4, vocab)`` with ``options.seed`` (the same sequence for every
+    variant); every timed repeat and warm-up gets a fresh prompt. A configuration that fails
+    (e.g. out of memory) yields a failed row and the loop goes on."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(options.seed)
@@ -156,8 +166,6 @@ def latency_rows(eng: Engine, options: BenchOptions, vocab: int, max_pos: int | 
         disable=not options.progress,
     )
     for b, n in bar:
-        ids = torch.randint(4, vocab, (b, n), generator=g)
-        steps = torch.randint(4, vocab, (options.decode_tokens, b, 1), generator=g)
         cfg = {"batch_size": b, "prompt_len": n}
         if max_pos and n + options.decode_tokens > int(max_pos):
             yield {
@@ -169,8 +177,13 @@ def latency_rows(eng: Engine, options: BenchOptions, vocab: int, max_pos: int | 
                 ),
             }
             continue
+
+        def prompt(b=b, n=n):
+            return eng.to_input(torch.randint(4, vocab, (b, n), generator=g))
+
+        steps = torch.randint(4, vocab, (options.decode_tokens, b, 1), generator=g)
         try:
-            yield from _one_config(eng, options, cfg, ids, steps)
+            yield from _one_config(eng, options, cfg, prompt, steps)
         except (MemoryError, *RECOVERABLE) as e:
             yield {"status": "failed", "reason": _why(e), **cfg}
     bar.close()
@@ -184,22 +197,18 @@ def _engine_warmup(eng: Engine, vocab: int, options: BenchOptions) -> None:
     ids = torch.randint(4, vocab, (1, 8), generator=torch.Generator().manual_seed(99))
     try:
         state = eng.prefill(eng.to_input(ids))
-        if getattr(eng, "supports_decode", True) and not getattr(eng, "decode_by_generate", False):
-            eng.decode(state, eng.to_input(ids[:, :1]))
+        if eng.supports_decode and not eng.decode_by_generate:
+            eng.decode_step(state, eng.to_input(ids[:, :1]))
     except RECOVERABLE as e:  # the measured points will record the failure themselves
         log.debug("engine warm-up failed: %s", e)
 
 
-def _one_config(eng: Engine, options: BenchOptions, cfg: dict, ids, steps):
+def _one_config(eng: Engine, options: BenchOptions, cfg: dict, prompt, steps):
     b, n = cfg["batch_size"], cfg["prompt_len"]
-    x = eng.to_input(ids)
+    opts = {"device": eng.device, "warmup": options.warmup, "repeats": options.repeats}
     with PeakMemory(eng.device) as pm:
-        t = measure(
-            lambda: eng.prefill(x),
-            device=eng.device,
-            warmup=options.warmup,
-            repeats=options.repeats,
-        )
+        t = measure(eng.prefill, setup=prompt, **opts)
+    note = {"prefill_note": eng.prefill_note} if eng.prefill_note else {}
     yield {
         **cfg,
         "phase": "prefill",
@@ -207,12 +216,14 @@ def _one_config(eng: Engine, options: BenchOptions, cfg: dict, ids, steps):
         "timing": t.to_json(),
         "latency_ms": t.median_s * 1e3,
         "tokens_per_s": b * n / t.median_s,
+        "prompt": "fresh random ids per timed repeat",
+        **note,
         **pm.to_json(),
     }
     k = options.decode_tokens
     if k == 0:
         return
-    if getattr(eng, "supports_decode", True) is False:
+    if not eng.supports_decode:
         yield {
             "status": "skipped",
             "reason": eng.decode_skip_reason,
@@ -221,7 +232,7 @@ def _one_config(eng: Engine, options: BenchOptions, cfg: dict, ids, steps):
             "decode_tokens": k,
         }
         return
-    total, extra, mem = _decode(eng, options, x, steps, t.median_s)
+    total, extra, mem = _decode(eng, options, prompt, steps, t.median_s)
     yield {
         **cfg,
         "phase": "decode",
@@ -233,22 +244,22 @@ def _one_config(eng: Engine, options: BenchOptions, cfg: dict, ids, steps):
     }
 
 
-def _decode(eng: Engine, options: BenchOptions, x, steps, prefill_s: float):
+def _decode(eng: Engine, options: BenchOptions, prompt, steps, prefill_s: float):
     """(seconds for ``decode_tokens`` steps, extra row fields, peak memory fields)."""
     opts = {"device": eng.device, "warmup": options.warmup, "repeats": options.repeats}
     k = options.decode_tokens
-    if getattr(eng, "decode_by_generate", False):
+    if eng.decode_by_generate:
         with PeakMemory(eng.device) as pm:
-            tg = measure(lambda: eng.generate(x, k + 1), **opts)
+            tg = measure(lambda x: eng.generate(x, k + 1), setup=prompt, **opts)
         extra = {"method": "generate(1+N) - generate(1), medians", "timing": tg.to_json()}
         return max(tg.median_s - prefill_s, 0.0), extra, pm.to_json()
     xs = [eng.to_input(s) for s in steps]
 
     def run_steps(state):
         for s in xs:
-            state = eng.decode(state, s)
+            state = eng.decode_step(state, s)
         return state
 
     with PeakMemory(eng.device) as pm:
-        td = measure(run_steps, setup=lambda: eng.prefill(x), **opts)
+        td = measure(run_steps, setup=lambda: eng.prefill(prompt()), **opts)
     return td.median_s, {"timing": td.to_json()}, pm.to_json()

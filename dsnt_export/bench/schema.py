@@ -15,20 +15,24 @@ run_id             one id shared by all rows of one invocation (pairs dense with
 time               ISO-8601 UTC time the row was written
 status             ``"ok"``, ``"skipped"`` (runtime/device/feature absent) or ``"failed"``
 reason             why it was skipped or failed (only when status is not ``"ok"``)
-runtime            ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"vllm"``
+runtime            a registered runtime (:mod:`dsnt_export.runtimes`): ``"torch"``,
+                   ``"onnxruntime"``, ``"tensorrt"``, ``"vllm"``
 backend            how the runtime ran: ``"eager"``, ``"semi-structured:cusparselt"``,
                    ``"CPUExecutionProvider"``, ``"CUDAExecutionProvider"``, ...
 device             ``"cpu"``, ``"cuda:0"``, ...
 variant            ``"dense"`` (the source model), ``"sparse"`` (zeros in place, dense kernels),
                    ``"sparse-kernels"`` (torch: 2:4 weights as ``SparseSemiStructuredTensor``;
                    TensorRT: engine built with SPARSE_WEIGHTS)
-model              ``{"path", "id", "model_type", "pattern", "method", "dtype"}``
+model              ``{"path", "id", "model_type", "pattern", "method", "dtype"}``; ``dtype`` is
+                   the compute dtype the engine really used (never ``"auto"``)
 env                :func:`dsnt_export.bench.env.environment` of the machine
 =================  =========================================================================
 
 ``latency`` rows add: ``phase`` (``"prefill"``: one forward over the prompt, logits for every
 position, cache built; ``"decode"``: ``decode_tokens`` single-token steps on the prompt's KV cache,
-fixed token ids, the prefill untimed), ``batch_size``, ``prompt_len``, ``decode_tokens`` (0 for
+fixed token ids, the prefill untimed); every timed repeat and warm-up of a point runs on a
+fresh random prompt (a repeated prompt may hit caches); ``prefill_note`` where the prefill was
+not a KV-cache prefill (e.g. ONNX Runtime on a logits-only artifact),  ``batch_size``, ``prompt_len``, ``decode_tokens`` (0 for
 prefill), ``timing`` (:class:`~dsnt_export.bench.timing.Timing` JSON: median/min/max/quartiles/
 stdev/samples in seconds, ``repeats``, ``warmup``), ``latency_ms`` (prefill: median ms per forward;
 decode: median ms per step, i.e. per generated token of each sequence), ``tokens_per_s``
@@ -59,7 +63,6 @@ SCHEMA = "dsnt-export/bench-row"
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "skipped", "failed")
 VARIANTS = ("dense", "sparse", "sparse-kernels")
-RUNTIMES = ("torch", "onnxruntime", "tensorrt", "vllm")
 COMMON_KEYS = ("schema", "schema_version", "bench", "run_id", "time", "status")
 LATENCY_KEYS = (
     "phase",

@@ -14,13 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dsnt_export.artifacts import MANIFEST_NAME, read_manifest
 from dsnt_export.errors import ArtifactError, UserInputError
 
 log = logging.getLogger(__name__)
 
-# which artifact kind each runtime reads
-RUNTIME_KIND = {"torch": "hf", "vllm": "hf", "onnxruntime": "onnx", "tensorrt": "tensorrt"}
+
+def runtime_kind(runtime: str) -> str:
+    """The artifact kind ``runtime`` reads (from the runtime registry); UserInputError if the
+    runtime is unknown."""
+    from dsnt_export.runtimes import get_runtime
+
+    return get_runtime(runtime).artifact_kind
 
 
 @dataclass
@@ -28,7 +35,7 @@ class Target:
     """The artifact to benchmark and where its dense reference comes from."""
 
     runtime: str
-    path: Path  # artifact directory of RUNTIME_KIND[runtime]
+    path: Path  # artifact directory of runtime_kind(runtime)
     kind: str
     manifest: dict | None
     hf_dir: Path | None  # the sparse HF checkpoint behind it (tokenizer, torch fallbacks)
@@ -106,12 +113,10 @@ def _dense_from_manifests(*manifests: dict | None) -> tuple[Path | None, str | N
 
 def resolve_target(path: str | Path, runtime: str, *, dense: str | Path | None = None) -> Target:
     """Find the artifact for ``runtime`` under ``path`` and its dense reference."""
-    if runtime not in RUNTIME_KIND:
-        raise UserInputError(f"unknown runtime {runtime!r}; known: {sorted(RUNTIME_KIND)}")
+    want = runtime_kind(runtime)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserInputError(f"{root} is not a directory; expected an artifact or run directory")
-    want = RUNTIME_KIND[runtime]
     found = _find_kind(root, want)
     if found is None and want == "hf" and _is_hf_dir(root):
         found = root  # a plain HF checkpoint without our manifest
@@ -166,3 +171,34 @@ def _source_hf(root: Path, manifest: dict | None, artifact: Path) -> Path | None
         if kind == "onnx":  # a TensorRT artifact built from an ONNX export: follow it
             return _source_hf(root, read_manifest(p), p)
     return _find_kind(root, "hf")
+
+
+def checkpoint_dtype(target: Target) -> torch.dtype | None:
+    """The dtype the checkpoint behind ``target`` declares in its config.json (``dtype`` or
+    ``torch_dtype``): the sparse HF checkpoint's, else the dense reference's; None if neither
+    says."""
+    from types import SimpleNamespace
+
+    from dsnt_export.hf_io import source_dtype
+
+    for d in (target.hf_dir, target.dense):
+        cfg = Path(d) / "config.json" if d is not None else None
+        if cfg is None or not cfg.is_file():
+            continue
+        try:
+            raw = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            continue
+        got = source_dtype(SimpleNamespace(dtype=raw.get("dtype") or raw.get("torch_dtype")))
+        if got is not None:
+            return got
+    return None
+
+
+def compute_dtype(name: str, device: torch.device | str, target: Target) -> torch.dtype:
+    """The bench's compute dtype: ``name`` as given, or for ``"auto"`` the project's one policy
+    (:func:`dsnt_export.hf_io.resolve_dtype`: float32 on CPU, the checkpoint's 16-bit dtype on
+    an accelerator). Raises UserInputError for an unknown name."""
+    from dsnt_export.hf_io import resolve_dtype
+
+    return resolve_dtype(name, torch.device(device), checkpoint_dtype(target))

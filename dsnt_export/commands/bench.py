@@ -19,14 +19,20 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` flags (``--runtime`` choices come from the runtime registry)."""
     p.add_argument("dir", metavar="DIR", help="artifact or run directory")
-    p.add_argument("--runtime", required=True, choices=("torch", "onnxruntime", "tensorrt", "vllm"))
+    from dsnt_export.runtimes import runtime_names
+
+    p.add_argument(
+        "--runtime", required=True, choices=runtime_names(), help="runtime (registered ones)"
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "float32", "float16", "bfloat16"),
-        help="compute dtype (auto: fp32 on CPU, fp16 on CUDA; ORT: fp32 graphs)",
+        help="compute dtype (auto: float32 on CPU, the checkpoint's 16-bit dtype on an "
+        "accelerator; ORT: the graphs of that dtype; rows record the dtype used)",
     )
     p.add_argument("--ppl", action="store_true", help="measure perplexity")
     p.add_argument(
@@ -84,6 +90,8 @@ def _fmt(row: dict) -> str:
         return f"{head} perplexity {row['ppl']:.4f} ({row['n_windows']} x {row['seqlen']} tok)"
     if row["bench"] == "latency":
         what = "prefill" if row["phase"] == "prefill" else f"decode x{row['decode_tokens']}"
+        if row.get("prefill_note"):
+            what += "*"
         unit = "ms" if row["phase"] == "prefill" else "ms/tok"
         mem = row.get("peak_mem_bytes")
         mem_s = f", peak {mem / 2**20:.0f} MiB" if mem else ""
@@ -101,6 +109,7 @@ def _fmt(row: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the bench the flags describe; exit code 1 if any row failed, else 0."""
     from dsnt_export.bench import BenchOptions, run_bench
     from dsnt_export.bench.timing import append_rows
 

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PerplexityResult:
+    """One perplexity measurement: ``ppl = exp(nll)``, ``nll`` the mean token NLL in nats over
+    ``n_tokens_scored = n_windows * (seqlen - 1)`` tokens; ``dataset`` describes the text,
+    ``seconds`` the wall time of the scoring."""
+
     ppl: float
     nll: float  # mean token negative log-likelihood (nats)
     n_windows: int
@@ -36,6 +40,7 @@ class PerplexityResult:
     seconds: float | None = None
 
     def to_json(self) -> dict:
+        """The fields as a JSON-able dict (the bench's perplexity row fields)."""
         return asdict(self)
 
 
@@ -63,26 +68,47 @@ def make_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     return tokens[: n * int(seqlen)].reshape(n, int(seqlen))
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def _model_device(model: Any) -> torch.device:
+    if not isinstance(model, torch.nn.Module):  # an engine: it moves ids where it runs
+        return torch.device("cpu")
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def window_nll_sums(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL per window of ``batch[b, T]`` (float64 [b])."""
-    logits = model(input_ids=batch, use_cache=False).logits
-    logits = logits[:, :-1, :].float()
-    targets = batch[:, 1:]
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    )
-    return losses.view(batch.shape[0], -1).double().sum(dim=1)
+def nll_sums(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL per window: float64 ``[B]`` from ``logits [B, T, V]`` of ``ids [B, T]``.
+
+    The one scoring step of the protocol: position ``t`` predicts ``ids[:, t + 1]``; logits are
+    cast to float32 before the log-softmax and the per-token losses summed in float64.
+    """
+    logits = torch.as_tensor(logits)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+        raise ShapeError(
+            f"logits of shape [B, T, V] matching ids [B, T] expected, got logits "
+            f"{tuple(logits.shape)} and ids {tuple(ids.shape)}"
+        )
+    lg = logits[:, :-1, :].float()
+    targets = ids[:, 1:].to(lg.device)
+    losses = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="none")
+    return losses.view(ids.shape[0], -1).double().sum(dim=1)
+
+
+def window_nll_sums(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL per window of ``batch[B, T]`` (float64 ``[B]``).
+
+    ``model`` is an eager causal LM (``model(input_ids=..., use_cache=False).logits``) or a runtime
+    engine (:class:`dsnt_export.runtimes.base.Engine`, scored through its ``nll_sums``).
+    """
+    if not isinstance(model, torch.nn.Module) and hasattr(model, "nll_sums"):
+        return model.nll_sums(batch)
+    return nll_sums(model(input_ids=batch, use_cache=False).logits, batch)
 
 
 @torch.no_grad()
 def perplexity(
-    model: torch.nn.Module,
+    model: Any,
     tokens: torch.Tensor,
     seqlen: int,
     *,
@@ -94,8 +120,11 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of a causal LM on ``tokens[1, N]`` with the WikiText-2 protocol.
 
-    ``device`` is where the input ids go (default: the device of the model's first parameter);
-    the model is not moved. ``max_windows`` keeps only the first windows (for quick checks).
+    ``model`` is an eager causal LM (an ``nn.Module`` called as ``model(input_ids=...,
+    use_cache=False)``) or any runtime engine (:class:`dsnt_export.runtimes.base.Engine`): both go
+    through :func:`window_nll_sums`, so every runtime is scored by the same protocol.
+    ``device`` is where the input ids go (default: the device of the model's first parameter,
+    the CPU for an engine); the model is not moved. ``max_windows`` keeps only the first windows (for quick checks).
     ``dataset`` (e.g. the description from :func:`dsnt_export.data.get_eval_tokens`) is stored
     in the result.
     """
@@ -107,8 +136,10 @@ def perplexity(
         raise UserInputError(f"batch_size must be at least 1, got {batch_size}")
     dev = torch.device(device) if device is not None else _model_device(model)
     windows = make_windows(tokens.long(), seqlen, max_windows)
-    was_training = model.training
-    model.eval()
+    is_module = isinstance(model, torch.nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
     t0 = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64)
     bar = tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress)
@@ -127,7 +158,8 @@ def perplexity(
             bar.update(batch.shape[0])
     finally:
         bar.close()
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
     n_windows = windows.shape[0]
     scored = n_windows * (int(seqlen) - 1)
     nll = float(total) / scored
@@ -144,15 +176,24 @@ def perplexity(
     )
 
 
-def evaluate_source(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    source: str = "stdlib-docs",
-    seqlen: int = 256,
-    **kwargs: Any,
-) -> PerplexityResult:
-    """Tokenize the evaluation part of ``source`` and compute its perplexity."""
-    from dsnt_export.data import get_eval_tokens
+def windows_perplexity(model: Any, windows: torch.Tensor, *, batch_size: int = 4) -> float:
+    """Perplexity (this module's protocol) of ``windows [n, T]`` int64, each scored on its own.
 
-    tokens, desc = get_eval_tokens(source, tokenizer)
-    return perplexity(model, tokens, seqlen, dataset=desc, **kwargs)
+    ``model`` as for :func:`perplexity`. Used for parity on stored reference windows.
+    """
+    w = torch.as_tensor(windows, dtype=torch.long)
+    if w.dim() != 2:
+        raise ShapeError(f"windows of shape [n, T] expected, got {tuple(w.shape)}")
+    res = perplexity(
+        model, w.reshape(1, -1), int(w.shape[1]), batch_size=batch_size, progress=False
+    )
+    return res.ppl
+
+
+def logits_perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Perplexity of already computed ``logits [n, T, V]`` of windows ``ids [n, T]`` (this
+    module's protocol, no second forward pass); ``inf`` where the mean NLL overflows ``exp``."""
+    sums = nll_sums(logits, ids)
+    ids = torch.as_tensor(ids)
+    nll = float(sums.sum()) / max(ids.shape[0] * (ids.shape[1] - 1), 1)
+    return math.exp(nll) if nll < 709 else math.inf

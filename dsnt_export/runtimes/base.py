@@ -226,17 +226,3 @@ def get_runtime(name: str) -> RuntimeInfo:
 def runtime_module(name: str) -> ModuleType:
     """The module of runtime ``name`` (``unavailable``, ``variants``, its engine class)."""
     return get_runtime(name).load()
-
-
-class LogitsModule(torch.nn.Module):
-    """TEMPORARY (removed by the next runtimes commit): the old ``ids -> logits`` adapter."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self._fn = fn
-
-    def forward(self, input_ids: torch.Tensor, use_cache: bool = False, **_: Any):
-        from types import SimpleNamespace
-
-        logits = self._fn(input_ids.detach().cpu().numpy())
-        return SimpleNamespace(logits=torch.from_numpy(logits))

@@ -29,7 +29,7 @@ from dsnt_export.bench.timing import (
 from dsnt_export.cli import main
 from dsnt_export.errors import ArtifactError, UserInputError
 from dsnt_export.patterns import NM
-from tests._sparse_fixtures import make_sparse_hf_dir, tiny_config, tiny_tokenizer
+from tests.tiny_models import make_sparse_hf_dir, tiny_config, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = dict(prompt_lengths=(8,), batch_sizes=(1, 2), decode_tokens=3, repeats=2, progress=False)
@@ -222,7 +222,7 @@ def test_absent_runtimes_are_skipped_with_reason(tiny_dirs, tmp_path):
 
 
 def test_semi_structured_guards_on_cpu():
-    from dsnt_export.runtimes.torch_eager import (
+    from dsnt_export.runtimes.torch_semi import (
         semi_structured_backend,
         shape_problem,
         to_semi_structured,
@@ -247,7 +247,7 @@ def test_semi_structured_guards_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (sm80+)")
 def test_semi_structured_conversion_matches_dense_on_gpu():
-    from dsnt_export.runtimes.torch_eager import semi_structured_backend, to_semi_structured
+    from dsnt_export.runtimes.torch_semi import semi_structured_backend, to_semi_structured
 
     dev = torch.device("cuda")
     backend, why = semi_structured_backend(dev)
@@ -373,11 +373,12 @@ def test_ort_engine_decode_grows_the_cache(tmp_path):
     art, emb, _ = _toy_onnx_artifact(tmp_path / "onnx", 0)
     eng = OrtEngine(graphs_of(art, "float32"), "sparse", ["CPUExecutionProvider"], "float32", 1)
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    cache, past = eng.prefill(eng.to_input(ids))
-    assert past == 3 and cache["cache.layers.0.keys"].shape == (2, 1, 3, 16)
-    cache, past = eng.decode((cache, past), eng.to_input(torch.tensor([[11], [12]])))
-    assert past == 4 and cache["cache.layers.0.keys"].shape == (2, 1, 4, 16)
-    assert np.allclose(cache["cache.layers.0.values"][1, 0, 3], emb[12])
+    st = eng.prefill(eng.to_input(ids))
+    assert st.length == 3 and st.cache["cache.layers.0.keys"].shape == (2, 1, 3, 16)
+    st = eng.decode_step(st, eng.to_input(torch.tensor([[11], [12]])))
+    assert st.length == 4 and st.cache["cache.layers.0.keys"].shape == (2, 1, 4, 16)
+    assert np.allclose(st.cache["cache.layers.0.values"][1, 0, 3], emb[12])
+    assert eng.dtype == torch.float32 and eng.prefill_note is None and eng.supports_decode
     with pytest.raises(ArtifactError, match="float16"):
         graphs_of(art, "float16")
 

@@ -31,8 +31,9 @@ from converters.writers.onnx import (
 )
 from dsnt_export.artifacts import MANIFEST_NAME, read_manifest
 from dsnt_export.cli import main
-from dsnt_export.runtimes.onnx_io import run_generation, run_logits, session
-from tests._sparse_fixtures import make_sparse_hf_dir
+from dsnt_export.runtimes.base import teacher_forced_logits
+from dsnt_export.runtimes.onnxruntime import OrtEngine, session
+from tests.tiny_models import make_sparse_hf_dir
 
 Q = "model.layers.0.self_attn.q_proj.weight"  # [64, 64]: square
 UP = "model.layers.1.mlp.up_proj.weight"  # [128, 64]
@@ -168,14 +169,10 @@ def test_ort_runs_independently_of_the_converter(exported):
     ids = torch.randint(4, 256, (3, 20), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         want = model(ids).logits.numpy()
-    got = run_logits(session(out / "float32" / "model.onnx"), ids.numpy())
+    eng = OrtEngine.from_artifact(out, "float32")
+    got = eng.logits(ids).numpy()
     assert np.abs(got - want).max() < 1e-4
-    gen = run_generation(
-        session(out / "float32" / "prefill.onnx"),
-        session(out / "float32" / "decode.onnx"),
-        ids.numpy(),
-        prompt_len=5,
-    )
+    gen = teacher_forced_logits(eng, ids, prompt_len=5).numpy()
     assert np.abs(gen - want[:, 4:]).max() < 1e-4
 
 
@@ -375,7 +372,7 @@ def test_generation_cache_has_keys_and_values_only(arch, kw, sliding):
     """Sliding-window layers (from ``sliding_window`` or ``layer_types``) export as full layers."""
     from transformers.cache_utils import DynamicLayer
 
-    from tests._sparse_fixtures import tiny_config
+    from tests.tiny_models import tiny_config
 
     cache = generation_cache(tiny_config(arch, **kw))
     if not sliding:
@@ -413,9 +410,8 @@ def test_mistral_sliding_window_generation_parity(tmp_path):
     with torch.no_grad():
         want = model(ids).logits.numpy()
     out = tmp_path / "onnx" / "float32"
-    gen = run_generation(
-        session(out / "prefill.onnx"), session(out / "decode.onnx"), ids.numpy(), prompt_len=3
-    )
+    eng = OrtEngine({"prefill": out / "prefill.onnx", "decode": out / "decode.onnx"})
+    gen = teacher_forced_logits(eng, ids, prompt_len=3).numpy()
     assert np.abs(gen - want[:, 2:]).max() < 1e-4
 
 
