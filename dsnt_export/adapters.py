@@ -37,7 +37,13 @@ KINDS = (ATTENTION, MLP)
 
 @dataclass(frozen=True)
 class LinearGroup:
-    """Linears of one block that read the same input (one stage of sequential calibration)."""
+    """Linears of one block that read the same input (one stage of sequential calibration).
+
+    ``name`` labels the stage (e.g. ``"attn_in"``, also a selector of the ``only``/``skip``
+    recipe keys); ``kind`` is :data:`ATTENTION` or :data:`MLP`; ``linears`` are module paths
+    relative to the block, in call order. A malformed group fails an ``assert`` at construction
+    (the table is code, not user input).
+    """
 
     name: str
     kind: str  # "attention" | "mlp"
@@ -50,12 +56,19 @@ class LinearGroup:
 
 @dataclass(frozen=True)
 class Adapter:
-    """How to walk one family of decoder-only models block by block."""
+    """How to walk one family of decoder-only models block by block.
+
+    Module paths are dotted attribute paths from the ``*ForCausalLM`` model (``blocks``,
+    ``pre_block``, ``lm_head``) or from one block (the ``linears`` of ``groups``). The block-by-block
+    driver (``dsnt_export/sparsify``) runs ``pre_block`` once to catch block 0's inputs, then
+    replays each block alone with the captured keyword arguments ``block_kwargs`` plus
+    ``fixed_kwargs``, as the reference code does (docs/dsnot-spec.md section 6). ``notes`` is
+    free text for humans (which checkpoints the entry covers) and plays no part in equality.
+    """
 
     model_type: str
     blocks: str  # module path of the nn.ModuleList of decoder blocks
     pre_block: tuple[str, ...]  # modules run before block 0 (moved to the device for the catch)
-    post_block: tuple[str, ...]  # final norm / projections after the last block
     lm_head: str
     groups: tuple[LinearGroup, ...]
     # keyword arguments of a block call that are replayed as captured; everything else is dropped
@@ -69,19 +82,22 @@ class Adapter:
         """All linears of a block, relative to the block, in call order."""
         return tuple(n for g in self.groups for n in g.linears)
 
-    def kind_of(self, linear: str) -> str:
-        for g in self.groups:
-            if linear in g.linears:
-                return g.kind
-        raise KeyError(linear)
-
     def group_of(self, linear: str) -> LinearGroup:
+        """The :class:`LinearGroup` holding ``linear`` (a path relative to the block).
+
+        Raises ``KeyError`` if no group of this adapter lists it.
+        """
         for g in self.groups:
             if linear in g.linears:
                 return g
         raise KeyError(linear)
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks of ``model`` (the ``nn.ModuleList`` at :attr:`blocks`).
+
+        Raises :class:`~dsnt_export.errors.UnsupportedModelError` if the path is missing, is not
+        a ``ModuleList`` or is empty (a checkpoint whose layout differs from its ``model_type``).
+        """
         blocks = resolve(model, self.blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise UnsupportedModelError(
@@ -92,7 +108,11 @@ class Adapter:
         return blocks
 
     def get_modules(self, model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
-        """Resolve optional module paths (missing or ``None`` entries are skipped)."""
+        """The modules at ``paths`` under ``model``, in order; missing or ``None`` ones are skipped.
+
+        Used for optional pieces such as OPT's ``project_in`` (absent when the embedding width
+        equals the hidden size). Never raises for a missing path.
+        """
         out = []
         for p in paths:
             m = resolve(model, p, optional=True)
@@ -101,22 +121,33 @@ class Adapter:
         return out
 
     def block_call_kwargs(self, captured: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments to replay a block from those the model passed to it."""
+        """Keyword arguments to replay a block from those the model passed to it.
+
+        Keeps the keys in :attr:`block_kwargs` (masks, positions, rotary tables), drops every
+        other one (caches, flags) and adds :attr:`fixed_kwargs` (``use_cache=False``).
+        """
         kw = {k: v for k, v in captured.items() if k in self.block_kwargs}
         kw.update(dict(self.fixed_kwargs))
         return kw
 
 
+#: ``config.model_type`` -> :class:`Adapter`; filled by :func:`register_adapter` below
 ADAPTERS: dict[str, Adapter] = {}
 
 
 def register_adapter(adapter: Adapter, *aliases: str) -> Adapter:
+    """Add ``adapter`` to :data:`ADAPTERS` under its ``model_type`` and every alias; return it.
+
+    The one place a new model family is added. A later registration for the same key replaces
+    the earlier one.
+    """
     for key in (adapter.model_type, *aliases):
         ADAPTERS[key] = adapter
     return adapter
 
 
 def supported_model_types() -> list[str]:
+    """Every ``config.model_type`` with an adapter, sorted (used in error messages)."""
     return sorted(ADAPTERS)
 
 
@@ -126,7 +157,11 @@ def _model_type(model_or_config: Any) -> str | None:
 
 
 def get_adapter(model_or_config: Any) -> Adapter:
-    """The adapter of a model (or its config, or a ``model_type`` string)."""
+    """The adapter of a model (or its config, or a ``model_type`` string).
+
+    Raises :class:`~dsnt_export.errors.UnsupportedModelError` listing the supported types when
+    ``config.model_type`` has no entry in :data:`ADAPTERS`.
+    """
     mt = model_or_config if isinstance(model_or_config, str) else _model_type(model_or_config)
     if mt not in ADAPTERS:
         raise UnsupportedModelError(
@@ -181,7 +216,6 @@ def _llama_like(model_type: str, notes: str = "") -> Adapter:
         model_type=model_type,
         blocks="model.layers",
         pre_block=("model.embed_tokens", "model.rotary_emb"),
-        post_block=("model.norm",),
         lm_head="lm_head",
         groups=_LLAMA_GROUPS,
         block_kwargs=_ROPE_KWARGS,
@@ -203,7 +237,6 @@ register_adapter(
             "model.decoder.embed_positions",
             "model.decoder.project_in",
         ),
-        post_block=("model.decoder.final_layer_norm", "model.decoder.project_out"),
         lm_head="lm_head",
         groups=(
             LinearGroup(

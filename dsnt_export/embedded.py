@@ -250,8 +250,11 @@ def clean_copy(model, dtype=None):
     """A plain (unquantized) copy of an HF causal LM in ``dtype`` (default: SAVE_DTYPE).
 
     Rebuilds the model from its config without ``quantization_config`` (so that saving writes a
-    plain checkpoint) and copies the weights in ``dtype``. Returns (model, info) where info holds
-    the dropped config keys and the largest absolute rounding error of the copy.
+    plain checkpoint) and copies the weights in ``dtype`` (a ``torch.dtype``). Returns
+    ``(model, info)``: the copy in eval mode (tied embeddings re-tied, generation config kept) and
+    ``{"dropped_config_keys": [...], "max_abs_rounding_error": float}`` (the largest absolute
+    change of any weight, in weight units). Raises :class:`DataSourceError` if the weights do not
+    fit the rebuilt architecture (missing or unexpected keys).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -311,5 +314,10 @@ def _convert(gguf_path: Path, target: Path, source: dict, progress: bool) -> Non
 
 
 def read_provenance(model_dir: str | os.PathLike) -> dict:
-    """The provenance record written next to the converted embedded model."""
+    """The provenance record (``dsnt_embedded.json``) written next to the converted embedded model.
+
+    Holds the model id, the source (PyPI wheel, local wheel or local GGUF, with sha256s), the
+    conversion dtype, rounding error and seconds, and the library versions. Raises
+    ``FileNotFoundError`` if ``model_dir`` is not a converted embedded model.
+    """
     return json.loads((Path(model_dir) / PROVENANCE_NAME).read_text())

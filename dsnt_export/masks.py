@@ -20,6 +20,19 @@ from dsnt_export.patterns import NM, Pattern, Unstructured, parse_pattern
 
 @dataclass(frozen=True)
 class MaskReport:
+    """The result of checking one 2-D weight or keep-mask against a pattern (never raises).
+
+    ``shape`` is the tensor's shape as given; ``axis`` (0 or 1) the reduction axis the groups run
+    along; ``ok`` whether the pattern holds. N:M: ``n_groups`` groups of ``m`` were counted and
+    ``n_violations`` keep more than ``n_keep``; ``first_violation`` locates the first one (row/line,
+    group, kept count, index span) or is None; ``divisibility_error`` says why no group could be
+    formed (reduction axis not a multiple of ``m``). Unstructured: ``n_groups`` is the row count and
+    ``first_violation`` holds ``{"pruned", "required"}`` when too few weights are pruned.
+    ``sparsity`` is the overall pruned fraction and ``row_sparsity_min``/``_max`` its range over
+    rows, all in [0, 1]; ``source`` is ``"mask"`` (bool input) or ``"weight"`` (kept = non-zero);
+    ``message`` is one human-readable line.
+    """
+
     name: str | None
     shape: tuple[int, ...]
     pattern: str
@@ -36,6 +49,7 @@ class MaskReport:
     message: str
 
     def to_json(self) -> dict[str, Any]:
+        """All fields as a JSON-able dict (``shape`` as a list), as manifests store it."""
         d = asdict(self)
         d["shape"] = list(self.shape)
         return d
@@ -58,7 +72,17 @@ def _as_keep(t: Any) -> tuple[torch.Tensor, str]:
 def validate_mask(
     t: Any, pattern: Pattern | str, *, axis: int = -1, name: str | None = None
 ) -> MaskReport:
-    """Check ``t`` (keep-mask or weight) against ``pattern`` along ``axis`` (the reduction axis)."""
+    """Check ``t`` (keep-mask or weight) against ``pattern`` along ``axis`` (the reduction axis).
+
+    ``t``: a 2-D torch tensor or numpy array; bool means keep-mask, any other dtype a weight whose
+    non-zeros are kept (fp16 numpy arrays and raw 16-bit views are read bitwise, so -0.0 counts as
+    pruned). ``axis=-1``/``1`` for HF ``W[out, in]``, ``0`` for ONNX ``B = W^T [in, out]``.
+    ``pattern``: a :class:`~dsnt_export.patterns.Pattern` or a string for
+    :func:`~dsnt_export.patterns.parse_pattern`. Returns a :class:`MaskReport` whether or not the
+    pattern holds; raises :class:`~dsnt_export.errors.ShapeError` for a non-2-D input, a bad
+    ``axis`` or an input that is neither tensor nor array, and
+    :class:`~dsnt_export.errors.PatternError` for an unparsable pattern.
+    """
     pattern = parse_pattern(pattern)
     keep, source = _as_keep(t)
     shape = tuple(keep.shape)
@@ -167,7 +191,11 @@ def _check_unstructured(k: torch.Tensor, pattern: Unstructured, base: dict) -> M
 def check_mask(
     t: Any, pattern: Pattern | str, *, axis: int = -1, name: str | None = None
 ) -> MaskReport:
-    """Like :func:`validate_mask` but raises :class:`MaskViolationError` when the check fails."""
+    """Like :func:`validate_mask` but raises :class:`MaskViolationError` when the check fails.
+
+    The error's message is the report's ``message`` and the error carries the
+    :class:`MaskReport`; returns the report when the pattern holds.
+    """
     report = validate_mask(t, pattern, axis=axis, name=name)
     if not report.ok:
         raise MaskViolationError(report.message, report)

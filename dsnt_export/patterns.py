@@ -18,6 +18,14 @@ from dsnt_export.errors import PatternError
 
 @dataclass(frozen=True)
 class NM:
+    """N:M semi-structured sparsity: at most ``n_keep`` kept weights in every group of ``m``.
+
+    Groups are ``m`` consecutive input channels (the last axis of ``W[out, in]``), the layout
+    NVIDIA's 2:4 sparse tensor cores and torch's semi-structured kernels need
+    (docs/runtimes.md). Raises :class:`~dsnt_export.errors.PatternError` unless ``n_keep`` and
+    ``m`` are ints with ``0 < n_keep < m``.
+    """
+
     n_keep: int
     m: int
 
@@ -35,25 +43,37 @@ class NM:
 
     @property
     def n_prune(self) -> int:
+        """Pruned weights per group of ``m`` (``m - n_keep``)."""
         return self.m - self.n_keep
 
     @property
     def sparsity(self) -> float:
+        """Fraction of weights pruned, in [0, 1) (0.5 for 2:4)."""
         return self.n_prune / self.m
 
     @property
     def is_structured(self) -> bool:
+        """True: the count holds per group, not only per row."""
         return True
 
     def __str__(self) -> str:
         return f"{self.n_keep}:{self.m}"
 
     def to_json(self) -> dict:
+        """``{"kind": "nm", "n_keep", "m", "string"}`` as written into manifests."""
         return {"kind": "nm", "n_keep": self.n_keep, "m": self.m, "string": str(self)}
 
 
 @dataclass(frozen=True)
 class Unstructured:
+    """Unstructured sparsity: the fraction ``ratio`` of every output row's weights is pruned.
+
+    ``int(in_features * ratio)`` weights per row, anywhere in the row, as the DSnoT reference
+    code prunes (docs/dsnot-spec.md section 4, "Initial mask, unstructured"). ``ratio`` is a float;
+    raises :class:`~dsnt_export.errors.PatternError` unless it is a number with
+    ``0 < ratio < 1``.
+    """
+
     ratio: float
 
     def __post_init__(self):
@@ -67,22 +87,27 @@ class Unstructured:
 
     @property
     def sparsity(self) -> float:
+        """Fraction of weights pruned (the ``ratio``)."""
         return self.ratio
 
     @property
     def is_structured(self) -> bool:
+        """False: only the per-row count is fixed."""
         return False
 
     def n_prune_per_row(self, in_features: int) -> int:
+        """Weights pruned in a row of ``in_features``: ``int(in_features * ratio)`` (rounds down)."""
         return int(in_features * self.ratio)
 
     def __str__(self) -> str:
         return f"unstructured:{self.ratio:g}"
 
     def to_json(self) -> dict:
+        """``{"kind": "unstructured", "ratio", "string"}`` as written into manifests."""
         return {"kind": "unstructured", "ratio": self.ratio, "string": str(self)}
 
 
+#: any parsed sparsity pattern
 Pattern = NM | Unstructured
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -92,7 +117,12 @@ _UNSTRUCTURED_RE = re.compile(
 
 
 def parse_pattern(s: str | Pattern) -> Pattern:
-    """Parse '2:4', '4:8', any 'N:M' with 0 < N < M, 'unstructured:0.6' or a bare ratio '0.6'."""
+    """Parse '2:4', '4:8', any 'N:M' with 0 < N < M, 'unstructured:0.6' or a bare ratio '0.6'.
+
+    Also accepts 'unstructured=0.6' and a percentage ('60%'); whitespace and case are ignored.
+    An :class:`NM` or :class:`Unstructured` is returned unchanged. Raises
+    :class:`~dsnt_export.errors.PatternError` (with the accepted forms) for anything else.
+    """
     if isinstance(s, (NM, Unstructured)):
         return s
     if not isinstance(s, str):

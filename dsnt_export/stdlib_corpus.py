@@ -61,7 +61,11 @@ def stdlib_dir() -> Path:
 
 
 def is_eval_module(relpath: str) -> bool:
-    """Deterministic ~10% evaluation split by a hash of the module's relative (posix) path."""
+    """Deterministic ~10% evaluation split by a hash of the module's relative (posix) path.
+
+    True when the first 8 bytes of sha256(``relpath``) modulo 100 fall below
+    :data:`EVAL_PERCENT`: the same on every machine and filesystem.
+    """
     digest = hashlib.sha256(relpath.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % 100 < EVAL_PERCENT
 
@@ -145,7 +149,13 @@ def _save_cache(path: Path, entries: dict) -> None:
 
 @functools.lru_cache(maxsize=4)
 def stdlib_documents(kind: str, root: str) -> tuple[tuple[str, str], ...]:
-    """(relative path, text) per module with non-empty text, sorted by path; cached."""
+    """(relative path, text) per module with non-empty text, sorted by path; cached.
+
+    ``kind``: ``"stdlib-docs"`` (the module's docstrings joined by blank lines, kept in the user
+    cache between runs) or ``"stdlib-code"`` (the source). ``root``: the standard library
+    directory as a string (hashable for the in-process cache). Raises
+    :class:`~dsnt_export.errors.UserInputError` for another ``kind``.
+    """
     if kind not in STDLIB_SOURCES:
         raise UserInputError(f"unknown stdlib corpus {kind!r}; expected one of {STDLIB_SOURCES}")
     root_path = Path(root)
@@ -172,7 +182,15 @@ def stdlib_documents(kind: str, root: str) -> tuple[tuple[str, str], ...]:
 
 
 def stdlib_part(kind: str, part: str, root: str | os.PathLike | None = None) -> tuple[list, dict]:
-    """Documents of the calibration or evaluation part, and a description of them."""
+    """Documents of the calibration or evaluation part, and a description of them.
+
+    ``part``: ``"evaluation"`` (the ~10% of modules :func:`is_eval_module` picks) or anything
+    else for calibration (the rest). ``root`` defaults to :func:`stdlib_dir`. Returns
+    ``(texts, info)``: one string per module, sorted by path, and ``{"python", "stdlib_dir",
+    "n_documents", "corpus_sha256"}`` (sha256 over paths and texts, to tell corpora apart).
+    Raises :class:`~dsnt_export.errors.DataSourceError` if ``root`` is not a directory or the part
+    is empty, :class:`~dsnt_export.errors.UserInputError` for an unknown ``kind``.
+    """
     root = Path(root) if root is not None else stdlib_dir()
     if not root.is_dir():
         raise DataSourceError(
