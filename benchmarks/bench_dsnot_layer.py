@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import append_rows, environment, time_fn  # noqa: E402
 from baseline_dsnot import baseline_initial_mask, baseline_refine  # noqa: E402
 
+from dsnt_export.bench.env import environment  # noqa: E402
+from dsnt_export.bench.timing import append_rows, time_fn  # noqa: E402
 from dsnt_export.methods import initial_metric, keep_from_metric  # noqa: E402
 from dsnt_export.patterns import NM, parse_pattern  # noqa: E402
 from dsnt_export.refine.dsnot import DSnoTConfig, refine_with_info  # noqa: E402
