@@ -16,7 +16,7 @@ from converters.checkers import check_path
 from converters.checkers.common import derive_nm
 from dsnt_export.artifacts import MANIFEST_NAME
 from dsnt_export.cli import main
-from tests._sparse_fixtures import make_sparse_hf_dir
+from tests.tiny_models import make_sparse_hf_dir
 
 UP = "model.layers.0.mlp.up_proj.weight"  # [128, 64]
 Q = "model.layers.1.self_attn.q_proj.weight"  # [64, 64]

@@ -16,7 +16,7 @@ from converters.common.bitmask import (
     unpack_24,
 )
 from dsnt_export.errors import ArtifactError, MaskViolationError, ShapeError
-from tests._sparse_fixtures import nm_magnitude_keep
+from tests.tiny_models import nm_magnitude_keep
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

@@ -17,7 +17,7 @@ from converters.common.source import read_source
 from converters.common.vllm_compat import config_problems, strip_sparsity_config
 from dsnt_export.artifacts import read_manifest
 from dsnt_export.errors import PatternError, UnsupportedModelError, UserInputError
-from tests._sparse_fixtures import make_sparse_hf_dir
+from tests.tiny_models import make_sparse_hf_dir
 
 LEFTOVER = {
     "format": "dense",

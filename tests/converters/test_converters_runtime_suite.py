@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from converters import get_converter
-from tests._sparse_fixtures import make_sparse_hf_dir
+from tests.tiny_models import make_sparse_hf_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

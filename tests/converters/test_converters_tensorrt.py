@@ -31,7 +31,7 @@ from dsnt_export.artifacts import new_manifest, write_manifest
 from dsnt_export.cli import main
 from dsnt_export.errors import MissingDependencyError
 from dsnt_export.patterns import parse_pattern
-from tests._sparse_fixtures import make_sparse_hf_dir, nm_magnitude_keep
+from tests.tiny_models import make_sparse_hf_dir, nm_magnitude_keep
 
 HAVE_TRT = True
 try:  # pragma: no cover - depends on the machine

@@ -20,9 +20,8 @@ def test_table_covers_required_families():
         assert ADAPTERS[mt].model_type == mt
 
 
-@pytest.mark.parametrize("mt", ARCHS)
-def test_adapter_resolves_every_linear(mt):
-    model = tiny_model(mt)
+def test_adapter_resolves_every_linear(tiny_lm):
+    model = tiny_lm
     ad = get_adapter(model)
     blocks = ad.get_blocks(model)
     assert len(blocks) == model.config.num_hidden_layers
@@ -48,9 +47,8 @@ def _dense_chain(model, ids):
     return per_block
 
 
-@pytest.mark.parametrize("mt", ARCHS)
-def test_capture_and_replay_match_the_model(mt):
-    model = tiny_model(mt)
+def test_capture_and_replay_match_the_model(tiny_lm):
+    model = tiny_lm
     ids = calib_ids(3, 12)
     per_block = _dense_chain(model, ids)
     with torch.no_grad():
