@@ -1,4 +1,4 @@
-"""DSnoT refine against hand-worked swaps and against the slow per-row oracle (tests/slow_dsnot.py).
+"""DSnoT refine against hand-worked swaps and against the slow per-row oracle (tests/refine/slow_dsnot.py).
 
 * golden: tiny rows whose prune/grow sequence and final err are worked out by hand in the comments
   (all numbers are exact in float32);
@@ -17,7 +17,7 @@ from dsnt_export.methods import initial_mask
 from dsnt_export.patterns import NM, Unstructured, parse_pattern
 from dsnt_export.refine.dsnot import DSnoTConfig, refine, refine_with_info
 from dsnt_export.stats import ActivationStats
-from tests.slow_dsnot import slow_initial_keep, slow_metric, slow_refine
+from tests.refine.slow_dsnot import slow_initial_keep, slow_metric, slow_refine
 
 T, F = True, False
 
