@@ -7,8 +7,9 @@ key                meaning
 =================  =========================================================================
 schema             ``"dsnt-export/bench-row"``
 schema_version     ``1``
-bench              what was measured: ``"latency"``, ``"perplexity"``, ``"conversion"``
-                   (torch sparse-kernel conversion per layer), ``"skip"``; the GPU check adds
+bench              what was measured: ``"latency"``, ``"perplexity"``, ``"zero_shot"``,
+                   ``"conversion"`` (torch sparse-kernel conversion per layer), ``"skip"``; the
+                   GPU check adds
                    ``"dsnot_layer"``, ``"init_layer"``, ``"pipeline"``, ``"gemm"``,
                    ``"e2e_latency"``, ``"section"``
 run_id             one id shared by all rows of one invocation (pairs dense with sparse)
@@ -46,6 +47,10 @@ refused the reset, process-lifetime peak).
 ``nll``, ``n_windows``, ``seqlen``, ``n_tokens_scored``, ``dataset`` (source, split, token hash),
 ``seconds``.
 
+``zero_shot`` rows (:mod:`dsnt_export.evaluation.zero_shot`, one per variant, task and metric)
+add ``task``, ``task_version``, ``metric`` (``"acc"``, ``"acc_norm"``), ``value`` (fraction 0..1),
+``stderr``, ``n_samples``, ``num_fewshot``, ``limit`` and ``harness`` (``{"name", "version"}``).
+
 ``conversion`` rows add ``layers`` (``[{"name", "shape", "converted", "backend", "reason"}]``),
 ``n_converted``, ``n_fallback`` and ``logits_max_abs_diff`` (semi-structured vs dense kernels on
 the same sparse weights).
@@ -76,6 +81,7 @@ LATENCY_KEYS = (
     "peak_mem_kind",
 )
 PERPLEXITY_KEYS = ("ppl", "nll", "n_windows", "seqlen", "n_tokens_scored", "dataset")
+ZERO_SHOT_KEYS = ("task", "task_version", "metric", "value", "stderr", "n_samples", "harness")
 
 
 def new_run_id() -> str:
@@ -122,7 +128,11 @@ def row_problems(row: Any) -> list[str]:
     if row["status"] != "ok" and not row.get("reason"):
         bad.append("a skipped/failed row has no reason")
     if row["status"] == "ok":
-        need = {"latency": LATENCY_KEYS, "perplexity": PERPLEXITY_KEYS}.get(row["bench"], ())
+        need = {
+            "latency": LATENCY_KEYS,
+            "perplexity": PERPLEXITY_KEYS,
+            "zero_shot": ZERO_SHOT_KEYS,
+        }.get(row["bench"], ())
         bad += [f"{row['bench']} row lacks {k!r}" for k in need if k not in row]
     if "variant" in row and row["variant"] not in VARIANTS:
         bad.append(f"variant {row['variant']!r} not in {VARIANTS}")

@@ -1,0 +1,556 @@
+"""Zero-shot accuracy through lm-evaluation-harness (``lm-eval`` 0.4.x), dense vs sparse.
+
+The DSnoT paper (Zhang et al., ICLR 2024, Table 4), Wanda and SparseGPT report, beside perplexity,
+the mean accuracy of seven lm-eval tasks: :data:`PAPER_TASKS`, selectable as the group
+``dsnot-paper``. :func:`evaluate_dir` scores an HF checkpoint directory and the dense model its
+``dsnt_manifest.json`` names (found as ``dsnt-export bench`` finds it) on the same tasks and returns
+rows of the bench row schema (``bench: "zero_shot"``, one row per model variant, task and metric:
+value with its standard error, the task version and the harness version); :func:`plot_rows` draws
+accuracy per task, dense vs sparse, with stderr bars.
+
+The model runs through :class:`LogLikelihoodScorer`, our own implementation of lm-eval's model
+interface (``lm_eval.api.model.LM``: ``loglikelihood`` and ``loglikelihood_rolling``) on an
+already-loaded torch causal LM, rather than lm-eval's ``HFLM``: it evaluates exactly the model
+object we loaded (dtype, device, sparse weights or kernels as they are), needs no model-loading
+code path of the harness (which tracks transformers versions), and the same shape wraps our other
+runtimes later. Tokenisation follows lm-eval's HF model: trailing whitespace of the context moves
+to the continuation; ``context + continuation`` is encoded once without special tokens and the
+continuation is what follows the context's own encoding; an empty context is replaced by the BOS
+(else EOS) token. A continuation's log-likelihood is the sum over its tokens of the log-softmax of
+the logits at the position before each token; ``is_greedy`` says every continuation token is the
+argmax. lm-eval turns these into ``acc`` (argmax of the sums), ``acc_norm`` (argmax of the sums
+divided by each choice's length in characters) and their standard errors.
+
+Hub tasks read their datasets with ``datasets``; without network access (or with
+``HF_DATASETS_OFFLINE=1`` and nothing cached) :func:`load_tasks` raises
+:class:`~dsnt_export.errors.UserInputError` naming the task, the dataset it could not fetch, and a
+local task YAML to write instead (passed with ``task_dir``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsnt_export.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+#: the seven zero-shot tasks of the DSnoT paper (and Wanda / SparseGPT), lm-eval task names
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+#: named task groups accepted by :func:`parse_tasks`
+TASK_GROUPS = {"dsnot-paper": PAPER_TASKS}
+#: metrics reported per task (those a task defines; others are ignored)
+METRICS = ("acc", "acc_norm")
+HARNESS = "lm-eval"
+_INSTALL = 'pip install "dsnt-export[lm-eval]"  (or: pip install "lm-eval>=0.4,<0.5")'
+
+
+def _lm_eval():
+    """The ``lm_eval`` package; a clear install hint if it is missing."""
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise UserInputError(
+            f"zero-shot evaluation needs lm-evaluation-harness, which is not installed ({e}). "
+            f"Install the optional extra: {_INSTALL}"
+        ) from e
+    return lm_eval
+
+
+def harness_version() -> str:
+    """The installed lm-evaluation-harness version (raises UserInputError if absent)."""
+    from importlib.metadata import version
+
+    _lm_eval()
+    return version("lm_eval")
+
+
+def parse_tasks(spec: str | Sequence[str]) -> list[str]:
+    """Task names from ``"boolq,arc_easy"`` or a list; group names (``dsnot-paper``) expand.
+
+    Order is kept, duplicates dropped. Raises UserInputError for an empty selection.
+    """
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in (s.strip() for s in items):
+        for name in TASK_GROUPS.get(item, (item,) if item else ()):
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise UserInputError(
+            f"no task selected from {spec!r}; expected comma-separated lm-eval task names "
+            f"(e.g. boolq,arc_easy) or a group: {sorted(TASK_GROUPS)}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def task_manager(task_dir: str | Path | None = None, tasks: Sequence[str] = ()):
+    """An ``lm_eval`` TaskManager over the built-in tasks plus the YAML files under ``task_dir``.
+
+    When every name in ``tasks`` is defined under ``task_dir``, the built-in index (thousands of
+    YAML files, tens of seconds to scan) is skipped. Raises UserInputError if ``task_dir`` is not a
+    directory.
+    """
+    _lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    if task_dir is None:
+        return TaskManager()
+    if not Path(task_dir).is_dir():
+        raise UserInputError(
+            f"--task-dir {task_dir} is not a directory; expected a directory of lm-eval task YAML"
+        )
+    if tasks:
+        local = TaskManager(include_path=str(task_dir), include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=str(task_dir))
+
+
+def _offline_hint(name: str, entry: Any, err: BaseException) -> str:
+    cfg = getattr(entry, "cfg", None) or {}
+    src = cfg.get("dataset_path", "?")
+    if cfg.get("dataset_name"):
+        src += f" (config {cfg['dataset_name']})"
+    yaml_path = getattr(entry, "yaml_path", None)
+    split = cfg.get("test_split") or cfg.get("validation_split") or "validation"
+    return (
+        f"lm-eval task {name!r} could not load its dataset {src}: {type(err).__name__}: {err}. "
+        "Hub tasks fetch their dataset from the Hugging Face hub: if this machine cannot reach "
+        "it (or HF_DATASETS_OFFLINE=1 and the datasets cache lacks it), either run once where "
+        "the hub is reachable so the cache holds it, or point the task at local files: write "
+        f"{name}.yaml into a directory passed with --task-dir:\n"
+        f"  include: {yaml_path or '<the built-in task YAML>'}\n"
+        f"  task: {name}\n"
+        "  dataset_path: json\n"
+        "  dataset_name: null\n"
+        "  dataset_kwargs:\n"
+        f"    data_files: {{{split}: /path/to/{name}-{split}.jsonl}}\n"
+        "with one JSON object per line holding the fields the task's prompts read (as in the hub "
+        "dataset)."
+    )
+
+
+def load_tasks(names: Sequence[str], manager) -> dict[str, Any]:
+    """Build the lm-eval tasks for ``names`` one by one (their datasets are loaded here).
+
+    Returns ``TaskManager.load``'s dict (``tasks``: leaf name -> Task, ``groups``, ``group_map``)
+    merged over the names. Raises UserInputError for an unknown task (listing close names) and
+    for a dataset that cannot be fetched (naming the task and the dataset, with the local-files
+    fix).
+    """
+    known = set(manager.all_tasks)
+    out: dict[str, Any] = {"tasks": {}, "groups": {}, "group_map": {}}
+    for name in names:
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(known), n=5)
+            raise UserInputError(
+                f"unknown lm-eval task {name!r}; close names: {close or 'none'}. Known groups of "
+                f"ours: {sorted(TASK_GROUPS)}; add task YAML files with --task-dir"
+            )
+        try:
+            loaded = manager.load([name])
+        except OSError as e:  # datasets' hub/offline errors (ConnectionError, not found) are
+            entry = getattr(manager, "_index", {}).get(name)
+            raise UserInputError(_offline_hint(name, entry, e)) from e
+        for key in out:
+            out[key].update(loaded.get(key) or {})
+    return out
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class LogLikelihoodScorer:
+    """Log-likelihoods of continuations under a loaded causal LM (the maths behind lm-eval's LM).
+
+    ``model``: a ``transformers`` causal LM (any dtype/device; it is not moved); ``tokenizer``: its
+    tokenizer. ``batch_size`` sequences are scored per forward (right-padded, attention-masked);
+    inputs longer than ``max_length`` tokens keep their last ``max_length`` tokens.
+    """
+
+    model: Any
+    tokenizer: Any
+    batch_size: int = 8
+    max_length: int | None = None
+    device: torch.device = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserInputError(f"batch size must be >= 1, got {self.batch_size}")
+        self.device = next(self.model.parameters()).device
+        if self.max_length is None:
+            cfg = getattr(self.model, "config", None)
+            self.max_length = int(getattr(cfg, "max_position_embeddings", None) or 2048)
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context is replaced by: BOS, else EOS."""
+        tok = self.tokenizer
+        tid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if tid is None:
+            raise UserInputError(
+                "the tokenizer has neither a BOS nor an EOS token; an empty context cannot be "
+                "scored. Use a tokenizer with one of them"
+            )
+        return int(tid)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) as lm-eval's HF model splits them."""
+        if context == "":
+            return [self.prefix_token_id], self.encode(continuation)
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx) :]
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """``(sum of log p(continuation | context), is_greedy)`` for each (context, continuation)."""
+        return self.score_tokens([self.encode_pair(c, x) for c, x in pairs])
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Log-likelihood of each whole text (lm-eval's rolling windows of ``max_length``)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for text in texts:
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            out.append(sum(ll for ll, _ in self.score_tokens(windows)))
+        return out
+
+    @torch.no_grad()
+    def score_tokens(
+        self, pairs: Sequence[tuple[list[int], list[int]]]
+    ) -> list[tuple[float, bool]]:
+        """Score token-level (context, continuation) pairs; longest first, results in input order."""
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        limit = self.max_length
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            seqs, conts = [], []
+            for i in idx:
+                ctx, cont = pairs[i]
+                if not cont:
+                    raise UserInputError(f"empty continuation after tokenising request {i}")
+                seqs.append((ctx + cont)[-(limit + 1) :][:-1])
+                conts.append(cont)
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for r, (i, s, cont) in enumerate(zip(idx, seqs, conts, strict=True)):
+                n = len(cont)
+                lp = logp[r, len(s) - n : len(s)]
+                target = torch.tensor(cont)
+                ll = float(lp.gather(1, target[:, None]).sum())
+                results[i] = (ll, bool((lp.argmax(-1) == target).all()))
+        return results  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_class():
+    """``lm_eval.api.model.LM`` subclass over a :class:`LogLikelihoodScorer` (built lazily)."""
+    from lm_eval.api.model import LM
+
+    class ScorerLM(LM):
+        """lm-eval model backed by a :class:`LogLikelihoodScorer`; generation is not supported."""
+
+        def __init__(self, scorer: LogLikelihoodScorer) -> None:
+            super().__init__()
+            self.scorer = scorer
+
+        @property
+        def device(self):
+            return self.scorer.device
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return self.scorer.loglikelihood([tuple(r.args[:2]) for r in requests])
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise UserInputError(
+                "generation tasks (output_type generate_until) are not supported by dsnt-export's "
+                "zero-shot evaluation; choose log-likelihood / multiple-choice tasks such as "
+                "the dsnot-paper group"
+            )
+
+    return ScorerLM
+
+
+def as_lm(scorer: LogLikelihoodScorer):
+    """Wrap ``scorer`` as an ``lm_eval.api.model.LM`` instance."""
+    _lm_eval()
+    return _lm_class()(scorer)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class TaskScore:
+    """One task's metric: ``value`` (fraction correct, 0..1) with its standard error."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float | None
+    task_version: Any
+    n_samples: int | None
+
+
+def evaluate_model(
+    scorer: LogLikelihoodScorer,
+    tasks: Sequence[str] | dict[str, Any],
+    *,
+    manager=None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    fewshot_seed: int = 1234,
+) -> tuple[list[TaskScore], dict]:
+    """Evaluate ``scorer`` on lm-eval tasks; returns (scores, lm-eval's raw result dict).
+
+    ``tasks``: task names (loaded with :func:`load_tasks` through ``manager``, default: the
+    built-in tasks) or the dict :func:`load_tasks` returned (tasks are stateful: load them once per
+    model). ``limit``: first N documents per task (a fraction if < 1). ``num_fewshot``: examples
+    per prompt (default: the task's own, else 0, as ``lm_eval.simple_evaluate`` does; the paper's
+    tasks are zero-shot). This is ``simple_evaluate`` minus its model loading and its environment
+    probe (``torch.utils.collect_env`` runs external commands; rows carry our own environment).
+    Raises UserInputError for unknown tasks or unreachable datasets.
+    """
+    _lm_eval()
+    from lm_eval.evaluator import evaluate
+
+    if not isinstance(tasks, dict):
+        tasks = load_tasks(tasks, manager if manager is not None else task_manager())
+    for task in tasks["tasks"].values():
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=fewshot_seed)
+    res = evaluate(
+        lm=as_lm(scorer), task_dict=tasks, limit=limit, bootstrap_iters=1000, log_samples=False
+    )
+    return scores_of(res, list(tasks["tasks"])), res
+
+
+def scores_of(res: dict, tasks: Sequence[str]) -> list[TaskScore]:
+    """The :data:`METRICS` of each task in an lm-eval result dict (``results[task]["acc,none"]``)."""
+    out = []
+    for task in tasks:
+        r = res["results"].get(task, {})
+        n = (res.get("n-samples") or {}).get(task, {}).get("effective")
+        for metric in METRICS:
+            key = f"{metric},none"
+            if key not in r:
+                continue
+            se = r.get(f"{metric}_stderr,none")
+            se = float(se) if isinstance(se, (int, float)) and math.isfinite(se) else None
+            out.append(TaskScore(task, metric, float(r[key]), se, res["versions"].get(task), n))
+    return out
+
+
+def evaluate_dir(
+    path: str | Path,
+    tasks: str | Sequence[str],
+    *,
+    dense: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 8,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    task_dir: str | Path | None = None,
+    run_id: str | None = None,
+) -> list[dict]:
+    """Zero-shot rows for the checkpoint at ``path`` and its dense source, on ``tasks``.
+
+    ``path``: a sparse HF checkpoint (``dsnt_manifest.json`` of kind "hf"), a run directory holding
+    one, a plain HF checkpoint (evaluated alone, as "dense"), or ``embedded:smollm2-135m``.
+    ``dense`` overrides the dense reference the manifest names; a missing one gives a "skipped"
+    row with the reason. Returns one bench row per variant, task and metric (see
+    :mod:`dsnt_export.bench.schema`). Raises UserInputError / ArtifactError for bad inputs before
+    any model is loaded.
+    """
+    from dsnt_export.bench.env import environment
+    from dsnt_export.bench.schema import make_row, new_run_id
+    from dsnt_export.bench.target import model_info, resolve_target
+    from dsnt_export.hf_io import resolve_device, resolve_model_source
+
+    names = parse_tasks(tasks)
+    version = harness_version()
+    manager = task_manager(task_dir, names)
+    loaded = load_tasks(names, manager)  # unknown tasks, unreachable datasets: before any model
+    run_id = run_id or new_run_id()
+    dev = resolve_device(device)
+    if str(path).strip().lower().startswith("embedded"):
+        models = [("dense", Path(resolve_model_source(str(path))), None)]
+        dense_reason = None
+    else:
+        target = resolve_target(path, "torch", dense=dense)
+        sparse = bool((target.manifest or {}).get("tensors"))
+        models = [("sparse" if sparse else "dense", target.path, target.manifest)]
+        dense_reason = target.dense_reason if sparse else None
+        if sparse and target.dense is not None:
+            models.insert(0, ("dense", target.dense, None))
+    common = {
+        "runtime": "torch",
+        "backend": "eager",
+        "device": str(dev),
+        "harness": {"name": HARNESS, "version": version},
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "batch_size": batch_size,
+        "env": environment(dev),
+    }
+    rows: list[dict] = []
+    if dense_reason:
+        rows.append(
+            make_row(
+                "zero_shot",
+                run_id,
+                status="skipped",
+                reason=dense_reason,
+                variant="dense",
+                tasks=names,
+                **common,
+            )
+        )
+    for variant, model_dir, manifest in models:
+        t0 = time.perf_counter()
+        loaded = loaded or load_tasks(names, manager)
+        scorer, used_dtype = _load_scorer(model_dir, dev, dtype, batch_size)
+        scores, _ = evaluate_model(scorer, loaded, limit=limit, num_fewshot=num_fewshot)
+        loaded = None  # tasks keep per-run state: fresh ones for the next model
+        seconds = time.perf_counter() - t0
+        info = {**model_info(manifest, model_dir), "dtype": used_dtype}
+        for s in scores:
+            rows.append(
+                make_row(
+                    "zero_shot",
+                    run_id,
+                    variant=variant,
+                    model=info,
+                    task=s.task,
+                    task_version=s.task_version,
+                    metric=s.metric,
+                    value=s.value,
+                    stderr=s.stderr,
+                    n_samples=s.n_samples,
+                    seconds=round(seconds, 3),
+                    **common,
+                )
+            )
+        del scorer
+    return rows
+
+
+def _load_scorer(model_dir: Path, dev: torch.device, dtype: str, batch_size: int):
+    from dsnt_export.hf_io import (
+        load_config,
+        load_model,
+        load_tokenizer,
+        resolve_dtype,
+        source_dtype,
+    )
+
+    src = str(model_dir)
+    config = load_config(src)
+    dt = resolve_dtype(dtype, dev, source_dtype(config))
+    model = load_model(src, dt, config).to(dev)
+    scorer = LogLikelihoodScorer(model, load_tokenizer(src), batch_size=batch_size)
+    return scorer, str(dt).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def plot_rows(rows: Sequence[dict], path: str | Path, *, metric: str = "acc") -> Path | None:
+    """Bar chart of ``metric`` per task, one bar per variant, with ±1 stderr bars, as PNG.
+
+    Returns ``path``, or None when no "ok" row of ``metric`` exists. Uses matplotlib's Agg backend.
+    """
+    ok = [r for r in rows if r.get("bench") == "zero_shot" and r.get("status") == "ok"]
+    ok = [r for r in ok if r.get("metric") == metric]
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in ok))
+    variants = list(dict.fromkeys(r["variant"] for r in ok))
+    cell = {(r["variant"], r["task"]): r for r in ok}
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(tasks) + 2), 3.6))
+    for k, v in enumerate(variants):
+        xs, ys, es = [], [], []
+        for j, t in enumerate(tasks):
+            r = cell.get((v, t))
+            if r is None:
+                continue
+            xs.append(j + (k - (len(variants) - 1) / 2) * width)
+            ys.append(100 * r["value"])
+            es.append(100 * (r["stderr"] or 0.0))
+        ax.bar(xs, ys, width, yerr=es, capsize=3, label=v)
+        for x, y in zip(xs, ys, strict=True):
+            ax.text(x, y + 1, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
+    model = (ok[-1].get("model") or {}).get("pattern")
+    limit = ok[0].get("limit")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
+    ax.set_ylabel(f"{metric} (%), ±1 stderr")
+    ax.set_ylim(0, 105)
+    ax.set_title(
+        f"zero-shot {metric} per task (lm-eval {ok[0]['harness']['version']}"
+        + (f", pattern {model}" if model else "")
+        + (f", first {limit} docs" if limit else "")
+        + ")",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

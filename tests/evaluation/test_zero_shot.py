@@ -1,0 +1,271 @@
+"""Zero-shot accuracy through lm-eval: the harness's numbers against an independent computation.
+
+The tasks are small multiple-choice tasks written by the test (JSON lines + a task YAML under
+``tmp_path``); the expected accuracies are recomputed here from log-likelihoods with plain
+``transformers`` calls, one unpadded sequence at a time: sum of log-softmax of the continuation
+tokens, argmax over the choices (``acc``) and argmax of the sums divided by each choice's length in
+characters (``acc_norm``, lm-eval's definition; ``acc_bytes`` would use UTF-8 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from dsnt_export.bench.schema import row_problems  # noqa: E402
+from dsnt_export.errors import UserInputError  # noqa: E402
+from dsnt_export.evaluation import zero_shot as zs  # noqa: E402
+from tests.tiny_models import make_sparse_hf_dir, tiny_model, tiny_tokenizer  # noqa: E402
+
+TASK = "dsnt_tiny_mc"
+
+
+def write_task(
+    d: Path,
+    docs: list[dict],
+    *,
+    name: str = TASK,
+    text: str = "{{question}}",
+    delim: str = " ",
+    hub: str | None = None,
+) -> Path:
+    """A local multiple-choice lm-eval task over ``docs`` ({question, choices, label}); with
+    ``hub``, the same task reading the hub dataset of that name instead."""
+    d.mkdir(parents=True, exist_ok=True)
+    data = d / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in docs), "utf-8")
+    source = (
+        f"dataset_path: {hub}\n"
+        if hub
+        else f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+    )
+    (d / f"{name}.yaml").write_text(
+        f"task: {name}\n" + source + "output_type: multiple_choice\n"
+        "test_split: test\n"
+        f"doc_to_text: {json.dumps(text)}\n"
+        "doc_to_target: label\n"
+        'doc_to_choice: "{{choices}}"\n'
+        f"target_delimiter: {json.dumps(delim)}\n"
+        "metric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 3.0\n",
+        "utf-8",
+    )
+    return d
+
+
+def word_docs(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """``n`` items over the tiny word-level vocabulary (w4..w{vocab-1}); 2 to 4 choices of 1-4
+    words, some with a non-ASCII word (an <unk> token) so characters and bytes differ."""
+    rng = random.Random(seed)
+
+    def words(k: int) -> str:
+        return " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(k))
+
+    docs = []
+    for _ in range(n):
+        k = rng.randrange(2, 5)
+        choices = [words(rng.randrange(1, 5)) for _ in range(k)]
+        if rng.random() < 0.3:
+            choices[rng.randrange(k)] += " é"
+        docs.append(
+            {"question": words(rng.randrange(2, 9)), "choices": choices, "label": rng.randrange(k)}
+        )
+    return docs
+
+
+def direct_scores(model, tok, docs: list[dict], delim: str = " ") -> dict:
+    """acc / acc_norm and their stderrs recomputed without lm-eval or the scorer under test."""
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    acc, acc_norm = [], []
+    with torch.no_grad():
+        for doc in docs:
+            ctx = doc["question"]
+            lls = []
+            for choice in doc["choices"]:
+                whole = ids(ctx + delim + choice)
+                n_ctx = len(ids(ctx))
+                x = torch.tensor([whole])
+                logp = torch.log_softmax(model(input_ids=x).logits[0].double(), dim=-1)
+                lls.append(sum(float(logp[t - 1, whole[t]]) for t in range(n_ctx, len(whole))))
+            lengths = [len(c) for c in doc["choices"]]
+            acc.append(float(max(range(len(lls)), key=lambda i: lls[i]) == doc["label"]))
+            norm = [ll / n for ll, n in zip(lls, lengths, strict=True)]
+            acc_norm.append(float(max(range(len(norm)), key=lambda i: norm[i]) == doc["label"]))
+
+    def mean_se(v: list[float]) -> tuple[float, float]:
+        m = sum(v) / len(v)
+        return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
+
+    return {"acc": mean_se(acc), "acc_norm": mean_se(acc_norm)}
+
+
+def check_against_direct(scores, expected: dict, n: int) -> None:
+    got = {s.metric: s for s in scores}
+    assert set(got) == {"acc", "acc_norm"}
+    for metric, (value, se) in expected.items():
+        assert got[metric].value == pytest.approx(value, abs=1e-12), metric
+        assert got[metric].stderr == pytest.approx(se, rel=1e-9), metric
+        assert got[metric].n_samples == n
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model("llama", seed=3)
+    vocab = model.config.vocab_size
+    return model, tiny_tokenizer(vocab), vocab
+
+
+def test_parse_tasks_groups_and_errors():
+    assert zs.parse_tasks("dsnot-paper") == list(zs.PAPER_TASKS)
+    assert zs.parse_tasks("rte, boolq,rte") == ["rte", "boolq"]
+    assert zs.parse_tasks(["arc_easy", "dsnot-paper"])[:2] == ["arc_easy", "boolq"]
+    with pytest.raises(UserInputError, match="no task selected"):
+        zs.parse_tasks(" , ")
+
+
+def test_scorer_matches_unbatched_loglikelihoods(tiny):
+    model, tok, vocab = tiny
+    scorer = zs.LogLikelihoodScorer(model, tok, batch_size=3)
+    pairs = [("w5 w6 w7", " w8"), ("w9 ", "w10 w11"), ("", "w12 w13"), ("w4", " w20 w21 w22")]
+    got = scorer.loglikelihood(pairs)
+    for (ctx, cont), (ll, greedy) in zip(pairs, got, strict=True):
+        c, x = scorer.encode_pair(ctx, cont)
+        whole = torch.tensor([c + x])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=whole).logits[0].double(), -1)
+        pos = range(len(c), len(c) + len(x))
+        want = sum(float(logp[t - 1, whole[0, t]]) for t in pos)
+        assert ll == pytest.approx(want, abs=1e-4)
+        assert greedy == all(int(logp[t - 1].argmax()) == int(whole[0, t]) for t in pos)
+    # trailing context whitespace moves to the continuation; an empty context becomes BOS
+    assert scorer.encode_pair("w9 ", "w10") == scorer.encode_pair("w9", " w10")
+    assert scorer.encode_pair("", "w12")[0] == [tok.bos_token_id]
+
+
+def test_local_task_accuracy_equals_direct_computation(tiny, tmp_path):
+    model, tok, vocab = tiny
+    docs = word_docs(40, vocab)
+    d = write_task(tmp_path / "tasks", docs)
+    scorer = zs.LogLikelihoodScorer(model, tok, batch_size=8)
+    manager = zs.task_manager(d, [TASK])
+    scores, res = zs.evaluate_model(scorer, [TASK], manager=manager)
+    check_against_direct(scores, direct_scores(model, tok, docs), len(docs))
+    assert scores[0].task_version == 3.0
+    # --limit: the first N documents only
+    scores, _ = zs.evaluate_model(scorer, [TASK], manager=manager, limit=10)
+    check_against_direct(scores, direct_scores(model, tok, docs[:10]), 10)
+
+
+def test_evaluate_dir_dense_vs_sparse_rows_and_figure(tmp_path):
+    sparse = make_sparse_hf_dir(tmp_path / "run" / "hf", "llama", pattern="2:4", seed=0)
+    cfg = json.loads((sparse / "config.json").read_text())
+    dense = tmp_path / "dense"
+    tiny_model("llama", seed=0, vocab=cfg["vocab_size"]).save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    docs = word_docs(24, min(cfg["vocab_size"], len(tiny_tokenizer())), seed=5)
+    d = write_task(tmp_path / "tasks", docs)
+
+    rows = zs.evaluate_dir(tmp_path / "run", TASK, task_dir=d, device="cpu", limit=2)
+    # the manifest names "tiny-random-llama", which is nowhere: a skipped dense row says so
+    assert [r["status"] for r in rows].count("skipped") == 1
+    assert "--dense" in next(r["reason"] for r in rows if r["status"] == "skipped")
+
+    rows = zs.evaluate_dir(
+        tmp_path / "run", TASK, dense=dense, task_dir=d, device="cpu", batch_size=4
+    )
+    assert all(not row_problems(r) for r in rows), [row_problems(r) for r in rows]
+    assert {(r["variant"], r["metric"]) for r in rows} == {
+        (v, m) for v in ("dense", "sparse") for m in ("acc", "acc_norm")
+    }
+    assert len({r["run_id"] for r in rows}) == 1
+    from importlib.metadata import version
+
+    assert all(r["harness"] == {"name": "lm-eval", "version": version("lm_eval")} for r in rows)
+    assert all(r["task_version"] == 3.0 and r["n_samples"] == len(docs) for r in rows)
+    from dsnt_export.hf_io import load_model, load_tokenizer
+
+    for variant, path in (("dense", dense), ("sparse", sparse)):
+        m = load_model(str(path), torch.float32)
+        want = direct_scores(m, load_tokenizer(str(path)), docs)
+        for r in rows:
+            if r["variant"] == variant:
+                assert r["value"] == pytest.approx(want[r["metric"]][0], abs=1e-12)
+    png = zs.plot_rows(rows, tmp_path / "run" / "eval" / "zero_shot.png")
+    assert png is not None and png.stat().st_size > 1000
+    assert zs.plot_rows(rows, tmp_path / "none.png", metric="f1") is None
+
+
+def test_offline_hub_task_error_names_task_dataset_and_fix(tmp_path, monkeypatch):
+    import datasets.config
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    d = write_task(tmp_path / "tasks", [], name="hub_only_task", hub="dsnt-export-absent/hub-only")
+    manager = zs.task_manager(d, ["hub_only_task"])
+    with pytest.raises(UserInputError) as e:
+        zs.load_tasks(["hub_only_task"], manager)
+    msg = str(e.value)
+    for part in (
+        "'hub_only_task'",
+        "dsnt-export-absent/hub-only",
+        "--task-dir",
+        "dataset_path: json",
+        "data_files",
+    ):
+        assert part in msg, (part, msg)
+    with pytest.raises(UserInputError, match="unknown lm-eval task 'no_such_task'"):
+        zs.load_tasks(["no_such_task"], manager)
+
+
+def test_missing_harness_and_generation_give_clear_errors(tiny, monkeypatch):
+    model, tok, _ = tiny
+    lm = zs.as_lm(zs.LogLikelihoodScorer(model, tok))
+    with pytest.raises(UserInputError, match="generate_until"):
+        lm.generate_until([])
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(UserInputError, match=r"lm-eval>=0.4"):
+        zs.harness_version()
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_embedded_model_local_task_equals_direct_computation(tmp_path):
+    from dsnt_export.embedded import embedded_model_dir
+    from dsnt_export.hf_io import load_model, load_tokenizer
+
+    src = str(embedded_model_dir(progress=False))
+    model, tok = load_model(src, torch.float32), load_tokenizer(src)
+    rng = random.Random(7)
+    facts = [
+        ("The capital of France is", ["Paris", "Rome", "Berlin", "Madrid"]),
+        ("Water freezes at zero degrees", ["Celsius", "Fahrenheit", "Kelvin"]),
+        ("The opposite of hot is", ["cold", "warm", "loud", "green"]),
+        ("A week has seven", ["days", "months", "years"]),
+        ("The sun rises in the", ["east", "west", "north", "south"]),
+        ("Python is a programming", ["language", "snake", "café"]),
+    ]
+    docs = []
+    for i in range(30):
+        q, choices = facts[i % len(facts)]
+        shuffled = choices[:]
+        rng.shuffle(shuffled)
+        docs.append({"question": q, "choices": shuffled, "label": shuffled.index(choices[0])})
+    d = write_task(tmp_path / "tasks", docs, text="Question: {{question}}\nAnswer:")
+    scorer = zs.LogLikelihoodScorer(model, tok, batch_size=8)
+    scores, _ = zs.evaluate_model(scorer, [TASK], manager=zs.task_manager(d, [TASK]))
+    docs_ctx = [{**x, "question": f"Question: {x['question']}\nAnswer:"} for x in docs]
+    check_against_direct(scores, direct_scores(model, tok, docs_ctx), len(docs))
