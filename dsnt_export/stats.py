@@ -1,4 +1,4 @@
-"""Per-input-channel activation statistics of one linear layer (DSnoT spec section 1).
+"""Per-input-channel activation statistics of one linear layer (docs/dsnot-spec.md section 1).
 
 Accumulated exactly as the reference code does (float32, same update order, one ``update`` per
 calibration sample or batch), so that masks computed from them match the reference bit for bit:

@@ -1,4 +1,4 @@
-"""Perplexity with the WikiText-2 protocol (spec section 6).
+"""Perplexity with the WikiText-2 protocol (docs/dsnot-spec.md section 6).
 
 The evaluation text is tokenized once into ``tokens[1, N]``; it is cut into ``N // seqlen``
 non-overlapping windows of ``seqlen`` tokens (the tail is dropped); each window is scored on its

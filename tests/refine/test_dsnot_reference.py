@@ -5,7 +5,7 @@
 * property: on random layers (N:M incl. 1:4 and 2:8, unstructured, fp16/fp32, thresholds, sign
   check on/off, var_power 0/1/2) the fast ``refine`` equals the slow oracle exactly (mask, err,
   number of swaps), and never changes a row's kept count nor breaks the N:M pattern, also on small
-  layers where the candidate lists run out (spec section 5, defects 2 and 3).
+  layers where the candidate lists run out (docs/dsnot-spec.md section 5, defects 2 and 3).
 """
 
 from __future__ import annotations
