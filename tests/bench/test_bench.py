@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from dsnt_export.artifacts import new_manifest, write_manifest
 from dsnt_export.bench import BenchOptions, run_bench
 from dsnt_export.bench.schema import SCHEMA, make_row, row_problems
 from dsnt_export.bench.target import resolve_target
@@ -28,7 +27,7 @@ from dsnt_export.bench.timing import (
 )
 from dsnt_export.cli import main
 from dsnt_export.errors import ArtifactError, UserInputError
-from dsnt_export.patterns import NM
+from tests.runtimes.toy_onnx import toy_onnx_artifact
 from tests.tiny_models import make_sparse_hf_dir, tiny_config, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,75 +266,9 @@ def test_semi_structured_conversion_matches_dense_on_gpu():
 # ------------------------------------------------------------------------------- ONNX Runtime
 
 
-def _onnx_lm(kind: str, emb: np.ndarray, head: np.ndarray):
-    """A toy LM graph with the exporter's I/O names: logits = E[ids] @ W; cache = E[ids]."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    V, H = emb.shape
-    inits = [
-        numpy_helper.from_array(emb, "E"),
-        numpy_helper.from_array(head, "W"),
-        numpy_helper.from_array(np.array([1], np.int64), "ax1"),
-    ]
-    inp = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])]
-    out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", V])]
-    nodes = [
-        helper.make_node("Gather", ["E", "input_ids"], ["h"]),
-        helper.make_node("MatMul", ["h", "W"], ["logits"]),
-        helper.make_node("Unsqueeze", ["h", "ax1"], ["kv"]),
-    ]
-    if kind in ("prefill", "decode"):
-        inp.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["b", "t"]))
-    for n in ("keys", "values"):
-        name = f"cache.layers.0.{n}"
-        if kind == "prefill":
-            nodes.append(helper.make_node("Identity", ["kv"], [name]))
-            out.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", 1, "t", H]))
-        elif kind == "decode":
-            inp.append(
-                helper.make_tensor_value_info(f"input.{name}", TensorProto.FLOAT, ["b", 1, "p", H])
-            )
-            nodes.append(
-                helper.make_node("Concat", [f"input.{name}", "kv"], [f"output.{name}"], axis=2)
-            )
-            out.append(
-                helper.make_tensor_value_info(f"output.{name}", TensorProto.FLOAT, ["b", 1, "q", H])
-            )
-    g = helper.make_graph(nodes, kind, inp, out, inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-
-
-def _toy_onnx_artifact(path: Path, seed: int) -> tuple[Path, np.ndarray, np.ndarray]:
-    import onnx
-
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((256, 16)).astype(np.float32)
-    head = rng.standard_normal((16, 256)).astype(np.float32)
-    (path / "float32").mkdir(parents=True)
-    graphs = {}
-    for kind, fname in (("logits", "model"), ("prefill", "prefill"), ("decode", "decode")):
-        onnx.save(_onnx_lm(kind, emb, head), path / "float32" / f"{fname}.onnx")
-        graphs[f"float32/{fname}.onnx"] = {"kind": kind, "dtype": "float32"}
-    (path / "config.json").write_text(
-        json.dumps({"model_type": "llama", "vocab_size": 256, "max_position_embeddings": 64})
-    )
-    tiny_tokenizer().save_pretrained(path)
-    write_manifest(
-        path,
-        new_manifest(
-            "onnx",
-            source_model={"id": "toy"},
-            pattern=NM(2, 4).to_json(),
-            tensors={},
-            extra={"graphs": graphs},
-        ),
-    )
-    return path, emb, head
-
-
 def test_onnxruntime_latency_and_perplexity_on_toy_graphs(tmp_path):
-    art, emb, head = _toy_onnx_artifact(tmp_path / "onnx", 0)
-    dense, demb, dhead = _toy_onnx_artifact(tmp_path / "dense_onnx", 1)
+    art, emb, head = toy_onnx_artifact(tmp_path / "onnx", 0)
+    dense, demb, dhead = toy_onnx_artifact(tmp_path / "dense_onnx", 1)
     text = " ".join(f"w{(i * 13) % 250 + 4}" for i in range(300))
     (tmp_path / "eval.txt").write_text(text)
     opts = BenchOptions(
@@ -370,7 +303,7 @@ def test_onnxruntime_latency_and_perplexity_on_toy_graphs(tmp_path):
 def test_ort_engine_decode_grows_the_cache(tmp_path):
     from dsnt_export.runtimes.onnxruntime import OrtEngine, graphs_of
 
-    art, emb, _ = _toy_onnx_artifact(tmp_path / "onnx", 0)
+    art, emb, _ = toy_onnx_artifact(tmp_path / "onnx", 0)
     eng = OrtEngine(graphs_of(art, "float32"), "sparse", ["CPUExecutionProvider"], "float32", 1)
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     st = eng.prefill(eng.to_input(ids))
