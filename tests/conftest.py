@@ -4,16 +4,18 @@ Builders live in ``tests/tiny_models.py`` (importable as plain functions where a
 arguments); the fixtures here are the parametrized entry points:
 
 * ``tiny_arch``: each of :data:`tests.tiny_models.ARCHS` in turn;
-* ``tiny_lm``: :func:`tests.tiny_models.tiny_model` of that architecture (fresh per test);
-* ``sparse_hf_dir``: a tiny 2:4-sparse checkpoint directory of that architecture, written as
-  ``dsnt-export prune`` would.
+* ``tiny_lm``: :func:`tests.tiny_models.tiny_model` of that architecture (fresh per test).
+
+Sparse checkpoint directories: :func:`tests.tiny_models.make_sparse_hf_dir` (called with the
+architecture and pattern a test needs; parametrizing it over every architecture would multiply
+the export tests' run time by five).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.tiny_models import ARCHS, make_sparse_hf_dir, tiny_model
+from tests.tiny_models import ARCHS, tiny_model
 
 
 @pytest.fixture(params=ARCHS)
@@ -26,9 +28,3 @@ def tiny_arch(request) -> str:
 def tiny_lm(tiny_arch):
     """A random tiny causal LM of ``tiny_arch`` (float32, CPU, eval mode, seed 0)."""
     return tiny_model(tiny_arch)
-
-
-@pytest.fixture
-def sparse_hf_dir(tiny_arch, tmp_path):
-    """A tiny 2:4-sparse HF checkpoint directory of ``tiny_arch`` under ``tmp_path``."""
-    return make_sparse_hf_dir(tmp_path / f"sparse-{tiny_arch}", tiny_arch, pattern="2:4")
