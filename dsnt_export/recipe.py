@@ -54,7 +54,6 @@ DSNOT_PRESETS = ("default", "official")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SAVE_DTYPES = ("source", "float32", "float16", "bfloat16")
 SPARSEGPT_KEYS = ("blocksize", "percdamp")
-EMBEDDED = "embedded:smollm2-135m"
 
 
 @dataclass(frozen=True)
@@ -230,6 +229,12 @@ class Recipe:
 
 
 KNOWN_KEYS = tuple(f.name for f in fields(Recipe))
+
+
+def method_label(init: str, refine: str) -> str:
+    """Short name of an initial method and its refinement for reports and printed lines, e.g.
+    ``sparsegpt+dsnot`` or ``wanda`` (``refine: none``)."""
+    return init if refine in (None, "none") else f"{init}+{refine}"
 
 
 def _reject_unknown(d: dict, what: str) -> None:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from dsnt_export.errors import UserInputError
-from dsnt_export.recipe import DTYPES, INITS, REFINES, SAVE_DTYPES, Recipe
+from dsnt_export.recipe import DTYPES, INITS, REFINES, SAVE_DTYPES, Recipe, method_label
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +73,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``prune``'s flags: the recipe flags plus ``--out`` and ``--overwrite``."""
     add_recipe_arguments(p)
     p.add_argument("--out", required=True, help="output directory (a new HF checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -92,6 +91,8 @@ def _dsnot_overrides(args: argparse.Namespace) -> dict | None:
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The ``--recipe`` (preset name or YAML file; default: the ``default`` preset) with every set
+    flag applied on top."""
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.preset("default")
     return recipe.replace(
         model=args.model,
@@ -115,34 +116,22 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     )
 
 
-def check_out_dir(out: str, overwrite: bool) -> Path:
-    """Fail early (before any work) if ``out`` exists and may not be replaced."""
-    p = Path(out)
-    if p.exists() and not overwrite and not (p.is_dir() and not any(p.iterdir())):
-        raise UserInputError(
-            f"output path {p} already exists; choose another --out or pass --overwrite"
-        )
-    return p
-
-
 def run(args: argparse.Namespace) -> int:
-    from dsnt_export.artifacts import atomic_output_dir
-    from dsnt_export.workflow import prune_recipe, write_checkpoint
+    """``dsnt-export prune``: the recipe from the flags, :func:`~dsnt_export.workflow.prune_to_dir`,
+    one printed line; exit code 1 when a saved weight violates the pattern."""
+    from dsnt_export.workflow import prune_to_dir
 
     recipe = recipe_from_args(args)
-    out = check_out_dir(args.out, args.overwrite)
-    result = prune_recipe(recipe, progress=not args.no_progress)
-    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
-        manifest = write_checkpoint(result, tmp)
-    s = result.report.summary()
+    saved = prune_to_dir(recipe, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    s, manifest = saved.result.report.summary(), saved.manifest
     print(
         f"pruned {s['n_linears']} linears of {manifest['source_model']['id']} to {recipe.pattern} "
-        f"({recipe.init}{'+dsnot' if recipe.refine == 'dsnot' else ''}, {s['n_refined']} refined, "
+        f"({method_label(recipe.init, recipe.refine)}, {s['n_refined']} refined, "
         f"{s['n_skipped']} skipped), sparsity {s['sparsity']:.4f}, "
-        f"mask check {'OK' if manifest['mask_check_ok'] else 'FAILED'}, "
-        f"{s['seconds']:.1f} s -> {out}"
+        f"mask check {'OK' if saved.ok else 'FAILED'}, "
+        f"{s['seconds']:.1f} s -> {saved.out}"
     )
-    if not manifest["mask_check_ok"]:
+    if not saved.ok:
         print("error: a saved weight violates the pattern; see dsnt_manifest.json", file=sys.stderr)
         return 1
     return 0

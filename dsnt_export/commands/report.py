@@ -2,9 +2,9 @@
 
     dsnt-export report DIR [--out DIR/report] [--rows extra.jsonl ...]
 
-Reads every benchmark row (``*.jsonl``) and pruning run report (HF artifact manifests) under DIR
-and writes ``report.json``, ``report.md`` and PNG figures into ``--out`` (default
-``DIR/report``), atomically.
+Reads every benchmark row (``*.jsonl``), pruning run report (HF artifact manifests) and run summary
+under DIR and writes ``report.json``, ``report.md`` and PNG figures into ``--out`` (default
+``DIR/report``), atomically (:mod:`dsnt_export.report.writer`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``report``'s flags: DIR, ``--out`` and repeatable ``--rows FILE``."""
     p.add_argument("dir", metavar="DIR", help="run directory")
     p.add_argument("--out", default=None, help="report directory (default DIR/report)")
     p.add_argument(
@@ -26,22 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``dsnt-export report``: :func:`~dsnt_export.report.write_run_report` of DIR (plus the
+    ``--rows`` files), then one printed line."""
     from dsnt_export.bench.timing import read_rows
     from dsnt_export.errors import UserInputError
-    from dsnt_export.report.collect import collect_rows, write_report
+    from dsnt_export.report import write_run_report
 
-    rows = collect_rows(args.dir)
+    extra = []
     for f in args.rows:
         if not Path(f).is_file():
             raise UserInputError(f"--rows {f} does not exist; expected a JSON-lines file")
-        rows += [dict(r, source=f) for r in read_rows(f)]
-    if not rows:
-        raise UserInputError(
-            f"{args.dir} holds no benchmark rows (*.jsonl) and no pruning run report; "
-            "run `dsnt-export prune` / `dsnt-export bench` into it, or pass --rows FILE"
-        )
+        extra += [dict(r, source=f) for r in read_rows(f)]
     out = Path(args.out) if args.out else Path(args.dir) / "report"
-    rep = write_report(rows, out, title=f"dsnt-export run report: {Path(args.dir).name}")
+    rep = write_run_report(args.dir, out, extra_rows=extra)
     s = rep["summary"]
     print(
         f"report written to {out}: {s['rows']} rows, {s['perplexity_points']} perplexity "

@@ -1,4 +1,6 @@
-"""Markdown rendering of a run report (the dict :func:`dsnt_export.report.collect.build_report` returns)."""
+"""Markdown of the report: :func:`render_markdown` (report.md, from the dict
+:func:`dsnt_export.report.tables.build_report` returns) and :func:`render_run_summary` (summary.md,
+from ``dsnt-export run``'s summary dict)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def _fmt(v: Any) -> str:
 
 
 def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    """A Markdown table of ``rows`` with ``cols`` = ``[(key, header), ...]`` (``_none_`` if empty)."""
     if not rows:
         return "_none_\n"
     head = "| " + " | ".join(h for _, h in cols) + " |"
@@ -151,6 +154,8 @@ def _environment(rep: dict) -> list[str]:
 
 
 def render_markdown(rep: dict) -> str:
+    """report.md: summary, perplexity, latency, per-layer DSnoT, other benches, skipped rows and
+    environments of ``rep`` (:func:`~dsnt_export.report.tables.build_report`), figures linked."""
     figs = rep.get("figures") or {}
     md = _summary(rep)
     md.append("## Perplexity\n")
@@ -170,3 +175,51 @@ def render_markdown(rep: dict) -> str:
     md += ["## Skipped and failed\n", table(rep["skipped"], SKIP_COLS)]
     md += _environment(rep)
     return "\n".join(md)
+
+
+def _num(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def render_run_summary(summary: dict) -> str:
+    """summary.md of ``dsnt-export run`` from its summary dict (:meth:`RunSummary.to_json
+    <dsnt_export.workflow.RunSummary.to_json>`): recipe, calibration, pruning, mask check,
+    dense vs sparse perplexity and the seconds per stage."""
+    r, s, ev = summary["recipe"], summary["sparsify"], summary.get("perplexity") or {}
+    lines = [
+        f"# dsnt-export run: {summary['source_model']['id']} at {r['pattern']}",
+        "",
+        f"- recipe: `{r['name']}` (hash `{summary['recipe_hash'][:12]}`), init `{r['init']}`, "
+        f"refine `{r['refine']}` (DSnoT preset `{r['dsnot']['preset']}`), "
+        f"refine excluded: {r['refine_exclude'] or 'none'}, excluded: {r['exclude'] or 'none'}",
+        f"- calibration: {summary['calibration'].get('source')} "
+        f"{summary['calibration'].get('nsamples')} x {summary['calibration'].get('seqlen')} tokens, "
+        f"seed {summary['calibration'].get('seed')}",
+        f"- linears pruned: {s['n_linears']} ({s['n_refined']} refined by DSnoT, "
+        f"{s['n_skipped']} skipped), sparsity {s['sparsity']:.4f}",
+        f"- mask check of the saved checkpoint: {'OK' if summary['validation']['ok'] else 'FAILED'}"
+        f" ({summary['validation']['n_tensors']} tensors)",
+    ]
+    if s.get("mean_abs_err_before") is not None:
+        lines.append(
+            f"- DSnoT mean |reconstruction error| per row: {s['mean_abs_err_before']:.4g} -> "
+            f"{s['mean_abs_err_after']:.4g} ({s['swaps']} swaps)"
+        )
+    if ev:
+        lines += [
+            "",
+            f"## Perplexity ({ev['dataset']}, {ev['seqlen']}-token windows, "
+            f"{ev['n_tokens_scored']} tokens scored)",
+            "",
+            "| model | perplexity |",
+            "|---|---|",
+            f"| dense | {_num(ev['dense'])} |",
+            f"| sparse ({r['pattern']}, saved checkpoint) | {_num(ev['sparse'])} |",
+        ]
+    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,7 @@
-"""Tables of the run report, computed from benchmark and layer rows (pure functions)."""
+"""Tables of the run report, computed from benchmark and layer rows (pure functions; no files).
+
+:func:`build_report` assembles them all into the report dict that report.json holds.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ def _ds(r: dict) -> str:
 
 
 def perplexity_table(rows: list[dict]) -> list[dict]:
+    """One entry per ok ``perplexity`` row: label (method, pattern, runtime), perplexity and, where a
+    dense row of the same data and windows exists (same runtime first, else another), the increase
+    against it in percent (``increase_vs_dense_pct``)."""
     ppl = [r for r in rows if r.get("bench") == "perplexity" and r.get("status") == "ok"]
     out = []
     for r in ppl:
@@ -176,6 +182,7 @@ def latency_table(rows: list[dict]) -> list[dict]:
 
 
 def flat_latency(table: list[dict]) -> list[dict]:
+    """The latency table with one entry per (cell, variant), as the latency figure plots it."""
     return [
         {**{k: v for k, v in c.items() if k != "variants"}, "variant": name, **v}
         for c in table
@@ -184,6 +191,7 @@ def flat_latency(table: list[dict]) -> list[dict]:
 
 
 def layers_table(rows: list[dict]) -> list[dict]:
+    """The ``layer`` rows (one per pruned linear) with a ``short`` name ``<block>.<linear>``."""
     out = []
     for r in rows:
         if r.get("bench") != "layer":
@@ -196,6 +204,7 @@ def layers_table(rows: list[dict]) -> list[dict]:
 
 
 def skipped_table(rows: list[dict]) -> list[dict]:
+    """Skipped and failed rows, one per distinct (runtime, variant, bench, status, reason)."""
     seen, out = set(), []
     for r in rows:
         if r.get("status") in ("skipped", "failed"):
@@ -246,6 +255,7 @@ def other_tables(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def environments(rows: list[dict]) -> list[dict]:
+    """The distinct ``env`` records of the rows (machine, library versions), once each."""
     seen: dict[tuple, dict] = {}
     for r in rows:
         e = r.get("env")
@@ -275,3 +285,48 @@ def environments(rows: list[dict]) -> list[dict]:
             },
         )
     return list(seen.values())
+
+
+REPORT_SCHEMA = "dsnt-export/report"
+
+
+def build_report(rows: list[dict]) -> dict:
+    """All tables of the report from ``rows`` (pure: no files).
+
+    Returns ``{schema, schema_version, summary, environments, perplexity, latency, layers,
+    skipped, other}``; ``summary`` counts rows and points and gives the ranges of the perplexity
+    increase (percent) and of the speedup against the dense model.
+    """
+    rows = [r for r in rows if isinstance(r, dict)]
+    ppl = perplexity_table(rows)
+    lat = latency_table(rows)
+    layers = layers_table(rows)
+    inc = [t["increase_vs_dense_pct"] for t in ppl if "increase_vs_dense_pct" in t]
+    sp = [
+        v["speedup_vs_dense"]
+        for c in lat
+        for v in c["variants"].values()
+        if "speedup_vs_dense" in v
+    ]
+    refined = [r for r in layers if r.get("err_before") is not None]
+    return {
+        "schema": REPORT_SCHEMA,
+        "schema_version": 1,
+        "summary": {
+            "rows": len(rows),
+            "perplexity_points": len(ppl),
+            "latency_points": len(lat),
+            "layers": len(layers),
+            "ppl_increase_vs_dense_pct": [min(inc), max(inc)] if inc else None,
+            "speedup_vs_dense": [min(sp), max(sp)] if sp else None,
+            "layers_error_reduced": sum(r["err_after"] <= r["err_before"] for r in refined),
+            "layers_refined": len(refined),
+            "skipped_or_failed": sum(r.get("status") in ("skipped", "failed") for r in rows),
+        },
+        "environments": environments(rows),
+        "perplexity": ppl,
+        "latency": lat,
+        "layers": layers,
+        "skipped": skipped_table(rows),
+        "other": other_tables(rows),
+    }

@@ -267,7 +267,7 @@ def test_run_onnx_levels(ckpt, text_file, tmp_path, flags, graphs):
 def test_validate_checkpoint_reads_the_saved_tensors(ckpt, text_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from dsnt_export.report.run_summary import validate_checkpoint
+    from dsnt_export.workflow import validate_checkpoint
 
     src, out = ckpt(), tmp_path / "out"
     assert _prune(src, out, text_file, "--init", "magnitude", "--refine", "none") == 0
@@ -290,4 +290,5 @@ def test_bad_config_json(tmp_path, text_file, capsys, config_text, needle):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     (src / "config.json").write_text(config_text)
+    (src / "model.safetensors").write_bytes(b"")  # weights present: the config is what fails
     _assert_failed_cleanly(_prune(src, out, text_file), out, capsys, needle)

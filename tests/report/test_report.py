@@ -11,7 +11,7 @@ from dsnt_export.artifacts import new_manifest, write_manifest
 from dsnt_export.bench.schema import make_row
 from dsnt_export.bench.timing import append_rows
 from dsnt_export.cli import main
-from dsnt_export.report.collect import build_report, collect_rows, rows_from_manifest, write_report
+from dsnt_export.report import build_report, collect_rows, rows_from_manifest, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DATASET = {"source": "stdlib-docs", "hash": "abc"}
