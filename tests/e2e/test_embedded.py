@@ -8,6 +8,7 @@ the converted checkpoint in the user cache, so later runs only load it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -205,17 +206,21 @@ def test_embedded_model_generates_and_has_sane_perplexity(smollm2_dir: Path):
 def test_run_on_the_embedded_model_then_the_runtime_suite(smollm2_dir: Path, tmp_path: Path):
     """`dsnt-export run` on the real model (default recipe, smaller calibration and evaluation to
     fit CI; its default fp32 ONNX logits graph), then `pytest runtime_tests --artifact` on its hf/,
-    its onnx/ and a `dsnt-export export hf` of it. (`--onnx full`, adding the fp16 and KV-cache
+    its onnx/ and a `dsnt-export export hf` of it; with $DSNT_EXPORT_KEEP_EMBEDDED_RUN the run is
+    written there and kept (CI benchmarks it on vLLM afterwards). (`--onnx full`, adding the fp16 and KV-cache
     graphs, takes ~7 minutes of one core for this model: README; tested on tiny models here.)"""
     import re
 
     from dsnt_export.cli import main
     from tests.converters.test_converters_runtime_suite import run_suite
 
-    out = tmp_path / "run"
+    # CI keeps this run for the vLLM stage (.ci/run): DSNT_EXPORT_KEEP_EMBEDDED_RUN names its dir
+    keep = os.environ.get("DSNT_EXPORT_KEEP_EMBEDDED_RUN")
+    out = Path(keep) if keep else tmp_path / "run"
     rc = main(
         [
             "run",
+            *(["--overwrite"] if out.exists() else []),
             "--calib",
             "stdlib-docs:8x128",
             "--eval-max-windows",
