@@ -292,3 +292,38 @@ def test_bad_config_json(tmp_path, text_file, capsys, config_text, needle):
     (src / "config.json").write_text(config_text)
     (src / "model.safetensors").write_bytes(b"")  # weights present: the config is what fails
     _assert_failed_cleanly(_prune(src, out, text_file), out, capsys, needle)
+
+
+def test_run_recipe_is_a_library_call(ckpt, text_file, tmp_path, capsys):
+    """run_recipe prints nothing, returns a RunSummary whose JSON is summary.json; the report can be
+    rewritten later by `dsnt-export report` and keeps the run's summary and manifest fields."""
+    from dsnt_export.recipe import Recipe
+    from dsnt_export.workflow import STAGES, RunSummary, run_recipe
+
+    names = [s.name for s in STAGES]
+    assert isinstance(STAGES, tuple) and names[0] == "load" and names[-1] == "report"
+    assert names.index("save") < names.index("validate") < names.index("export_onnx")
+    recipe = Recipe.preset("default").replace(
+        model=str(ckpt("llama")), calib=f"file:{text_file}:2x32", device="cpu"
+    )
+    out = tmp_path / "run"
+    s = run_recipe(recipe, out, onnx="none", evaluate=False, progress=False)
+    assert capsys.readouterr().out == ""
+    assert isinstance(s, RunSummary) and s.ok and s.out == out and s.perplexity is None
+    on_disk = json.loads((out / "report" / "summary.json").read_text())
+    assert list(on_disk) == list(RunSummary.JSON_KEYS)
+    assert on_disk == json.loads(json.dumps(s.to_json(), default=str))
+    assert "eval_data" not in s.timings and list(s.timings)[-1] == "total"
+    man = json.loads((out / "report" / MANIFEST_NAME).read_text())
+    assert man["recipe_hash"] == s.recipe_hash and "summary.json" in man["files"]
+    before = (out / "report" / "summary.md").read_text()
+    assert main(["report", str(out)]) == 0
+    again = json.loads((out / "report" / MANIFEST_NAME).read_text())
+    assert again["recipe"] == man["recipe"] and set(again["files"]) == set(man["files"])
+    assert (out / "report" / "summary.md").read_text() == before
+    from dsnt_export.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="already exists"):
+        run_recipe(recipe, out, onnx="none")
+    with pytest.raises(UserInputError, match="onnx level"):
+        run_recipe(recipe, tmp_path / "other", onnx="fp8")
