@@ -23,6 +23,7 @@ from converters.common import bitmask, vllm_compat
 from converters.common.source import (
     CONFIG_NAME,
     INDEX_NAME,
+    CorruptFileError,
     read_json,
     sparsity_config_of,
     weight_files,
@@ -32,34 +33,103 @@ from dsnt_export.errors import ArtifactError, DsntError
 from dsnt_export.patterns import Pattern
 
 
-def _read_all(report: CheckReport, files: list[Path]) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Tensors of every readable file; unreadable files become findings (their names returned)."""
-    from converters.common.source import read_safetensors
+class StoredTensors:
+    """The tensors of a checkpoint's safetensors files, read one at a time on request.
 
-    tensors: dict[str, torch.Tensor] = {}
-    bad: set[str] = set()
-    for f in files:
+    Only the headers are read up front (names, and whether each file opens: a truncated or
+    corrupt file is an ``unreadable`` finding, as a full read would give). :meth:`get` reads one
+    tensor (a legacy ``sparse-24-bitmask`` module: its ``.compressed/.bitmask/.shape`` triple,
+    unpacked into ``<module>.weight``), so checking a checkpoint holds one weight in memory at a
+    time instead of the whole state dict. A name stored in several files is read from the last,
+    as a ``dict.update`` over the files would keep.
+    """
+
+    def __init__(self, report: CheckReport, files: list[Path]):
+        self.report = report
+        self.bad_files: set[str] = set()
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                names = _keys(f)
+            except ArtifactError as e:
+                report.add(UNREADABLE, "unreadable", f.name, str(e))
+                self.bad_files.add(f.name)
+                continue
+            self._where.update(dict.fromkeys(names, f))
+        #: modules stored as packed sparse-24-bitmask triples
+        self.packed: list[str] = bitmask.packed_modules(self._where)
+        self._packed = set(self.packed)
+        self._failed: set[str] = set()  # packed modules whose triple does not unpack
+        self._unpacked: set[str] = set()  # packed modules unpacked without error
+
+    @property
+    def stored_names(self) -> set[str]:
+        """Names as stored (packed triples as their three tensors)."""
+        return set(self._where)
+
+    def names(self) -> list[str]:
+        """Logical tensor names: stored names with each packed triple as ``<module>.weight``."""
+        triples = {f"{m}.{s}" for m in self.packed for s in bitmask.SUFFIXES}
+        out = [k for k in self._where if k not in triples]
+        return out + [f"{m}.weight" for m in self.packed if m not in self._failed]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """One tensor by logical name; None if absent, in an unreadable file, or a packed triple
+        that does not unpack (then a ``bitmask`` violation is recorded once)."""
+        mod = name[: -len(".weight")] if name.endswith(".weight") else None
+        if mod in self._packed:
+            if mod in self._failed:
+                return None
+            parts = [self._read(f"{mod}.{s}") for s in bitmask.SUFFIXES]
+            if any(p is None for p in parts):
+                return None
+            try:
+                weight = bitmask.unpack_24(*parts, name=mod)
+                self._unpacked.add(mod)
+                return weight
+            except DsntError as e:
+                self.report.add(VIOLATION, "bitmask", mod, str(e))
+                self._failed.add(mod)
+                return None
+        return self._read(name) if name in self._where else None
+
+    def validate_packed(self) -> None:
+        """Unpack every packed module not read yet, one at a time (a corrupt triple is a
+        ``bitmask`` violation even when its weight is no check target)."""
+        for m in self.packed:
+            if m not in self._failed and m not in self._unpacked:
+                self.get(f"{m}.weight")
+
+    def _read(self, name: str) -> torch.Tensor | None:
+        f = self._where[name]
+        if f.name in self.bad_files:
+            return None
         try:
-            tensors.update(read_safetensors([f]))
+            with _open(f) as fh:
+                return fh.get_tensor(name)
         except ArtifactError as e:
-            report.add(UNREADABLE, "unreadable", f.name, str(e))
-            bad.add(f.name)
-    return tensors, bad
+            self.report.add(UNREADABLE, "unreadable", f.name, str(e))
+            self.bad_files.add(f.name)
+            return None
 
 
-def _unpack_legacy(report: CheckReport, tensors: dict[str, torch.Tensor]) -> list[str]:
-    mods = bitmask.packed_modules(tensors)
-    for m in mods:
-        try:
-            tensors[f"{m}.weight"] = bitmask.unpack_24(
-                tensors.pop(f"{m}.compressed"),
-                tensors.pop(f"{m}.bitmask"),
-                tensors.pop(f"{m}.shape"),
-                name=m,
-            )
-        except DsntError as e:
-            report.add(VIOLATION, "bitmask", m, str(e))
-    return mods
+def _open(f: Path):
+    """``safe_open(f)``; a missing, truncated or corrupt file raises ArtifactError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(f), framework="pt")
+    except FileNotFoundError as e:
+        raise ArtifactError(f"weight file missing: {f}") from e
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ArtifactError(
+            f"cannot read {f} ({e}); the file is truncated or corrupt. Re-export or re-download it"
+        ) from e
+
+
+def _keys(f: Path) -> list[str]:
+    with _open(f) as fh:
+        return list(fh.keys())
 
 
 def check_hf_dir(
@@ -94,27 +164,30 @@ def check_hf_dir(
     p = resolve_pattern(report, pattern, man, config)
     try:
         files, index = weight_files(root)
-    except ArtifactError as e:
-        report.add(UNREADABLE if "JSON" in str(e) else VIOLATION, "weights", "weights", str(e))
+    except CorruptFileError as e:
+        report.add(UNREADABLE, "weights", "weights", str(e))
         return report
-    tensors, bad_files = _read_all(report, [f for f in files if f.exists()])
+    except ArtifactError as e:
+        report.add(VIOLATION, "weights", "weights", str(e))
+        return report
+    store = StoredTensors(report, [f for f in files if f.exists()])
     for f in files:
         if not f.exists() and f.name not in (man or {}).get("files", {}):
             report.add(
                 VIOLATION, "missing-file", f.name, "weight shard named by the index is absent"
             )
     if index is not None:
+        stored = store.stored_names
         for k, fname in index["weight_map"].items():
-            if fname not in bad_files and (root / fname).exists() and k not in tensors:
+            if fname not in store.bad_files and (root / fname).exists() and k not in stored:
                 report.add(
                     VIOLATION,
                     "missing-tensor",
                     k,
                     f"the index maps it to {fname}, which does not hold it",
                 )
-    mods = _unpack_legacy(report, tensors)
-    _check_vllm(report, config, man, legacy=bool(mods))
-    _check_targets(report, tensors, man, p, skip_unreadable=bool(bad_files))
+    _check_vllm(report, config, man, legacy=bool(store.packed))
+    _check_targets(report, store, man, p, skip_unreadable=bool(store.bad_files))
     return report
 
 
@@ -152,15 +225,18 @@ def _check_vllm(report: CheckReport, config: dict, man: dict | None, *, legacy: 
 
 def _check_targets(
     report: CheckReport,
-    tensors: dict[str, torch.Tensor],
+    store: StoredTensors,
     man: dict | None,
     p: Pattern,
     *,
     skip_unreadable: bool,
 ) -> None:
+    """Check each target weight, read one at a time from ``store``: the manifest's tensors, or
+    without one every stored 2-D tensor that :func:`looks_sparse`."""
     if man is not None and man.get("tensors"):
         for name, meta in sorted(man["tensors"].items()):
-            if name not in tensors:
+            t = store.get(name)
+            if t is None:
                 if not skip_unreadable:
                     report.add(
                         VIOLATION,
@@ -173,24 +249,30 @@ def _check_targets(
             check_tensor(
                 report,
                 name,
-                tensors[name],
+                t,
                 p,
                 axis=axis,
                 expected_shape=meta.get("shape"),
                 expected_sparsity=meta.get("sparsity"),
             )
+            del t  # one stored weight alive at a time
     else:
-        targets = sorted(k for k, t in tensors.items() if looks_sparse(t, p))
         report.info["targets"] = "inferred: 2-D tensors with at least half the pattern's zeros"
-        if not targets:
+        found = 0
+        for name in sorted(store.names()):
+            t = store.get(name)
+            if t is not None and looks_sparse(t, p):
+                check_tensor(report, name, t, p, axis=-1)
+                found += 1
+            del t
+        if not found:
             report.add(
                 VIOLATION,
                 "no-sparse-tensors",
                 "weights",
                 f"no tensor has even half the zeros of {p}; not a sparse checkpoint?",
             )
-        for name in targets:
-            check_tensor(report, name, tensors[name], p, axis=-1)
+    store.validate_packed()
     report.derived_pattern = weakest([e.get("derived") for e in report.tensors.values()])
 
 
@@ -208,23 +290,24 @@ def check_safetensors_file(path: str | Path, *, pattern: str | None = None) -> C
     p = resolve_pattern(report, pattern, man)
     if man is not None:
         check_files(report, f.parent, man, only={f.name})
-    tensors, bad = _read_all(report, [f])
-    if bad:
+    store = StoredTensors(report, [f])
+    if store.bad_files:
         return report
-    _unpack_legacy(report, tensors)
+    store.validate_packed()  # a triple that does not unpack is no tensor of this file
     if man is not None:
         mine = _names_in_file(f)
+        here = set(store.names())
         sub = dict(
             man,
             tensors={
                 k: v
                 for k, v in man.get("tensors", {}).items()
-                if k in tensors or mine is None or k in mine
+                if k in here or mine is None or k in mine
             },
         )
-        _check_targets(report, tensors, sub, p, skip_unreadable=False)
+        _check_targets(report, store, sub, p, skip_unreadable=False)
     else:
-        _check_targets(report, tensors, None, p, skip_unreadable=False)
+        _check_targets(report, store, None, p, skip_unreadable=False)
     return report
 
 

@@ -31,13 +31,24 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
+class CorruptFileError(ArtifactError):
+    """A file that exists but cannot be parsed (truncated or corrupt), as opposed to one that
+    is missing or holds the wrong content."""
+
+
 def read_json(path: Path, what: str) -> Any:
+    """The JSON in ``path`` (``what`` names it in messages).
+
+    Raises:
+        ArtifactError: the file is missing.
+        CorruptFileError: the file is not valid UTF-8 JSON.
+    """
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
         raise ArtifactError(f"{what} not found: {path}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{what} {path} is not valid JSON ({e}); the file is corrupt") from e
+        raise CorruptFileError(f"{what} {path} is not valid JSON ({e}); the file is corrupt") from e
 
 
 def weight_files(directory: Path) -> tuple[list[Path], dict | None]:

@@ -222,3 +222,142 @@ def test_sparsity_config_without_targets_is_only_a_warning(art):
     r = check_path(art)
     assert r.exit_code == 0
     assert any(f.code == "vllm-config" and f.severity == "warning" for f in r.findings)
+
+
+# --- the checker registry and its one-way imports ---------------------------------------------
+
+
+def test_registry_unknown_kind_lists_known_ones():
+    from converters.checkers import CHECKERS, get_checker
+    from dsnt_export.errors import UserInputError
+
+    assert set(CHECKERS) == {"hf", "safetensors", "onnx", "tensorrt"}
+    assert get_checker("onnx") is CHECKERS["onnx"]
+    with pytest.raises(UserInputError) as e:
+        get_checker("gguf")
+    assert "'gguf'" in str(e.value) and "hf, onnx, safetensors, tensorrt" in str(e.value)
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_checker_imports_go_one_way():
+    """dispatcher (package) -> a kind's module -> common/report; never back."""
+    import converters.checkers as pkg
+
+    root = Path(pkg.__file__).parent
+    kinds = {"converters.checkers.hf", "converters.checkers.onnx", "converters.checkers.tensorrt"}
+    for shared in ("common.py", "report.py"):
+        imported = _imports(root / shared)
+        assert not imported & (kinds | {"converters.checkers"}), (shared, imported)
+        assert not any(m.startswith("converters.writers") for m in imported), shared
+    for kind in kinds:
+        imported = _imports(root / f"{kind.rsplit('.', 1)[1]}.py")
+        assert "converters.checkers" not in imported, kind  # the dispatcher is not imported back
+        assert not any(m.startswith("converters.writers") for m in imported), kind
+    common = Path(pkg.__file__).parents[1] / "common"
+    for f in common.glob("*.py"):
+        assert not any(m.startswith("converters.checkers") for m in _imports(f)), f
+
+
+# --- check of an HF directory streams one tensor at a time ------------------------------------
+
+
+def _full_load_reference(d: Path, pattern: str = "2:4"):
+    """What a check that loads every tensor at once finds per tensor (the manifest's targets)."""
+    from converters.checkers.common import check_tensor
+    from converters.checkers.report import CheckReport
+    from dsnt_export.artifacts import read_manifest
+    from dsnt_export.patterns import parse_pattern
+
+    sd = {}
+    for f in sorted(d.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    man = read_manifest(d)
+    ref = CheckReport(str(d), "hf")
+    for name, meta in sorted(man["tensors"].items()):
+        if name in sd:
+            check_tensor(
+                ref,
+                name,
+                sd[name],
+                parse_pattern(pattern),
+                axis=-1,
+                expected_shape=meta.get("shape"),
+                expected_sparsity=meta.get("sparsity"),
+            )
+    return ref
+
+
+@pytest.mark.parametrize("damage", ["none", "flip", "transpose", "nan", "drop"])
+def test_streaming_check_finds_what_a_full_load_finds(art, damage):
+    def fn(sd):
+        if damage == "flip":
+            w = sd[UP]
+            r, c = (w == 0).nonzero()[0].tolist()
+            w[r, c] = 1e-3
+        elif damage == "transpose":
+            sd[UP] = sd[UP].t().contiguous()
+        elif damage == "nan":
+            sd[Q][0, 0] = float("nan")
+        elif damage == "drop":
+            sd.pop(Q)
+
+    edit_weights(art, fn)
+    drop_hashes(art)
+    got = check_path(art)
+    ref = _full_load_reference(art)
+    assert got.tensors == ref.tensors
+    tensor_findings = sorted(
+        (f.code, f.subject, f.message) for f in got.findings if f.subject in ref.tensors
+    )
+    assert tensor_findings == sorted((f.code, f.subject, f.message) for f in ref.findings)
+    assert (got.exit_code == 0) == (damage == "none")
+
+
+def test_streaming_check_holds_one_tensor_at_a_time(art, monkeypatch):
+    """At most one weight read from the files is alive at any time during a check."""
+    import gc
+    import weakref
+
+    import safetensors
+
+    real = safetensors.safe_open
+    alive: list[weakref.ref] = []
+    peak = [0]
+
+    class Counting:
+        def __init__(self, *a, **kw):
+            self._fh = real(*a, **kw)
+
+        def __enter__(self):
+            self._inner = self._fh.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._fh.__exit__(*exc)
+
+        def keys(self):
+            return self._inner.keys()
+
+        def get_tensor(self, name):
+            gc.collect()
+            alive[:] = [r for r in alive if r() is not None]
+            t = self._inner.get_tensor(name)
+            alive.append(weakref.ref(t))
+            peak[0] = max(peak[0], len(alive))
+            return t
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    r = check_path(art)
+    assert r.ok and len(r.tensors) == 14
+    assert len(alive) >= 1 and peak[0] == 1
