@@ -1,7 +1,8 @@
 """Parity of an exported artifact against eager PyTorch: comparisons that collect, then raise.
 
 Every runtime is reached through its engine (:mod:`dsnt_export.runtimes`):
-:func:`compare_engine` (logits of one window + perplexity by the project's protocol) and
+:func:`compare_engine` (logits of one window + perplexity by the project's protocol; on a stored
+reference, :func:`compare_reference`) and
 :func:`compare_generation` (prefill + decode) are what export parity and ``runtime_tests`` call.
 A :class:`ParityCheck` collects one row per compared output (max |runtime - torch|, the tolerance,
 pass/fail) and raises :class:`~dsnt_export.errors.ParityError` once, listing every mismatch with its
@@ -155,6 +156,23 @@ def compare_engine(
         check.compare_ppl(f"{name}:perplexity", got, float(want_ppl), tol)
     except (RuntimeError, ValueError, NotImplementedError) as e:
         check.fail(f"{name}:perplexity", f"{type(e).__name__}: {e}")
+
+
+def compare_reference(
+    check: ParityCheck, name: str, engine, tol: Tolerance, reference: dict
+) -> None:
+    """:func:`compare_engine` on an artifact's stored reference (:mod:`converters.reference`):
+    logits of ``input_ids`` vs ``logits`` and perplexity of ``ppl_ids`` vs ``ppl``."""
+    compare_engine(
+        check,
+        name,
+        engine,
+        tol,
+        ids=reference["input_ids"],
+        want_logits=reference["logits"],
+        ppl_ids=reference["ppl_ids"],
+        want_ppl=float(reference["ppl"]),
+    )
 
 
 def compare_generation(

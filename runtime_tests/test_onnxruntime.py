@@ -23,7 +23,7 @@ def _providers(ort, runtime_device):
 def test_onnxruntime_graphs_match_reference(artifact, reference, ort, runtime_device):
     """Collects every graph's mismatches, then fails once with the per-output max difference."""
     artifact.require("onnx", "tensorrt")
-    from converters.parity import ParityCheck, compare_engine, compare_generation
+    from converters.parity import ParityCheck, compare_generation, compare_reference
     from converters.writers.onnx import GRAPH_FILES, OnnxConverter
     from dsnt_export.runtimes.onnxruntime import OrtEngine
 
@@ -38,20 +38,11 @@ def test_onnxruntime_graphs_match_reference(artifact, reference, ort, runtime_de
         ids = reference["input_ids"]
         if kind == "logits":
             with OrtEngine({"logits": artifact.path / rel}, providers=providers, dtype=dt) as eng:
-                compare_engine(
-                    check,
-                    rel,
-                    eng,
-                    tol,
-                    ids=ids,
-                    want_logits=ref_logits,
-                    ppl_ids=reference["ppl_ids"],
-                    want_ppl=float(reference["ppl"]),
-                )
+                compare_reference(check, rel, eng, tol, reference)
         elif kind == "prefill":
             decode = rel.replace(GRAPH_FILES["prefill"], GRAPH_FILES["decode"])
-            graphs = {"prefill": artifact.path / rel, "decode": artifact.path / decode}
-            with OrtEngine(graphs, providers=providers, dtype=dt) as eng:
+            pair = {"prefill": artifact.path / rel, "decode": artifact.path / decode}
+            with OrtEngine(pair, providers=providers, dtype=dt) as eng:
                 compare_generation(
                     check,
                     f"{rel}+decode",

@@ -21,23 +21,14 @@ def trt_device(artifact, runtime_device):
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_tensorrt_engine_matches_reference(artifact, reference, trt_device, kind):
-    from converters.parity import ParityCheck, compare_engine
+    from converters.parity import ParityCheck, compare_reference
     from converters.writers.tensorrt import TensorRTConverter
     from dsnt_export.runtimes.tensorrt import TrtEngine
 
     tol = TensorRTConverter.tolerance["float16"]
     check = ParityCheck(f"tensorrt {kind} engine")
     with TrtEngine(artifact.path / f"model.{kind}.plan", kind, trt_device) as engine:
-        compare_engine(
-            check,
-            kind,
-            engine,
-            tol,
-            ids=reference["input_ids"],
-            want_logits=reference["logits"],
-            ppl_ids=reference["ppl_ids"],
-            want_ppl=float(reference["ppl"]),
-        )
+        compare_reference(check, kind, engine, tol, reference)
     check.raise_if_failed()
 
 

@@ -58,20 +58,11 @@ def test_torch_load_keeps_the_pattern(loaded):
 
 def test_torch_logits_and_perplexity_match_reference(loaded, reference):
     """The torch engine (the runtime layer's eager runtime) against the stored reference."""
-    from converters.parity import ParityCheck, compare_engine
+    from converters.parity import ParityCheck, compare_reference
     from dsnt_export.runtimes.torch_eager import TorchEngine
 
     _, model, device = loaded
     check = ParityCheck(f"torch on {device}")
-    compare_engine(
-        check,
-        "torch",
-        TorchEngine(model, "sparse"),
-        _tol(device),
-        ids=reference["input_ids"],
-        want_logits=reference["logits"],
-        ppl_ids=reference["ppl_ids"],
-        want_ppl=float(reference["ppl"]),
-    )
+    compare_reference(check, "torch", TorchEngine(model, "sparse"), _tol(device), reference)
     check.raise_if_failed()
     assert np.isfinite(check.rows["torch:perplexity"]["ppl_runtime"])

@@ -25,7 +25,7 @@ from typing import Any
 from converters import Converter, ExportResult, Tolerance, register
 from converters.checkers.common import mask_checks_from_report
 from converters.checkers.tensorrt import REPORT_NAME, REPORT_SCHEMA, engine_entry, write_report
-from converters.parity import ParityCheck, compare_engine
+from converters.parity import ParityCheck, compare_reference
 from converters.reference import REFERENCE_NAME, load_reference
 from dsnt_export.artifacts import new_manifest, read_manifest
 from dsnt_export.errors import ArtifactError, MissingDependencyError, UserInputError
@@ -260,16 +260,7 @@ class TensorRTConverter(Converter):
         tol = self.tolerance["float16"]
         for kind in ("sparse", "dense"):
             with TrtEngine(tmp / f"model.{kind}.plan", kind, device) as engine:
-                compare_engine(
-                    check,
-                    kind,
-                    engine,
-                    tol,
-                    ids=ref["input_ids"],
-                    want_logits=ref["logits"],
-                    ppl_ids=ref["ppl_ids"],
-                    want_ppl=float(ref["ppl"]),
-                )
+                compare_reference(check, kind, engine, tol, ref)
 
 
 def capturing_logger(trt):

@@ -19,7 +19,7 @@ from dsnt_export.bench import BenchOptions
 from dsnt_export.bench.env import environment
 from dsnt_export.bench.schema import make_row, new_run_id
 from dsnt_export.bench.target import Target, resolve_target
-from dsnt_export.bench.timing import PeakMemory, measure
+from dsnt_export.bench.timing import measure
 from dsnt_export.errors import DsntError
 from dsnt_export.preflight import check_bench
 from dsnt_export.runtimes import runtime_module
@@ -206,7 +206,7 @@ def _engine_warmup(eng: Engine, vocab: int, options: BenchOptions) -> None:
 def _one_config(eng: Engine, options: BenchOptions, cfg: dict, prompt, steps):
     b, n = cfg["batch_size"], cfg["prompt_len"]
     opts = {"device": eng.device, "warmup": options.warmup, "repeats": options.repeats}
-    with PeakMemory(eng.device) as pm:
+    with eng.peak_memory() as pm:
         t = measure(eng.prefill, setup=prompt, **opts)
     note = {"prefill_note": eng.prefill_note} if eng.prefill_note else {}
     yield {
@@ -249,7 +249,7 @@ def _decode(eng: Engine, options: BenchOptions, prompt, steps, prefill_s: float)
     opts = {"device": eng.device, "warmup": options.warmup, "repeats": options.repeats}
     k = options.decode_tokens
     if eng.decode_by_generate:
-        with PeakMemory(eng.device) as pm:
+        with eng.peak_memory() as pm:
             tg = measure(lambda x: eng.generate(x, k + 1), setup=prompt, **opts)
         extra = {"method": "generate(1+N) - generate(1), medians", "timing": tg.to_json()}
         return max(tg.median_s - prefill_s, 0.0), extra, pm.to_json()
@@ -260,6 +260,6 @@ def _decode(eng: Engine, options: BenchOptions, prompt, steps, prefill_s: float)
             state = eng.decode_step(state, s)
         return state
 
-    with PeakMemory(eng.device) as pm:
+    with eng.peak_memory() as pm:
         td = measure(run_steps, setup=lambda: eng.prefill(prompt()), **opts)
     return td.median_s, {"timing": td.to_json()}, pm.to_json()

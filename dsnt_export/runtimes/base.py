@@ -21,6 +21,8 @@ one runtime backend. Export parity (:mod:`converters.parity`), ``runtime_tests``
     engine wherever it accepts a model.
 ``close()``
     frees the engine's memory (and any temporary files it owns); idempotent.
+``peak_memory()``
+    a context manager measuring peak memory where the model lives (default: this process).
 
 Attributes, set by the constructor to what the engine REALLY uses (recorded in every bench row):
 ``name`` (the runtime key, e.g. ``"onnxruntime"``), ``variant``, ``backend`` (how it runs:
@@ -151,6 +153,15 @@ class Engine(ABC):
         from dsnt_export.evaluation.perplexity import nll_sums
 
         return nll_sums(self.logits(ids), ids)
+
+    def peak_memory(self):
+        """A context manager measuring peak memory where the model lives during its block, with
+        ``to_json() -> {"peak_mem_bytes", "peak_mem_kind"}``. Default: this process on
+        ``device`` (:class:`dsnt_export.bench.timing.PeakMemory`); an engine whose model lives
+        in another process (vLLM) measures there or says it did not."""
+        from dsnt_export.bench.timing import PeakMemory
+
+        return PeakMemory(self.device)
 
     def close(self) -> None:
         """Free the engine's memory; safe to call twice."""

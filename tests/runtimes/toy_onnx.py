@@ -82,3 +82,12 @@ def toy_onnx_artifact(
         ),
     )
     return path, emb, head
+
+
+def toy_perplexity(emb: np.ndarray, head: np.ndarray, windows: np.ndarray) -> float:
+    """Perplexity of the toy graphs (logits = E[ids] @ W) on ``windows [n, T]``, computed in
+    numpy float64 independently of the project's code."""
+    lg = (emb[windows] @ head)[:, :-1].astype(np.float64)
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    nll = float((lse - np.take_along_axis(lg, windows[:, 1:, None], -1)[..., 0]).mean())
+    return float(np.exp(nll))
