@@ -42,12 +42,14 @@ from dsnt_export.errors import (
     UserInputError,
 )
 
-EPILOG = f"""exit codes: {EXIT_OK} success; {EXIT_VIOLATION} a check failed (mask pattern or parity \
-violation); {EXIT_BAD_INPUT} bad input (arguments, files, data past a model limit, wrong artifact \
-kind, missing optional package: the message says how to fix it); {EXIT_INTERNAL} internal error \
-(please report it with the log file the message names); 130 interrupted. Tracebacks are shown \
-only with --debug (or DSNT_EXPORT_DEBUG=1); on exit code {EXIT_INTERNAL} they go to \
-$DSNT_EXPORT_LOG or ~/.cache/dsnt-export/logs/."""
+EPILOG = (
+    f"exit codes: {EXIT_OK} success; {EXIT_VIOLATION} a check failed (mask pattern or parity "
+    f"violation); {EXIT_BAD_INPUT} bad input (arguments, files, data past a model limit, wrong "
+    "artifact kind, missing optional package: the message says how to fix it); "
+    f"{EXIT_INTERNAL} internal error (please report it with the log file the message names); "
+    "130 interrupted. Tracebacks are shown only with --debug (or DSNT_EXPORT_DEBUG=1); on exit "
+    f"code {EXIT_INTERNAL} they go to $DSNT_EXPORT_LOG or ~/.cache/dsnt-export/logs/."
+)
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -186,6 +188,11 @@ def _hint(e: BaseException) -> str:
     """What to try for an exception no dsnt-export code path raised on purpose."""
     if isinstance(e, ImportError):
         name = getattr(e, "name", None)
+        if name and name.split(".")[0] in _OWN:
+            return (
+                f"a module of dsnt-export itself ({name}) failed to import: the installation or "
+                "checkout is incomplete or mixed; reinstall dsnt-export (pip install -e .)"
+            )
         pkg = f"'{name.split('.')[0]}' " if name else "the package named above "
         return (
             f"install or upgrade {pkg}(a library is missing or its version does not fit the "

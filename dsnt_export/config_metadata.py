@@ -1,4 +1,4 @@
-"""Stale quantization / sparsity metadata in a checkpoint's ``config.json``: one cleaner for every path.
+"""Stale quantization / sparsity metadata in a checkpoint's ``config.json``: one cleaner for all.
 
 Other pruning tools (llm-compressor, SparseML) leave a compressed-tensors ``quantization_config``
 in ``config.json`` that holds nothing but a ``sparsity_config`` (often ``format: "dense"``): the
@@ -8,6 +8,7 @@ weights are plain dense tensors, yet ``transformers`` looks up a quantizer for i
 * :func:`strip_sparsity_config`: a copy of a raw config dict without any ``sparsity_config``, and a
   ``quantization_config`` left holding only bookkeeping dropped (``export hf`` writes this).
 * :func:`quantization_left`: what real quantization a (stripped) config still declares, if any.
+* :func:`refuse_quantized`: strip, then refuse real quantization (before transformers parses it).
 * :func:`clean_loaded_config`: what every loader (prune, eval, export, bench) calls after
   ``AutoConfig.from_pretrained``: strips the stale metadata from the config object with one
   warning, and refuses a checkpoint whose weights really are quantized
@@ -92,6 +93,25 @@ def quantization_left(config: dict) -> str | None:
     return None
 
 
+def refuse_quantized(raw: dict, where: str) -> tuple[dict, list[str]]:
+    """:func:`strip_sparsity_config` of ``raw``, refusing what is left if it is real quantization.
+
+    Call it on the raw ``config.json`` dict before ``transformers`` parses it (a malformed
+    ``quantization_config`` fails inside transformers). Returns ``(cleaned, removed)``; raises
+    :class:`~dsnt_export.errors.QuantizedCheckpointError` (the one message every loader gives).
+    """
+    cleaned, removed = strip_sparsity_config(raw)
+    left = quantization_left(cleaned)
+    if left is not None:
+        raise QuantizedCheckpointError(
+            f"{where}: config.json declares {left}: the weights are stored quantized, and "
+            "dsnt-export prunes, evaluates and exports float (float32/float16/bfloat16) "
+            "checkpoints only. Use the unquantized checkpoint, or dequantize it and re-save it "
+            "without quantization_config."
+        )
+    return cleaned, removed
+
+
 def clean_loaded_config(config: Any, raw: dict, where: str) -> list[str]:
     """Strip stale metadata from a loaded ``transformers`` config; refuse a quantized checkpoint.
 
@@ -103,15 +123,7 @@ def clean_loaded_config(config: Any, raw: dict, where: str) -> list[str]:
     Raises :class:`~dsnt_export.errors.QuantizedCheckpointError` when ``raw`` declares real
     quantization (not only a sparsity_config / bookkeeping): dsnt-export reads float weights only.
     """
-    cleaned, removed = strip_sparsity_config(raw)
-    left = quantization_left(cleaned)
-    if left is not None:
-        raise QuantizedCheckpointError(
-            f"{where}: config.json declares {left}: the weights are stored quantized, and "
-            "dsnt-export prunes, evaluates and exports float (float32/float16/bfloat16) "
-            "checkpoints only. Use the unquantized checkpoint, or dequantize it and re-save it "
-            "without quantization_config."
-        )
+    cleaned, removed = refuse_quantized(raw, where)
     for key in METADATA_KEYS:
         if key not in cleaned and hasattr(config, key):
             delattr(config, key)

@@ -208,13 +208,25 @@ def load_corpus(source: str, part: str) -> Corpus:
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` with the tokenizer's default special tokens (as the reference)."""
+    """Token ids of ``text`` with the tokenizer's default special tokens (as the reference).
+
+    Raises :class:`DataSourceError` when non-blank text gives no token at all (a tokenizer that
+    does not fit the text: every later step would fail with a misleading "too short")."""
     kwargs = {"verbose": False} if type(tokenizer).__module__.startswith("transformers") else {}
     out = tokenizer(text, **kwargs)
     ids = out["input_ids"] if isinstance(out, Mapping) else out
     if isinstance(ids, torch.Tensor):
         ids = ids.reshape(-1).tolist()
-    return list(ids)
+    ids = list(ids)
+    if not ids and text.strip():
+        raise DataSourceError(
+            f"the tokenizer {_tokenizer_name(tokenizer)} ({type(tokenizer).__name__}) turned "
+            f"{len(text)} characters of text into 0 tokens: it does not fit the text, or it is "
+            "not the tokenizer its files describe (transformers picks the tokenizer class from "
+            "config.json's model_type for some models). Check the checkpoint's tokenizer.json "
+            "and tokenizer_config.json"
+        )
+    return ids
 
 
 def tokens_hash(tokens: torch.Tensor) -> str:

@@ -100,8 +100,8 @@ def require_hf_checkpoint(path: str | Path, command: str | None = None) -> Path:
 
     A run directory gives its ``hf/``. Raises :class:`WrongArtifactKindError` for an ONNX export,
     a TensorRT engine or a report (with the command that reads it), and :class:`ArtifactError` for
-    a directory with no config.json, or a config.json but no weight files, or an index naming
-    shard files that are not there (each stated as found, never guessed).
+    a directory with no config.json. The weights are checked later (:func:`check_weight_files`,
+    after the config), so a config problem is reported first.
     """
     p = Path(path).expanduser()
     kind, evidence = artifact_kind(p)
@@ -120,25 +120,6 @@ def require_hf_checkpoint(path: str | Path, command: str | None = None) -> Path:
             f"{p} has no config.json; expected a Hugging Face checkpoint directory "
             "(config.json + *.safetensors + tokenizer files)"
         )
-    weights = [f for g in _WEIGHT_GLOBS for f in sorted(p.glob(g))]
-    if not weights:
-        found = sorted(f.name for f in p.iterdir())[:8]
-        raise ArtifactError(
-            f"{p} has a config.json but no weight files (*.safetensors or pytorch_model*.bin; "
-            f"found {found}); copy the weights beside it or re-save the checkpoint"
-        )
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text()).get("weight_map") or {}
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ArtifactError(f"{index} is not a valid safetensors index ({e})") from e
-        absent = sorted({f for f in wm.values() if not (p / f).is_file()})
-        if absent:
-            raise ArtifactError(
-                f"{p}: model.safetensors.index.json lists shard file(s) that are not there: "
-                f"{absent[:5]}; copy the missing shards or re-download/re-save the checkpoint"
-            )
     return p
 
 
@@ -174,7 +155,7 @@ def source_dtype(config: Any) -> torch.dtype | None:
 def load_config(source: str):
     import transformers as T
 
-    from dsnt_export.config_metadata import clean_loaded_config
+    from dsnt_export.config_metadata import clean_loaded_config, refuse_quantized
 
     cfg_file = Path(source) / "config.json"
     raw: Any = None
@@ -191,13 +172,20 @@ def load_config(source: str):
                 "Hugging Face config.json"
             )
         get_adapter(raw.get("model_type"))
+        refuse_quantized(raw, source)  # before transformers parses a quantization_config
     try:
         config = T.AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         if Path(source).is_dir():
             raise ArtifactError(
-                f"cannot read the config of checkpoint directory {source}: {e}. Expected a "
-                "Hugging Face config.json of a supported causal LM; re-save the checkpoint."
+                f"cannot read the config of checkpoint directory {source}: transformers "
+                f"refused its config.json ({type(e).__name__}: {_first_line(e)}). Expected a "
+                "Hugging Face config.json of a supported causal LM; fix or re-save it."
+            ) from e
+        if not isinstance(e, OSError):
+            raise UserInputError(
+                f"transformers refused the config of {source!r} ({type(e).__name__}: "
+                f"{_first_line(e)}); expected a supported causal LM"
             ) from e
         raise UserInputError(
             f"cannot load a model config from {source!r}: it is not a local directory and could "
@@ -213,7 +201,8 @@ def load_config(source: str):
 
 
 def load_model(source: str, dtype: torch.dtype, config: Any | None = None) -> nn.Module:
-    """Load a causal LM on the CPU in ``dtype``; corrupt or incomplete weights raise ArtifactError."""
+    """Load a causal LM on the CPU in ``dtype``; missing, corrupt or incomplete weights raise
+    ArtifactError (stating what was found: no weight file, an absent shard, an unreadable file)."""
     import transformers as T
     from safetensors import SafetensorError
 
@@ -252,11 +241,34 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 
 
 def check_weight_files(directory: Path) -> None:
-    """Open the header of every safetensors file of ``directory``; a bad one raises ArtifactError.
+    """Weight files of a checkpoint ``directory`` present, complete and readable, or ArtifactError.
 
-    Reads no tensor data: safetensors checks the header and that the file holds every byte the
-    header declares, so a truncated or corrupt file is found here, with its name.
+    Refuses a directory with no weight file, an index naming shard files that are not there, and
+    a safetensors file whose header cannot be read. Reads no tensor data: safetensors checks the
+    header and that the file holds every byte the header declares, so a truncated or corrupt file
+    is found here, with its name.
     """
+    weights = [f for g in _WEIGHT_GLOBS for f in sorted(directory.glob(g))]
+    if not weights:
+        found = sorted(f.name for f in directory.iterdir())[:8]
+        raise ArtifactError(
+            f"{directory} has a config.json but no weight files (*.safetensors or "
+            f"pytorch_model*.bin; found {found}); copy the weights beside it or re-save the "
+            "checkpoint"
+        )
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text()).get("weight_map") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ArtifactError(f"{index} is not a valid safetensors index ({e})") from e
+        absent = sorted({f for f in wm.values() if not (directory / f).is_file()})
+        if absent:
+            raise ArtifactError(
+                f"{directory}: model.safetensors.index.json lists shard file(s) that are not "
+                f"there: {absent[:5]}; copy the missing shards or re-download/re-save the "
+                "checkpoint"
+            )
     from safetensors import SafetensorError, safe_open
 
     for f in sorted(directory.glob("*.safetensors")):

@@ -194,5 +194,5 @@ def check_calibration(model: torch.nn.Module, ids: torch.Tensor, calib: str) -> 
         seqlen=int(ids.shape[-1]),
         ids=ids,
         asked=f"--calib {calib}",
-        fix=head + "x{limit}",
+        fix="--calib " + head + "x{limit}",
     )
