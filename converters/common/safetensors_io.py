@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from converters.common.source import INDEX_NAME, SINGLE_NAME
-from dsnt_export.errors import UserInputError
+from dsnt_export.errors import ArtifactError, UserInputError
 
 _UNITS = {
     "": 1,
@@ -40,6 +40,47 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise UserInputError(f"a size must be positive, got {size!r}")
     return value
+
+
+#: safetensors header dtype -> torch dtype name
+HEADER_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file, from its header only (no tensor data is read).
+
+    Returns ``{name: {"dtype": torch dtype name, "shape": [...], "nbytes": int}}``.
+
+    Raises:
+        ArtifactError: the file is missing, or its header is truncated or not safetensors JSON.
+    """
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n < 2**27 else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read the safetensors header of {path} ({e})") from e
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path} has no safetensors header; the file is truncated or corrupt")
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        dtype = HEADER_DTYPES.get(meta["dtype"], meta["dtype"].lower())
+        out[name] = {"dtype": dtype, "shape": list(meta["shape"]), "nbytes": end - start}
+    return out
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -25,7 +25,8 @@ from converters import Converter, ExportResult, Tolerance, register
 from converters.checkers.common import mask_checks_from_report
 from converters.checkers.hf import check_hf_dir
 from converters.common import bitmask, vllm_compat
-from converters.common.safetensors_io import parse_size, save_sharded
+from converters.common.options import record_option, verify_options
+from converters.common.safetensors_io import parse_size, read_header, save_sharded
 from converters.common.source import (
     GENERATION_CONFIG_NAME,
     SparseSource,
@@ -140,7 +141,42 @@ class HfVllmConverter(Converter):
             result.warnings.append(
                 "the source has no tokenizer files; vLLM needs one (or skip_tokenizer_init=True)"
             )
-        return self._manifest(src, format, max_shard_size, written, removed, dtype)
+        options = self._verify_options(tmp, written, format, max_shard_size, dtype)
+        return self._manifest(src, format, max_shard_size, written, removed, dtype, options)
+
+    @staticmethod
+    def _verify_options(
+        tmp: Path, written: list[str], format: str, max_shard_size, dtype: str | None
+    ) -> dict:
+        """Requested vs written format, dtype and shard size, read back from the written headers.
+
+        Written values: the layout (``sparse-24-bitmask`` when packed ``.compressed/.bitmask/
+        .shape`` triples are stored, else ``plain``), the floating dtype(s) stored, and the
+        largest shard's bytes. A shard may exceed the limit only when it holds a single tensor
+        (a tensor is never split, as in Hugging Face's ``save_pretrained``).
+
+        Raises:
+            OptionMismatchError: a written value differs from the request.
+        """
+        headers = {f: read_header(tmp / f) for f in written if f.endswith(".safetensors")}
+        keys = [k for h in headers.values() for k in h]
+        floats = sorted(
+            {m["dtype"] for h in headers.values() for m in h.values() if "float" in m["dtype"]}
+        )
+        sizes = {f: sum(m["nbytes"] for m in h.values()) for f, h in headers.items()}
+        limit = parse_size(max_shard_size)
+        oversize = [f for f, n in sizes.items() if n > limit and len(headers[f]) > 1]
+        options: dict[str, dict] = {}
+        record_option(
+            options, "format", format, bitmask.FORMAT if bitmask.packed_modules(keys) else "plain"
+        )
+        record_option(options, "dtype", dtype, floats[0] if len(floats) == 1 else floats)
+        record_option(options, "max_shard_size", limit, max(sizes.values(), default=0))
+        options["max_shard_size"].update(
+            requested_as=str(max_shard_size), shards=len(sizes), oversize_multi_tensor=oversize
+        )
+        verify_options(options, "hf export", ok={"max_shard_size": lambda req, got: not oversize})
+        return options
 
     def _legacy(self, src: SparseSource, config: dict, state: dict, result: ExportResult):
         if src.pattern != NM(2, 4):
@@ -181,6 +217,7 @@ class HfVllmConverter(Converter):
         written: list[str],
         removed: list[str],
         dtype: str | None,
+        options: dict,
     ) -> dict:
         sm = src.manifest or {}
         tensors = {k: dict(v) for k, v in sm.get("tensors", {}).items()}
@@ -205,6 +242,7 @@ class HfVllmConverter(Converter):
                     "max_shard_size": str(max_shard_size),
                     "weight_files": written,
                     "dtype": dtype,
+                    "options": options,
                     "stripped_from_config": removed,
                     "source": {"path": str(src.path), "recipe_hash": sm.get("recipe_hash")},
                     "vllm": (

@@ -42,6 +42,7 @@ from converters.common.onnx_graph import (
     param_fingerprints,
     where_is,
 )
+from converters.common.options import record_option, verify_options
 from converters.common.source import SparseSource, carried_files, read_source
 from converters.parity import ParityCheck, parity_ids
 from converters.reference import compute_reference, save_reference
@@ -54,6 +55,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 GRAPH_FILES = {"logits": "model.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
 EXPORTERS = ("torch", "transformers")
+# ONNX TensorProto element type names (io_signature) -> the dtype names of DTYPES
+_TENSOR_DTYPES = {"float": "float32", "float16": "float16"}
 
 
 def optimize_graph(model) -> None:
@@ -87,6 +90,151 @@ def optimize_graph(model) -> None:
         passes.OutputFixPass(),
         passes.NameFixPass(),
     )(model)
+
+
+def _logits_dtype(graph: dict) -> str:
+    """The element type of a described graph's ``logits`` output (its first output if unnamed)."""
+    outs = graph["outputs"]
+    out = next((o for o in outs if o["name"] == "logits"), outs[0])
+    return _TENSOR_DTYPES.get(out["dtype"], out["dtype"])
+
+
+class OpsetError(UserInputError):
+    """The requested ONNX opset cannot be written for this model (exit 2, nothing written)."""
+
+
+def default_opset(program) -> int | None:
+    """The default-domain (``ai.onnx``) opset an ``onnx_ir.Model`` declares, or None."""
+    imports = program.opset_imports
+    return imports.get("", imports.get("ai.onnx"))
+
+
+def convert_opset(program, opset: int | None, what: str = "graph"):
+    """``program`` (an ``onnx_ir.Model``) at the default-domain ``opset``; the model itself when it
+    already declares it or when ``opset`` is None.
+
+    torch's exporter writes its own opset (18 with torch 2.x) and down-converts it only on a
+    best-effort basis: when its conversion fails it keeps the opset-18 model and only logs
+    (pytorch/pytorch#150592). Here the conversion is done again after constant folding (axes and
+    shapes then are initializers, which onnx's adapters need) with ``onnx.version_converter``, and
+    the result is verified. The converted graph is then checked for its pattern and its parity
+    like any other (:meth:`Converter.export`).
+
+    Raises:
+        OpsetError: onnx's version converter cannot take the graph to ``opset`` (an op without an
+            adapter, e.g. ``Shape`` below opset 15, ``LayerNormalization`` below 17), or the
+            converted graph does not declare ``opset``; the message names both opsets and the cause.
+    """
+    have = default_opset(program)
+    if opset is None or have == opset:
+        return program
+    import onnx
+    import onnx_ir
+    from onnx import version_converter
+
+    try:
+        proto = version_converter.convert_version(onnx_ir.serde.serialize_model(program), opset)
+        _drop_default_attributes(proto, opset, have)
+        onnx.checker.check_model(proto)
+        converted = onnx_ir.serde.deserialize_model(proto)
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as e:
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise OpsetError(
+            f"ONNX opset {opset} was requested, but the exporter wrote the {what} at opset {have} "
+            f"and onnx's version converter cannot take it to opset {opset}: {cause}. Export "
+            f"without --opset (opset {have}) or with an opset this model's ops exist in "
+            f"(--opset {have} or a version that converts)"
+        ) from e
+    got = default_opset(converted)
+    if got != opset:
+        raise OpsetError(
+            f"ONNX opset {opset} was requested, but the {what} still declares opset {got} after "
+            f"onnx's version conversion. Export without --opset (opset {have})"
+        )
+    return converted
+
+
+def _drop_default_attributes(proto, opset: int, source_opset: int | None) -> int:
+    """Remove, in place, node attributes that ``opset``'s schema lacks but that hold their default
+    at ``source_opset`` (e.g. ``ReduceMean``'s ``noop_with_empty_axes=0``, which opset 18 added
+    and onnx's 18 -> 17 adapter leaves behind): the default is the older opset's behaviour, so the
+    node means the same without it. Any other unknown attribute is kept, and the checker then
+    refuses the graph. Returns how many attributes were removed."""
+    from onnx import defs, helper
+
+    removed = 0
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = defs.get_schema(node.op_type, opset, "")
+            newer = defs.get_schema(node.op_type, source_opset or defs.onnx_opset_version(), "")
+        except defs.SchemaError:
+            continue
+        for attr in list(node.attribute):
+            if attr.name in schema.attributes or attr.name not in newer.attributes:
+                continue
+            default = newer.attributes[attr.name].default_value
+            if default.type and helper.get_attribute_value(default) == (
+                helper.get_attribute_value(attr)
+            ):
+                node.attribute.remove(attr)
+                removed += 1
+    return removed
+
+
+def store_tied_tables_once(program) -> int:
+    """Make a MatMul/Gemm read a tied embedding table through a ``Transpose`` node instead of a
+    stored transposed copy, in place; returns how many copies were dropped.
+
+    With ``tie_word_embeddings`` the logits projection is ``hidden @ E^T`` with ``E [vocab,
+    hidden]`` the embedding table ``Gather`` reads. A constant-folding pass may store ``E^T``
+    as a second initializer (``vocab x hidden`` values more per graph: 113 MB for a 49k x 576 fp32
+    table). Each 2-D MatMul initializer ``[hidden, vocab]`` whose values equal the transpose of a
+    ``Gather`` table (compared by shape, then value) is replaced by ``Transpose(E, perm=[1, 0])``,
+    which runtimes fold when they load the graph; the copy is dropped when nothing else reads it.
+    The lm_head is not a pruning target, so no sparse weight is put behind the Transpose.
+    """
+    import onnx_ir
+
+    graph = program.graph
+    tables = {}
+    for node in graph:
+        if node.op_type != "Gather" or not node.inputs or node.inputs[0] is None:
+            continue
+        axis = node.attributes.get("axis")
+        table = node.inputs[0]
+        if (axis is None or axis.value == 0) and table.is_initializer() and table.const_value:
+            if len(table.const_value.shape) == 2:
+                tables.setdefault(tuple(table.const_value.shape), []).append(table)
+    if not tables:
+        return 0
+    dropped = 0
+    for node in list(graph):
+        if node.op_type != "MatMul" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        b = node.inputs[1]
+        if not b.is_initializer() or b.const_value is None or len(b.const_value.shape) != 2:
+            continue
+        rows, cols = b.const_value.shape
+        for table in tables.get((cols, rows), []):
+            if table is b or b.const_value.dtype != table.const_value.dtype:
+                continue
+            if not np.array_equal(b.const_value.numpy(), table.const_value.numpy().T):
+                continue
+            t = onnx_ir.node(
+                "Transpose", [table], {"perm": [1, 0]}, name=f"{table.name}_transposed"
+            )
+            t.outputs[0].name = f"{table.name}.T"
+            t.outputs[0].dtype = table.dtype
+            t.outputs[0].shape = onnx_ir.Shape([cols, rows])
+            graph.insert_before(node, t)
+            node.replace_input_with(1, t.outputs[0])
+            if not b.uses() and not b.is_graph_output():
+                graph.initializers.pop(b.name, None)
+                dropped += 1
+            break
+    return dropped
 
 
 class _Logits(torch.nn.Module):
@@ -157,6 +305,8 @@ def export_logits_graph(model, opset: int | None = None, exporter: str = "torch"
             inputs = {"input_ids": ids, "use_cache": False}
             program = OnnxExporter().export(model, inputs, cfg).program
     optimize_graph(program)
+    program = convert_opset(program, opset, "logits graph")
+    store_tied_tables_once(program)
     return program
 
 
@@ -212,8 +362,10 @@ def export_generation_graphs(model, opset: int | None = None) -> dict:
             generation_config=gen,
         )
     programs = {name: c.program for name, c in ex.components.items()}
-    for program in programs.values():
+    for name, program in programs.items():
         optimize_graph(program)
+        programs[name] = convert_opset(program, opset, f"{name} graph")
+        store_tied_tables_once(programs[name])
     return programs
 
 
@@ -353,7 +505,27 @@ class OnnxConverter(Converter):
                     reference = compute_reference(model)
                 del model, programs
         save_reference(tmp, reference)
-        return self._manifest(src, graphs, removed, exporter)
+        options = self._verify_options(graphs, dtypes, generation_dtypes, opset, exporter)
+        return self._manifest(src, graphs, removed, exporter, options)
+
+    @staticmethod
+    def _verify_options(graphs: dict, dtypes, generation_dtypes, opset, exporter) -> dict:
+        """Requested vs written (read from the graphs on disk: ``_describe``) opset and dtypes.
+
+        Raises:
+            OptionMismatchError: a graph declares another opset, or its logits another dtype,
+                than requested.
+        """
+        opsets = sorted({g["opset"] for g in graphs.values()}, key=str)
+        logits_dtypes = sorted(_logits_dtype(g) for g in graphs.values() if g["kind"] == "logits")
+        generation = sorted(_logits_dtype(g) for g in graphs.values() if g["kind"] == "prefill")
+        options: dict[str, dict] = {}
+        record_option(options, "opset", opset, opsets[0] if len(opsets) == 1 else opsets)
+        record_option(options, "dtypes", sorted(dtypes), logits_dtypes)
+        record_option(options, "generation_dtypes", sorted(generation_dtypes), generation)
+        record_option(options, "exporter", exporter, exporter)
+        verify_options(options, "ONNX export")
+        return options
 
     @staticmethod
     def _describe(
@@ -378,7 +550,9 @@ class OnnxConverter(Converter):
             "weights": weights,
         }
 
-    def _manifest(self, src: SparseSource, graphs: dict, removed: list[str], exporter: str) -> dict:
+    def _manifest(
+        self, src: SparseSource, graphs: dict, removed: list[str], exporter: str, options: dict
+    ) -> dict:
         sm = src.manifest or {}
         import transformers
 
@@ -408,6 +582,7 @@ class OnnxConverter(Converter):
                             "torch": torch.__version__,
                         },
                     },
+                    "options": options,
                     "stripped_from_config": removed,
                     "source": {"path": str(src.path), "recipe_hash": sm.get("recipe_hash")},
                     "tolerance": {k: v.to_json() for k, v in self.tolerance.items()},
