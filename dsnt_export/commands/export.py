@@ -12,7 +12,12 @@ Targets:
             which layers TensorRT made sparse (needs tensorrt + a CUDA GPU)
 
 SRC is a sparse checkpoint directory (dsnt-export prune) or, for tensorrt, an ONNX export.
-Exit codes: 0 written; 1 parity/mask failure or missing runtime; 2 bad input.
+Every option that shapes the artifact (ONNX --opset and --dtypes, HF --format, --dtype and
+--max-shard-size) is read back from the written files and recorded in dsnt_manifest.json as
+extra.export.options {option: {requested, written}}; an --opset the graph cannot be converted to
+is refused with the reason.
+Exit codes: 0 written; 1 parity/mask failure, an option not honoured, or missing runtime;
+2 bad input (including an --opset that cannot be written).
 """
 
 from __future__ import annotations
@@ -89,7 +94,13 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
         choices=("torch", "transformers"),
         help="exporter of the logits graph (default: torch.onnx dynamo)",
     )
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: latest)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset of every graph (default: the exporter's, 18 with torch 2.x); converted "
+        "with onnx's version converter and re-checked, or refused when it cannot be",
+    )
     p.add_argument(
         "--no-progress",
         dest="progress",
@@ -152,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"  parity {name}: max |diff| {row['max_abs_diff']:.3e} (bound {row['bound']:.2e})"
             )
+    options = result.manifest.get("extra", {}).get("export", {}).get("options", {})
+    asked = [f"{k} {r['requested']}" for k, r in options.items() if r["requested"] is not None]
+    if asked:
+        print(f"  options verified in the written files: {', '.join(asked)}")
     for w in result.warnings:
         print(f"  warning: {w}")
     for n in result.notes:
