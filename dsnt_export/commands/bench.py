@@ -85,13 +85,14 @@ def _fmt(row: dict) -> str:
     v = row.get("variant", "-")
     head = f"{row['runtime']:<11} {v:<14} {row.get('backend', ''):<24}"
     if row["status"] != "ok":
-        return f"{head} {row['bench']}: {row['status']}: {row.get('reason')}"
+        what = " ".join(str(row[k]) for k in ("bench", "phase") if row.get(k))
+        return f"{head} {what}: {row['status']}: {row.get('reason')}"
     if row["bench"] == "perplexity":
         return f"{head} perplexity {row['ppl']:.4f} ({row['n_windows']} x {row['seqlen']} tok)"
     if row["bench"] == "latency":
         what = "prefill" if row["phase"] == "prefill" else f"decode x{row['decode_tokens']}"
         if row.get("prefill_note"):
-            what += "*"
+            what += "*"  # not a KV-cache prefill: the row's prefill_note says how it was timed
         unit = "ms" if row["phase"] == "prefill" else "ms/tok"
         mem = row.get("peak_mem_bytes")
         mem_s = f", peak {mem / 2**20:.0f} MiB" if mem else ""

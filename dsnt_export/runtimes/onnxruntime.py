@@ -245,18 +245,17 @@ class OrtEngine(Engine):
 def export_dense(hf_dir: Path, kinds: set[str]) -> tuple[dict[str, Path], Path]:
     """Export a dense HF checkpoint's float32 ``kinds`` graphs into a temporary directory;
     returns ``({kind: path}, tmpdir)`` (the caller removes tmpdir)."""
-    from transformers import AutoModelForCausalLM
-
     from converters.writers.onnx import (
         EXTERNAL_DATA_THRESHOLD,
         export_generation_graphs,
         export_logits_graph,
         save_graph,
     )
+    from dsnt_export.runtimes.torch_eager import load_model
 
     tmp = Path(tempfile.mkdtemp(prefix="dsnt-bench-dense-onnx-"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model = load_model(hf_dir, torch.float32, "cpu")
         programs = {}
         if "logits" in kinds:
             programs["logits"] = export_logits_graph(model)

@@ -31,7 +31,9 @@ def unavailable(options: Any) -> str | None:
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """An eager causal LM in ``dtype`` on ``device`` from a checkpoint directory (ours, including
-    the legacy packed layout, or a plain Hugging Face one), in eval mode."""
+    the legacy packed layout, or a plain Hugging Face one through
+    :func:`dsnt_export.hf_io.load_model`), in eval mode. Raises ArtifactError for missing,
+    corrupt or incomplete weights."""
     from dsnt_export.artifacts import read_manifest
 
     man = read_manifest(path, required=False)
@@ -39,9 +41,9 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str)
         from converters.common.source import read_source  # handles legacy packed checkpoints too
 
         return read_source(path).load_model(dtype=dtype, device=device)
-    from transformers import AutoModelForCausalLM
+    from dsnt_export.hf_io import load_model as load_hf
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return load_hf(str(path), dtype).to(device).eval()
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
