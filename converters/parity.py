@@ -33,10 +33,12 @@ class Tolerance:
     ppl_rel: float
 
     def logits_bound(self, reference: np.ndarray) -> float:
+        """The allowed max |diff| for outputs whose torch value is ``reference``."""
         scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
         return self.logits_atol * scale
 
     def to_json(self) -> dict:
+        """The tolerance as recorded in manifests and reports."""
         return {
             "logits_atol": self.logits_atol,
             "ppl_rel": self.ppl_rel,
@@ -58,6 +60,8 @@ class ParityCheck:
     rows: dict[str, dict] = field(default_factory=dict)
 
     def compare(self, name: str, runtime, reference, tol: Tolerance) -> dict:
+        """Record ``name``: max |runtime - reference| against ``tol``'s bound (shape mismatch and
+        non-finite runtime values fail); returns the row."""
         a, b = _np(runtime), _np(reference)
         if a.shape != b.shape:
             row = {
@@ -83,6 +87,7 @@ class ParityCheck:
         return row
 
     def compare_ppl(self, name: str, runtime_ppl: float, torch_ppl: float, tol: Tolerance) -> dict:
+        """Record ``name``: |runtime_ppl / torch_ppl - 1| against ``tol.ppl_rel``; returns the row."""
         rel = abs(runtime_ppl / torch_ppl - 1.0) if torch_ppl > 0 else math.inf
         ok = math.isfinite(runtime_ppl) and rel <= tol.ppl_rel
         self.rows[name] = {
@@ -96,13 +101,16 @@ class ParityCheck:
         return self.rows[name]
 
     def fail(self, name: str, error: str) -> None:
+        """Record ``name`` as failed with ``error`` (the output could not be computed)."""
         self.rows[name] = {"ok": False, "max_abs_diff": math.inf, "bound": None, "error": error}
 
     @property
     def ok(self) -> bool:
+        """True when every recorded comparison passed."""
         return all(r["ok"] for r in self.rows.values())
 
     def raise_if_failed(self) -> None:
+        """Raise one ParityError listing every failed comparison (no-op when all passed)."""
         bad = {k: r for k, r in self.rows.items() if not r["ok"]}
         if not bad:
             return

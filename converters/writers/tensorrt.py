@@ -77,12 +77,17 @@ def _source_kind(src: Path) -> str:
 
 @register
 class TensorRTConverter(Converter):
+    """``dsnt-export export tensorrt``: a SPARSE_WEIGHTS and a dense engine from the FP16 ONNX
+    graph, the sparse-tactic report, and parity of both engines against the stored reference."""
+
     name = "tensorrt"
     extras = ("tensorrt",)
     tolerance = {"float16": Tolerance(logits_atol=3e-2, ppl_rel=2e-2)}
     description = "TensorRT engines (SPARSE_WEIGHTS and dense) + sparse-tactic report"
 
     def check_environment(self, src_dir: str | Path, **opts: Any) -> None:
+        """Raise TensorRTUnavailable (after the CPU-side ONNX 2:4 check of an ONNX source)
+        when tensorrt is not installed."""
         src = Path(src_dir)
         note = _onnx_side_check(src) if _source_kind(src) == "onnx" else ""
         try:
@@ -104,6 +109,8 @@ class TensorRTConverter(Converter):
         workspace_gib: float = 8.0,
         **opts: Any,
     ) -> dict:
+        """Build both engines into ``tmp`` (profile ``[1..max_batch, 1..max_seq]``, optimum
+        ``opt_seq``, workspace in GiB), write the report; returns the manifest."""
         staging = tmp / ".onnx-source"
         try:
             onnx_dir = self._onnx_source(src_dir, staging, opts)
@@ -254,6 +261,8 @@ class TensorRTConverter(Converter):
         device: str = "cuda",
         **_: Any,
     ) -> None:
+        """Both engines through :class:`dsnt_export.runtimes.tensorrt.TrtEngine` against the
+        stored float32 reference (logits and perplexity, FP16 tolerance)."""
         from dsnt_export.runtimes.tensorrt import TrtEngine
 
         ref = load_reference(tmp)
@@ -267,17 +276,22 @@ def capturing_logger(trt):
     """A ``trt.ILogger`` that keeps every message (the "(Sparsity)" lines are INFO)."""
 
     class CapturingLogger(trt.ILogger):
+        """Keeps (severity, message) pairs."""
+
         def __init__(self):
             trt.ILogger.__init__(self)
             self.lines: list[tuple[str, str]] = []
 
         def log(self, severity, msg):
+            """Record one TensorRT message."""
             self.lines.append((str(getattr(severity, "name", severity)), msg))
 
         def text(self) -> str:
+            """Every message, one ``[SEVERITY] message`` line each."""
             return "\n".join(f"[{s}] {m}" for s, m in self.lines)
 
         def errors(self) -> list[str]:
+            """The ERROR messages."""
             return [m for s, m in self.lines if "ERROR" in s]
 
     return CapturingLogger()

@@ -54,6 +54,7 @@ def _read_first(path: str, prefix: str) -> str | None:
 
 
 def cpu_info() -> dict[str, Any]:
+    """CPU model, core count, torch threads, affinity, total memory and 1-minute load."""
     info: dict[str, Any] = {
         "cpu": _read_first("/proc/cpuinfo", "model name")
         or platform.processor()

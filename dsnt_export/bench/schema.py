@@ -85,10 +85,12 @@ ZERO_SHOT_KEYS = ("task", "task_version", "metric", "value", "stderr", "n_sample
 
 
 def new_run_id() -> str:
+    """A new run id: UTC time stamp + 6 random hex digits."""
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
 
 
 def now() -> str:
+    """The current UTC time, ISO-8601 to the second."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 

@@ -68,6 +68,8 @@ def _is_hf_dir(p: Path) -> bool:
 
 
 def model_info(manifest: dict | None, path: Path) -> dict:
+    """The ``model`` fields of a row (id, type, pattern, method, vocab and position limits) from an
+    artifact's manifest and config.json."""
     m = manifest or {}
     sm = m.get("source_model") or {}
     recipe = m.get("recipe") or {}

@@ -71,26 +71,32 @@ class Timing:
 
     @property
     def repeats(self) -> int:
+        """Number of timed samples."""
         return len(self.samples_s)
 
     @property
     def median_s(self) -> float:
+        """Median sample (s)."""
         return statistics.median(self.samples_s)
 
     @property
     def min_s(self) -> float:
+        """Fastest sample (s)."""
         return min(self.samples_s)
 
     @property
     def max_s(self) -> float:
+        """Slowest sample (s)."""
         return max(self.samples_s)
 
     @property
     def mean_s(self) -> float:
+        """Mean sample (s)."""
         return statistics.fmean(self.samples_s)
 
     @property
     def stdev_s(self) -> float:
+        """Sample standard deviation (s); 0 for one sample."""
         return statistics.stdev(self.samples_s) if len(self.samples_s) > 1 else 0.0
 
     @property
@@ -102,6 +108,7 @@ class Timing:
         return (q[0], q[2])
 
     def to_json(self) -> dict:
+        """The statistics and raw samples as a row's ``timing`` dict (seconds)."""
         q1, q3 = self.quartiles_s
         return {
             "median_s": self.median_s,
@@ -178,11 +185,6 @@ def cpu_peak_rss_bytes() -> int | None:
         return None
 
 
-def cpu_rss_bytes() -> int | None:
-    kib = _proc_status_kib("VmRSS")
-    return kib * 1024 if kib is not None else None
-
-
 def reset_cpu_peak_rss() -> bool:
     """Reset ``VmHWM`` to the current RSS (Linux ``clear_refs`` value 5); False if not allowed."""
     try:
@@ -231,6 +233,7 @@ class PeakMemory:
             self.peak_bytes = int(_acc_mem("max_memory_allocated", self.device)(self.device))
 
     def to_json(self) -> dict:
+        """``{"peak_mem_bytes", "peak_mem_kind"}`` for a row."""
         return {"peak_mem_bytes": self.peak_bytes, "peak_mem_kind": self.kind}
 
 

@@ -121,6 +121,7 @@ class Engine(ABC):
 
     @property
     def supports_decode(self) -> bool:
+        """False where the engine cannot decode step by step (``decode_skip_reason`` says why)."""
         return self.decode_skip_reason is None
 
     def to_input(self, ids: torch.Tensor) -> Any:

@@ -208,3 +208,20 @@ def test_eval_command_text_output_and_missing_dir(checkpoint, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "nope"), "--ppl", "--device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_nll_sums_is_the_one_scoring_step(model, tokens):
+    """nll_sums on a forward's logits == perplexity()'s windows; logits_perplexity agrees;
+    mismatched shapes are refused."""
+    from dsnt_export.evaluation.perplexity import logits_perplexity, nll_sums
+
+    w = make_windows(tokens, 32, 4)
+    with torch.no_grad():
+        logits = model(w).logits
+    sums = nll_sums(logits, w)
+    assert sums.dtype == torch.float64 and sums.shape == (4,)
+    res = perplexity(model, tokens, 32, max_windows=4, progress=False)
+    assert float(sums.sum()) / (4 * 31) == pytest.approx(res.nll, rel=1e-12)
+    assert logits_perplexity(logits, w) == pytest.approx(res.ppl, rel=1e-12)
+    with pytest.raises(ShapeError, match="logits of shape"):
+        nll_sums(logits[:, :-1], w)
