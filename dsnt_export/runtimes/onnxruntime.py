@@ -314,7 +314,12 @@ def variants(target: Target, options: Any) -> Iterator[tuple[str, Callable[[], E
     """``dense`` and ``sparse`` per execution provider (the sparse with TensorRT's 2:4 tactics
     on where that provider is used)."""
     dtype = graph_dtype(options.dtype, torch.device(options.device), target)
-    have = set(graphs_of(target.path, dtype))
+    try:
+        have = set(graphs_of(target.path, dtype))
+    except ArtifactError as e:  # e.g. --dtype float16 on an export without fp16 graphs
+        yield "dense", f"not compared: {e}"
+        yield "sparse", str(e)
+        return
     kinds = needed_kinds(options, have)
     for providers in providers_for(torch.device(options.device)):
         if target.dense is None:

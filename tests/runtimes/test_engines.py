@@ -293,3 +293,15 @@ def test_perplexity_accepts_an_engine_and_a_module_alike(model):
     b = perplexity(TorchEngine(model, "sparse"), toks, 20, batch_size=3, progress=False)
     assert (a.n_windows, a.n_tokens_scored) == (b.n_windows, b.n_tokens_scored) == (5, 95)
     assert a.ppl == pytest.approx(b.ppl, rel=1e-12)
+
+
+def test_onnx_artifact_without_the_asked_dtype_gives_skipped_rows(tmp_path):
+    pytest.importorskip("onnxruntime")
+    art, _, _ = toy_onnx_artifact(tmp_path / "onnx", 0, kinds=("logits",))
+    opts = BenchOptions(runtime="onnxruntime", dtype="float16", dense=str(art), **FAST)
+    rows = run_bench(art, opts)
+    assert [(r["variant"], r["status"]) for r in rows] == [
+        ("dense", "skipped"),
+        ("sparse", "skipped"),
+    ]
+    assert all("no float16 graphs" in r["reason"] for r in rows)
