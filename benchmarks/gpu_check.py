@@ -238,11 +238,7 @@ def layer_point(ctx: Ctx, w: torch.Tensor, st, p, base: dict) -> None:
                 new_w, keep, info = hessian_refine(w, keep0, w, st.hessian, p, max_cycles=50)
                 return keep, info
         else:
-            cfg = (
-                DSnoTConfig.official()
-                if preset == "official"
-                else DSnoTConfig.default(criterion="mean")
-            )
+            cfg = DSnoTConfig.official() if preset == "official" else DSnoTConfig.guarded()
 
             def go(cfg=cfg):
                 return refine_with_info(w, keep0, st, p, cfg, initial_metric=metric)
@@ -341,11 +337,11 @@ def build_model(ctx: Ctx, blocks: int):
 
 
 def section_pipeline(ctx: Ctx, blocks: int) -> None:
-    from dsnt_export.refine.dsnot import DSnoTConfig
+    from dsnt_export.refine import DSnoTConfig, HessianSwapConfig
     from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
 
     n, t = (2, 32) if ctx.smoke else (128, 2048)
-    runs = [("wanda", DSnoTConfig.official()), ("sparsegpt", DSnoTConfig.default())]
+    runs = [("wanda", DSnoTConfig.official()), ("sparsegpt", HessianSwapConfig())]
     for init, dcfg in runs:
         if ctx.left() < 90:
             return ctx.skip("pipeline", "time budget exhausted", init=init)
@@ -355,7 +351,7 @@ def section_pipeline(ctx: Ctx, blocks: int) -> None:
         ids = torch.randint(
             0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(0)
         )
-        cfg = SparsifyConfig(pattern="2:4", init=init, refine="dsnot", dsnot=dcfg)
+        cfg = SparsifyConfig(pattern="2:4", init=init, refine=dcfg)
         with PeakMemory(ctx.device) as pm:
             rep = sparsify(model, ids, cfg, device=ctx.device, progress=False)
         s = rep.summary()
@@ -364,7 +360,7 @@ def section_pipeline(ctx: Ctx, blocks: int) -> None:
             "pipeline",
             init=init,
             refine="dsnot",
-            dsnot_preset=dcfg.preset,
+            dsnot_preset=getattr(dcfg, "preset", "default"),
             blocks=blocks,
             calib=[n, t],
             seconds=rep.timings["total_s"],
@@ -381,7 +377,7 @@ def section_pipeline(ctx: Ctx, blocks: int) -> None:
         )
         if init == "wanda":
             e2e(ctx, model, "sparse")
-            e2e(ctx, model, "sparse-kernels", [f"{r['name']}.weight" for r in rep.layers])
+            e2e(ctx, model, "sparse-kernels", [f"{r.name}.weight" for r in rep.layers])
         del model
         if ctx.cuda:
             torch.cuda.empty_cache()

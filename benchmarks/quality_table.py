@@ -12,8 +12,10 @@ text of BOTH domains: docstrings ("stdlib-docs") and source code ("stdlib-code")
 to ``--out`` (JSONL) as they finish, so an interrupted run keeps what it measured.
 
 Configurations: dense; for each of magnitude / wanda / sparsegpt: alone, + DSnoT with the official
-preset (reference defaults: attention projections only, mean criterion), + DSnoT with our default
-config (every linear, exact-loss swap criterion with 3 % dampening: ``DSnoTConfig.default()``).
+preset (reference defaults: attention projections only, mean criterion), + our default refiner
+(every linear, ``hessian-swap``: exact-loss swaps with 3 % dampening, ``HessianSwapConfig()``).
+The row labels ``+dsnot(default)`` / ``+dsnot(mean)`` predate the refiner's own name and stay
+(they key the README's tables): ``(default)`` is hessian-swap, ``(mean)`` is DSnoT's ``guarded``.
 ``--figure`` draws perplexity against the pattern for every configuration, one panel per evaluation
 domain.
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from dsnt_export.evaluation.perplexity import perplexity
-from dsnt_export.refine.dsnot import DSnoTConfig
+from dsnt_export.refine import DSnoTConfig, HessianSwapConfig
 from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
 
 CONFIGS = {
@@ -48,14 +50,14 @@ CONFIGS = {
 DOMAINS = ("stdlib-docs", "stdlib-code")
 PRESETS = {
     "official": DSnoTConfig.official,
-    "default": DSnoTConfig.default,
+    "default": HessianSwapConfig,
     # DSnoT's own (mean-based) criterion with our sign check and loss guard
-    "mean": lambda: DSnoTConfig.default(criterion="mean", sign_check=True, loss_guard=True),
+    "mean": DSnoTConfig.guarded,
 }
-# the hessian criterion's dampening (DSnoTConfig.percdamp), swept to choose the default
+# the hessian-swap refiner's dampening (HessianSwapConfig.percdamp), swept to choose the default
 DAMPS = (0.01, 0.03, 0.1, 0.3)
 for _damp in DAMPS:
-    PRESETS[f"default percdamp={_damp}"] = lambda d=_damp: DSnoTConfig.default(percdamp=d)
+    PRESETS[f"default percdamp={_damp}"] = lambda d=_damp: HessianSwapConfig(percdamp=d)
 for _init in ("magnitude", "wanda", "sparsegpt"):
     CONFIGS[f"{_init}+dsnot(mean)"] = (_init, "dsnot", "mean", ())
     for _damp in DAMPS:
@@ -88,7 +90,7 @@ def canonical(rows: list[dict], calib: str, nsamples: int = 32) -> dict[tuple[st
     A sweep row whose dampening is the default's counts as ``+dsnot(default)``; a later row
     replaces an earlier one of the same cell.
     """
-    damp = DSnoTConfig.default().percdamp
+    damp = HessianSwapConfig().percdamp
     out = {}
     for r in rows:
         if r.get("calib") != calib or (r.get("calibration") or {}).get("nsamples") != nsamples:
@@ -332,13 +334,12 @@ def main(argv=None) -> int:
             for name in names:
                 if CONFIGS.get(name) is None:
                     continue
-                init, refine, preset, refine_exclude = CONFIGS[name]
-                dsnot = PRESETS[preset]() if preset else DSnoTConfig.default()
+                init, _, preset, refine_exclude = CONFIGS[name]
+                refiner = PRESETS[preset]() if preset else None
                 cfg = SparsifyConfig(
                     pattern=pattern,
                     init=init,
-                    refine=refine,
-                    dsnot=dsnot,
+                    refine=refiner if refiner is not None else "none",
                     refine_exclude=refine_exclude,
                 )
                 model = copy.deepcopy(dense_model)
@@ -353,7 +354,8 @@ def main(argv=None) -> int:
                         prune_s=prune_s,
                         calibration=cdesc,
                         sparsify=rep.summary(),
-                        dsnot=dsnot.to_json(),
+                        refine=cfg.refine,
+                        refine_config=cfg.to_json()["refine_config"],
                         refine_exclude=list(refine_exclude),
                         eval=evaluate(model),
                         torch=torch.__version__,

@@ -1,7 +1,12 @@
 """Initial (one-shot) masks: magnitude, Wanda, and SparseGPT (with its weight update).
 
+The registry of initial methods (:func:`register_initial`, :func:`get_initial`,
+:func:`initial_names`) is keyed by the recipe's ``init`` value; the recipe and CLI choices come
+from :func:`initial_names`. Adding a method = a function ``(weight, stats, pattern, *, name,
+options) -> InitialResult`` registered with :func:`register_initial`.
+
 Pure tensor functions ``(weight, stats, pattern) -> keep`` (bool, True = kept, shape of ``weight``).
-Per-row semantics of the DSnoT reference code (spec section 4):
+Per-row semantics of the DSnoT reference code (docs/dsnot-spec.md section 4):
 
 * N:M: in every group of M consecutive input channels the ``M - N`` smallest metrics are pruned
   (ties: lower column pruned first).
@@ -28,6 +33,9 @@ _METRICS: dict[str, MetricFn] = {}
 
 
 def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
+    """Decorator registering a float32 importance metric ``(weight [out, in], stats) -> [out, in]``
+    under ``name`` (higher = more important); :func:`initial_metric` looks it up."""
+
     def deco(fn: MetricFn) -> MetricFn:
         _METRICS[name] = fn
         return fn
@@ -37,17 +45,17 @@ def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
 
 @register_metric("magnitude")
 def magnitude_metric(weight: torch.Tensor, stats: ActivationStats | None = None) -> torch.Tensor:
+    """``|W|`` in float32 [out, in] (``stats`` is not used)."""
     return torch.abs(weight).to(torch.float32)
 
 
 @register_metric("wanda")
 def wanda_metric(weight: torch.Tensor, stats: ActivationStats | None) -> torch.Tensor:
+    """Wanda's ``|W| * sqrt(a)`` [out, in] with ``a = stats.sq_sum`` (spec section 1; float32 for
+    float32 or fp16 weights by type promotion). Raises ``UserInputError`` when ``stats`` is None."""
     if stats is None:
         raise UserInputError("the Wanda metric needs activation statistics (stats=None was given)")
     return torch.abs(weight) * torch.sqrt(stats.sq_sum.reshape((1, -1)))
-
-
-INITIAL_METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def _check_weight(weight: torch.Tensor, stats: ActivationStats | None, name: str | None) -> None:
@@ -121,6 +129,8 @@ def unstructured_keep_from_metric(metric: torch.Tensor, pattern: Unstructured) -
 
 
 def keep_from_metric(metric: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask (bool, shape of ``metric``) of the largest metrics per ``pattern`` (N:M per group,
+    unstructured per row; ties prune the lower column first)."""
     pattern = parse_pattern(pattern)
     if isinstance(pattern, NM):
         return nm_keep_from_metric(metric, pattern)
@@ -161,6 +171,88 @@ class InitialResult:
     method: str
 
 
+InitialFn = Callable[..., InitialResult]
+
+
+@dataclass(frozen=True)
+class InitialMethod:
+    """One registered initial method: ``name`` (the recipe's ``init``), ``prune`` (the function,
+    ``(weight, stats, pattern, *, name, options) -> InitialResult``), ``needs_hessian`` (the driver
+    then collects ``ActivationStats.hessian``)."""
+
+    name: str
+    prune: InitialFn
+    needs_hessian: bool
+
+
+_INITIAL: dict[str, InitialMethod] = {}
+
+
+def register_initial(name: str, *, needs_hessian: bool = False) -> Callable[[InitialFn], InitialFn]:
+    """Decorator registering an initial method; raises ``ValueError`` if ``name`` is taken."""
+
+    def deco(fn: InitialFn) -> InitialFn:
+        if name in _INITIAL:
+            raise ValueError(f"initial method {name!r} is registered already")
+        _INITIAL[name] = InitialMethod(name, fn, needs_hessian)
+        return fn
+
+    return deco
+
+
+def initial_names() -> tuple[str, ...]:
+    """The registered initial methods, in registration order (recipe ``init`` values)."""
+    return tuple(_INITIAL)
+
+
+def get_initial(method: str) -> InitialMethod:
+    """The initial method ``method``; raises ``UserInputError`` listing the known ones."""
+    try:
+        return _INITIAL[method]
+    except (KeyError, TypeError):
+        raise UserInputError(
+            f"unknown initial method {method!r}; known: {list(_INITIAL)}"
+        ) from None
+
+
+def _metric_pruner(metric_name: str) -> InitialFn:
+    def prune(weight, stats, pattern, *, name=None, options=None) -> InitialResult:
+        metric = initial_metric(metric_name, weight, stats, name=name)
+        return InitialResult(weight, keep_from_metric(metric, pattern), metric, metric_name)
+
+    prune.__doc__ = f"Initial mask of the {metric_name} metric (weights unchanged)."
+    return prune
+
+
+register_initial("magnitude")(_metric_pruner("magnitude"))
+register_initial("wanda")(_metric_pruner("wanda"))
+
+
+@register_initial("sparsegpt", needs_hessian=True)
+def _sparsegpt(weight, stats, pattern, *, name=None, options=None) -> InitialResult:
+    """SparseGPT's mask and OBS update; ``options``: a ``SparseGPTConfig`` (None = defaults)."""
+    from dsnt_export.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
+
+    opts = options if options is not None else SparseGPTConfig()
+    _check_weight(weight, stats, name)
+    if stats is None or not stats.has_hessian:
+        raise UserInputError(f"layer {name!r}: sparsegpt needs ActivationStats(..., hessian=True)")
+    new_w, keep, pruned_vals = sparsegpt_prune(
+        weight,
+        stats.hessian,
+        pattern,
+        blocksize=opts.blocksize,
+        percdamp=opts.percdamp,
+        return_pruned_values=True,
+    )
+    dense = torch.where(keep, new_w, pruned_vals)
+    return InitialResult(dense, keep, wanda_metric(dense, stats), "sparsegpt")
+
+
+#: the registered initial methods (kept for callers of the old constant)
+INITIAL_METHODS = initial_names()
+
+
 def prune_initial(
     method: str,
     weight: torch.Tensor,
@@ -171,28 +263,20 @@ def prune_initial(
     sparsegpt_blocksize: int = 128,
     sparsegpt_percdamp: float = 0.01,
 ) -> InitialResult:
-    """Run an initial pruner. For SparseGPT the returned weight carries the OBS update and the
-    metric is Wanda's on the updated weight (what DSnoT then refines)."""
-    pattern = parse_pattern(pattern)
-    if method not in INITIAL_METHODS:
-        raise UserInputError(f"unknown initial method {method!r}; known: {list(INITIAL_METHODS)}")
-    if method == "sparsegpt":
-        from dsnt_export.methods.sparsegpt import sparsegpt_prune
+    """Run the registered initial method ``method`` on ``weight`` [out, in].
 
-        _check_weight(weight, stats, name)
-        if stats is None or not stats.has_hessian:
-            raise UserInputError(
-                f"layer {name!r}: sparsegpt needs ActivationStats(..., hessian=True)"
-            )
-        new_w, keep, pruned_vals = sparsegpt_prune(
-            weight,
-            stats.hessian,
-            pattern,
-            blocksize=sparsegpt_blocksize,
-            percdamp=sparsegpt_percdamp,
-            return_pruned_values=True,
-        )
-        dense = torch.where(keep, new_w, pruned_vals)
-        return InitialResult(dense, keep, wanda_metric(dense, stats), method)
-    metric = initial_metric(method, weight, stats, name=name)
-    return InitialResult(weight, keep_from_metric(metric, pattern), metric, method)
+    For SparseGPT the returned weight carries the OBS update (``sparsegpt_blocksize``,
+    ``sparsegpt_percdamp``: its :class:`~dsnt_export.methods.sparsegpt.SparseGPTConfig`) and the
+    metric is Wanda's on the updated weight (what DSnoT then refines). Raises ``UserInputError``
+    for an unknown method or missing statistics, ``ShapeError`` / ``NonFiniteError`` for a bad
+    weight.
+    """
+    from dsnt_export.methods.sparsegpt import SparseGPTConfig
+
+    entry = get_initial(method)
+    options = (
+        SparseGPTConfig(blocksize=sparsegpt_blocksize, percdamp=sparsegpt_percdamp)
+        if method == "sparsegpt"
+        else None
+    )
+    return entry.prune(weight, stats, parse_pattern(pattern), name=name, options=options)

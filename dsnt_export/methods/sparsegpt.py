@@ -31,15 +31,27 @@ threshold prunes one more per block and more on ties); N:M ties are also broken 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from dsnt_export.errors import NonFiniteError, ShapeError, UserInputError
 from dsnt_export.patterns import NM, Pattern, Unstructured, parse_pattern
+from dsnt_export.refine.loss import dampening
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sparsegpt_prune", "inverse_hessian_factor"]
+__all__ = ["SparseGPTConfig", "sparsegpt_prune", "inverse_hessian_factor"]
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    """SparseGPT's options: ``blocksize`` (columns per lazy-update block, a positive int, a multiple
+    of M for N:M) and ``percdamp`` (Hessian dampening fraction, :func:`dsnt_export.refine.loss.dampening`;
+    0.01 as in the reference code). Validated when used (:func:`sparsegpt_prune`)."""
+
+    blocksize: int = 128
+    percdamp: float = 0.01
 
 
 def sparsegpt_prune(
@@ -130,10 +142,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tor
     warning); if that fails too, raises ``UserInputError``. ``hessian`` is not modified.
     """
     Hf = hessian.to(torch.float32).flip(0, 1)
-    mean_diag = torch.diagonal(Hf).mean()
     eye = torch.eye(Hf.shape[0], dtype=torch.float32, device=Hf.device)
     for attempt, damp in enumerate((percdamp, 10 * percdamp)):
-        L, info = torch.linalg.cholesky_ex(Hf + (damp * mean_diag) * eye)
+        L, info = torch.linalg.cholesky_ex(Hf + dampening(Hf, damp) * eye)
         if int(info) == 0:
             U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
             if bool(torch.isfinite(U).all()):

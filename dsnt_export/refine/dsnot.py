@@ -1,4 +1,4 @@
-"""DSnoT: training-free prune-and-grow refinement of a sparse layer's keep-mask (spec sections 2-4).
+"""DSnoT: training-free prune-and-grow refinement of a sparse layer's keep-mask (docs/dsnot-spec.md sections 2-4).
 
 ``refine(weight, keep, stats, pattern, config) -> keep`` swaps pruned and kept weights inside each
 output row so that the row's expected reconstruction error ``err_r = sum_{j pruned} W[r,j] * s_j``
@@ -36,26 +36,19 @@ from dsnt_export.masks import check_mask
 from dsnt_export.methods import _check_weight, keep_from_metric, wanda_metric
 from dsnt_export.methods import initial_metric as _initial_metric
 from dsnt_export.patterns import NM, Pattern, parse_pattern
+from dsnt_export.refine.loss import loss_and_gradient
+from dsnt_export.refine.registry import RefineOutcome, RefineSummary, register_refiner
 from dsnt_export.selection import select_candidates
 from dsnt_export.stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
-_OVERRIDABLE = (
-    "max_cycles",
-    "update_threshold",
-    "var_power",
-    "sign_check",
-    "loss_guard",
-    "criterion",
-    "percdamp",
-)
-CRITERIA = ("mean", "hessian")
+_OVERRIDABLE = ("max_cycles", "update_threshold", "var_power", "sign_check", "loss_guard")
 
 
 @dataclass(frozen=True)
 class DSnoTConfig:
-    """DSnoT hyper-parameters.
+    """DSnoT hyper-parameters (spec section 4); the config of the refiner registered as ``dsnot``.
 
     max_cycles:        at most this many prune-and-grow cycles per row (reference: 50).
     update_threshold:  a row keeps swapping only while ``|err| > update_threshold``; err is a sum over
@@ -65,18 +58,16 @@ class DSnoTConfig:
                        on for N:M, off for unstructured.
     loss_guard:        (ours, not in the paper) also require that the swap lowers the row's exact
                        second-order reconstruction loss (w_ref - w)^T H (w_ref - w), with H = 2/n X^T X
-                       the SparseGPT Hessian; a swap the guard refuses is skipped (the row goes on with
-                       its next candidate). Needs ActivationStats(hessian=True).
-    criterion:         what a cycle's (grow, prune) pair is chosen by. "mean" (the paper and the
-                       reference): DSnoT's mean-based error estimate, weights never change.
-                       "hessian" (ours, dsnt_export.refine.hessian_swap): the pair that lowers the row's exact
-                       second-order loss the most, the grown weight set to its loss-optimal value;
-                       update_threshold / var_power / sign_check / loss_guard do not apply. Needs the
-                       Hessian; the driver calls hessian_refine instead of refine for it.
-    percdamp:          criterion "hessian" only: the loss's Hessian is dampened by
-                       ``percdamp * mean(diag H)`` on its diagonal (SparseGPT's dampening, a ridge
-                       toward plain magnitude). Larger values trust the calibration data less; the
-                       default preset's 0.03 was chosen on the embedded model (README, "Quality").
+                       the SparseGPT Hessian, undampened (:mod:`dsnt_export.refine.loss`); a swap the
+                       guard refuses is skipped (the row goes on with its next candidate). Needs
+                       ActivationStats(hessian=True).
+    preset:            the preset this config was made from ("official", "guarded", "+overrides"
+                       when changed, "custom" otherwise); informative only, not compared.
+
+    Every swap is chosen by DSnoT's mean-based error estimate and weights never change. The refiner
+    that chooses swaps by the exact layer loss (formerly ``criterion: hessian`` here) is
+    :class:`~dsnt_export.refine.hessian_swap.HessianSwapConfig` (``refine: hessian-swap``).
+    Raises ``UserInputError`` for an invalid value.
     """
 
     max_cycles: int = 50
@@ -84,8 +75,6 @@ class DSnoTConfig:
     var_power: float = 1.0
     sign_check: bool | None = None
     loss_guard: bool = False
-    criterion: str = "mean"
-    percdamp: float = 0.01
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -95,20 +84,14 @@ class DSnoTConfig:
             or self.max_cycles < 0
         ):
             raise UserInputError(f"max_cycles must be an int >= 0, got {self.max_cycles!r}")
-        for name in ("update_threshold", "var_power", "percdamp"):
+        for name in ("update_threshold", "var_power"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise UserInputError(f"{name} must be a finite number, got {v!r}")
         if self.update_threshold < 0:
             raise UserInputError(f"update_threshold must be >= 0, got {self.update_threshold!r}")
-        if self.percdamp < 0:
-            raise UserInputError(f"percdamp must be >= 0, got {self.percdamp!r}")
         if not isinstance(self.loss_guard, bool):
             raise UserInputError(f"loss_guard must be true or false, got {self.loss_guard!r}")
-        if self.criterion not in CRITERIA:
-            raise UserInputError(
-                f"criterion must be one of {list(CRITERIA)}, got {self.criterion!r}"
-            )
         if self.sign_check is not None and not isinstance(self.sign_check, bool):
             raise UserInputError(f"sign_check must be true, false or null, got {self.sign_check!r}")
 
@@ -123,7 +106,8 @@ class DSnoTConfig:
 
     @classmethod
     def official(cls, **overrides) -> DSnoTConfig:
-        """The reference code's defaults (spec section 4)."""
+        """The reference code's defaults (spec section 4): 50 cycles, threshold 0.1, var_power 1,
+        sign check for N:M only, no loss guard. Bit-exact with zyxxmu/DSnoT @ 4c029df."""
         return cls._with(
             "official",
             dict(
@@ -137,37 +121,40 @@ class DSnoTConfig:
         )
 
     @classmethod
-    def default(cls, **overrides) -> DSnoTConfig:
-        """dsnt-export's default, chosen by measurement on a real pretrained LLM (README, "Quality"):
-        DSnoT's prune-and-grow cycles (at most ``max_cycles`` swaps per row, N:M groups and row
-        counts kept) with each swap chosen by the exact second-order layer loss and the grown weight
-        set to its loss-optimal value (``criterion="hessian"``, dsnt_export.refine.hessian_swap). With
-        ``criterion="mean"`` (DSnoT's own estimate) the sign check stays on for every pattern and
-        the loss guard keeps it from undoing SparseGPT's OBS compensation."""
+    def guarded(cls, **overrides) -> DSnoTConfig:
+        """DSnoT's mean criterion with the sign check on for every pattern and the loss guard, which
+        keeps it from undoing SparseGPT's OBS compensation (formerly the ``default`` preset with
+        ``criterion: mean``; README, "Quality")."""
         return cls._with(
-            "default",
+            "guarded",
             dict(
                 max_cycles=50,
                 update_threshold=0.1,
                 var_power=1.0,
                 sign_check=True,
                 loss_guard=True,
-                criterion="hessian",
-                percdamp=0.03,
             ),
             overrides,
         )
 
+    @property
+    def needs_hessian(self) -> bool:
+        """True when the loss guard is on (it reads ``ActivationStats.hessian``)."""
+        return self.loss_guard
+
     def sign_check_for(self, pattern: Pattern) -> bool:
+        """Whether swaps must keep err's sign for ``pattern`` (``sign_check=None``: N:M only)."""
         if self.sign_check is None:
             return isinstance(pattern, NM)
         return self.sign_check
 
     def to_json(self) -> dict:
+        """The fields as a JSON-able dict (``preset`` included)."""
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> DSnoTConfig:
+        """Inverse of :meth:`to_json`; raises ``UserInputError`` for unknown keys."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -175,12 +162,20 @@ class DSnoTConfig:
         return cls(**d)
 
     def replace(self, **changes) -> DSnoTConfig:
+        """A copy with ``changes`` applied (validated)."""
         return replace(self, **changes)
 
 
 @dataclass
 class RefineInfo:
-    """What a refinement did. ``err_*`` are per-row reconstruction errors (sum over tokens)."""
+    """What a DSnoT refinement did.
+
+    ``err_before`` / ``err_after``: float32 [out] per-row reconstruction-error estimates
+    ``sum_{j pruned} W[r, j] * s_j`` (spec section 2; a sum over the tokens of a sample).
+    ``n_swaps``: swaps over all rows; ``cycles``: cycles run; ``initial_metric``: the metric the N:M
+    prune choice ranked ("wanda", "magnitude" or "given"); ``loss_*``: the loss guard's exact layer
+    loss (None without the guard).
+    """
 
     err_before: torch.Tensor
     err_after: torch.Tensor
@@ -191,6 +186,7 @@ class RefineInfo:
     loss_after: float | None = None
 
     def summary(self) -> dict:
+        """Scalars only: the losses, mean |err| before and after, swaps, cycles, metric name."""
         return {
             "loss_before": self.loss_before,
             "loss_after": self.loss_after,
@@ -224,10 +220,10 @@ class _LossGuard:
                 f"reference_weight has shape {tuple(ref.shape)}, expected {tuple(self.w.shape)}"
             )
         self.delta = ref - self.w * keep
-        self.g = self.delta @ self.H
-        self.loss_before = self.loss()
+        self.loss_before, self.g = loss_and_gradient(self.delta, self.H)
 
     def loss(self) -> float:
+        """The current loss from the maintained ``delta`` and ``g = delta H``."""
         return float((self.delta * self.g).sum())
 
     def lowers_loss(self, gi, pj) -> torch.Tensor:
@@ -325,11 +321,10 @@ def refine_with_info(
     """
     pattern = parse_pattern(pattern)
     config = config if config is not None else DSnoTConfig.official()
-    if config.criterion != "mean":
+    if not isinstance(config, DSnoTConfig):
         raise UserInputError(
-            f"refine_with_info implements criterion='mean' (DSnoT's), got {config.criterion!r}; "
-            "criterion='hessian' changes weight values too: call "
-            "dsnt_export.refine.hessian_swap.hessian_refine (the pipeline does this for you)"
+            f"refine_with_info takes a DSnoTConfig, got {type(config).__name__}; the exact-loss "
+            "swap refiner is dsnt_export.refine.hessian_swap.hessian_refine"
         )
     _validate(weight, keep, stats, pattern, name)
     metric_t, metric_name = (None, "wanda")
@@ -457,3 +452,46 @@ def refine(
     return refine_with_info(
         weight, keep, stats, pattern, config, initial_metric=initial_metric, name=name
     )[0]
+
+
+@register_refiner("dsnot", DSnoTConfig, record_refine="dsnot", record_criterion="mean")
+def refine_layer(
+    reference: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    stats: ActivationStats,
+    pattern: Pattern | str,
+    config: DSnoTConfig,
+    *,
+    metric: torch.Tensor | None = None,
+    name: str | None = None,
+) -> RefineOutcome:
+    """DSnoT as a registered refiner (signature: :mod:`dsnt_export.refine.registry`).
+
+    The mask comes from :func:`refine_with_info` on ``weight`` (``metric``: the initial method's,
+    "auto" when None); the values are ``weight`` unchanged (DSnoT never changes weights);
+    ``reference`` is what the loss guard measures against.
+    """
+    new_keep, info = refine_with_info(
+        weight,
+        keep,
+        stats,
+        pattern,
+        config,
+        initial_metric="auto" if metric is None else metric,
+        name=name,
+        reference_weight=reference,
+    )
+    s = info.summary()
+    return RefineOutcome(
+        weight,
+        new_keep,
+        RefineSummary(
+            err_before=s["mean_abs_err_before"],
+            err_after=s["mean_abs_err_after"],
+            swaps=s["n_swaps"],
+            cycles=s["cycles"],
+            loss_before=s["loss_before"],
+            loss_after=s["loss_after"],
+        ),
+    )

@@ -1,4 +1,12 @@
-"""DSnoT's prune-and-grow cycles driven by the exact second-order layer loss (``criterion="hessian"``).
+"""The ``hessian-swap`` refiner: prune-and-grow swaps chosen by the exact second-order layer loss.
+
+Name: this is dsnt-export's default refiner. It used to be reachable only as ``refine: dsnot`` with
+``dsnot.criterion: hessian``, which hid a different algorithm (it changes weight values, DSnoT never
+does) behind DSnoT's name and config. It keeps DSnoT's *cycle structure* (docs/dsnot-spec.md sections 2-3: one
+grow and one prune per row and cycle, inside one N:M group, at most ``max_cycles`` cycles) but
+replaces DSnoT's mean-based choice by the exact loss of SparseGPT's objective, hence "hessian"
+(the matrix it is driven by) and "swap" (what it does); old recipe keys are translated by
+:func:`dsnt_export.refine.config_from_legacy`.
 
 DSnoT (spec sections 2-4) picks, in every cycle of a row, one pruned weight to grow and one kept
 weight to prune so that the row's *mean-based* error estimate ``sum_j (w_j - w'_j) E[x_j]`` shrinks;
@@ -7,7 +15,7 @@ SparseGPT (whose kept weights carry an OBS update) it undoes part of the compens
 
 Here every cycle of a row still swaps one pruned and one kept weight inside the row (inside one N:M
 group for N:M patterns, so per-row counts and the pattern hold after every swap), but the pair is
-the one that lowers the row's exact reconstruction loss
+the one that lowers the row's exact reconstruction loss (:mod:`dsnt_export.refine.loss`)
 
     L_r = (w_ref - w')_r  H  (w_ref - w')_r^T,      H = 2/n X^T X + damp * mean(diag H) * I
 
@@ -21,52 +29,108 @@ A row stops after ``max_cycles`` swaps or when no swap lowers its loss. For N:M 
 pair of every group is scored (``n_keep * n_prune`` per group); for unstructured sparsity the grow
 with the largest ``g_i^2 / H_ii`` is paired with the prune of smallest cost (then scored exactly).
 
-Pure tensor function: ``hessian_refine(weight, keep, reference, hessian, pattern) -> (w', keep', info)``.
+Pure tensor function: ``hessian_refine(weight, keep, reference, hessian, pattern) -> (w', keep', info)``;
+the registered refiner is :func:`refine_layer` with :class:`HessianSwapConfig`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
 from dsnt_export.errors import ShapeError, UserInputError
 from dsnt_export.patterns import NM, Pattern, parse_pattern
+from dsnt_export.refine.loss import dampened_hessian, layer_loss, loss_and_gradient, quadratic_loss
+from dsnt_export.refine.registry import RefineOutcome, RefineSummary, register_refiner
+from dsnt_export.stats import ActivationStats
 
-__all__ = ["HessianRefineInfo", "hessian_refine", "layer_loss"]
+__all__ = [
+    "HessianRefineInfo",
+    "HessianSwapConfig",
+    "hessian_refine",
+    "layer_loss",
+    "refine_layer",
+]
+
+#: the default dampening fraction of the swap loss, chosen on the embedded model (README, "Quality")
+DEFAULT_PERCDAMP = 0.03
+#: the default cap on swaps per row (DSnoT's max_cycles)
+DEFAULT_MAX_CYCLES = 50
+
+
+@dataclass(frozen=True)
+class HessianSwapConfig:
+    """Options of the ``hessian-swap`` refiner (module docstring).
+
+    max_cycles: at most this many swaps per row (int >= 0; DSnoT's cycle cap, default 50).
+    percdamp:   the swap loss's Hessian is dampened by ``percdamp * mean(diag H)`` on its diagonal
+                (:func:`dsnt_export.refine.loss.dampened_hessian`; a ridge toward plain magnitude).
+                Larger values trust the calibration data less; 0.03 was chosen on the embedded
+                model (README, "Quality"). SparseGPT's own dampening is a separate option
+                (``sparsegpt.percdamp``, 0.01).
+
+    Raises ``UserInputError`` for an invalid value.
+    """
+
+    max_cycles: int = DEFAULT_MAX_CYCLES
+    percdamp: float = DEFAULT_PERCDAMP
+
+    def __post_init__(self):
+        if (
+            isinstance(self.max_cycles, bool)
+            or not isinstance(self.max_cycles, int)
+            or self.max_cycles < 0
+        ):
+            raise UserInputError(f"max_cycles must be an int >= 0, got {self.max_cycles!r}")
+        v = self.percdamp
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise UserInputError(f"percdamp must be a finite number >= 0 (e.g. 0.03), got {v!r}")
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Always True: the swaps are scored with ``ActivationStats.hessian``."""
+        return True
+
+    def to_json(self) -> dict:
+        """The fields as a JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> HessianSwapConfig:
+        """Inverse of :meth:`to_json`; raises ``UserInputError`` for unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserInputError(
+                f"unknown hessian-swap option(s) {unknown}; known: {sorted(known)}"
+            )
+        return cls(**d)
+
+    def replace(self, **changes) -> HessianSwapConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return replace(self, **changes)
 
 
 @dataclass
 class HessianRefineInfo:
+    """What :func:`hessian_refine` did: the (dampened) layer loss before and after, the swaps over
+    all rows and the cycles run."""
+
     loss_before: float
     loss_after: float
     n_swaps: int
     cycles: int
 
     def summary(self) -> dict:
+        """The fields as a dict."""
         return {
             "loss_before": self.loss_before,
             "loss_after": self.loss_after,
             "n_swaps": self.n_swaps,
             "cycles": self.cycles,
         }
-
-
-def _dampened(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    H = hessian.to(torch.float32).clone()
-    diag = torch.diagonal(H)
-    damp = percdamp * diag.mean()
-    dead = diag <= 0
-    diag += damp
-    if bool(dead.any()):  # a channel that never fires: growing it cannot help, never pick it
-        diag[dead] = float("inf")
-    return H
-
-
-def layer_loss(reference: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``sum_r (ref - w)_r H (ref - w)_r^T`` (float32)."""
-    d = reference.to(torch.float32) - weight.to(torch.float32)
-    return float(((d @ hessian.to(torch.float32)) * d).sum())
 
 
 @torch.no_grad()
@@ -77,8 +141,8 @@ def hessian_refine(
     hessian: torch.Tensor,
     pattern: Pattern | str,
     *,
-    max_cycles: int = 50,
-    percdamp: float = 0.01,
+    max_cycles: int = DEFAULT_MAX_CYCLES,
+    percdamp: float = DEFAULT_PERCDAMP,
 ) -> tuple[torch.Tensor, torch.Tensor, HessianRefineInfo]:
     """Swap pruned and kept weights row by row to lower the exact layer loss (module docstring).
 
@@ -86,7 +150,9 @@ def hessian_refine(
     ignored, treated as 0); ``reference``: the dense weight the loss is measured against;
     ``hessian``: ``2/n X^T X`` [in, in]. Returns the new weight (``weight``'s dtype, exact zeros
     where pruned), the new keep mask, and what was done. Work happens in float32 on the weight's
-    device; ``keep``'s per-row counts (and N:M groups) are preserved.
+    device; ``keep``'s per-row counts (and N:M groups) are preserved. ``percdamp``: the dampening
+    fraction of ``hessian`` (:class:`HessianSwapConfig`). Raises ``ShapeError`` for mismatched
+    shapes, ``UserInputError`` for a bad ``max_cycles``.
     """
     pattern = parse_pattern(pattern)
     R, C = weight.shape
@@ -100,22 +166,20 @@ def hessian_refine(
     if isinstance(max_cycles, bool) or not isinstance(max_cycles, int) or max_cycles < 0:
         raise UserInputError(f"max_cycles must be an int >= 0, got {max_cycles!r}")
     dev = weight.device
-    H = _dampened(hessian.to(dev), percdamp)
+    H = dampened_hessian(hessian.to(dev), percdamp, dead="inf")
     Hd = torch.diagonal(H)
     w = torch.where(keep, weight.to(torch.float32), 0.0)
     ref = reference.to(device=dev, dtype=torch.float32)
     keep = keep.clone()
     Hfin = torch.where(torch.isfinite(H), H, 0.0)  # dead channels: gradient contribution 0
-    g = (ref - w) @ Hfin
-    loss_before = float(((ref - w) * g).sum())
+    loss_before, g = loss_and_gradient(ref - w, Hfin)
     if max_cycles == 0 or keep.all() or not keep.any():
         return w.to(weight.dtype), keep, HessianRefineInfo(loss_before, loss_before, 0, 0)
     if isinstance(pattern, NM):
         w, keep, swaps, cycles = _nm_swaps(w, keep, g, Hfin, Hd, pattern, max_cycles)
     else:
         w, keep, swaps, cycles = _unstructured_swaps(w, keep, g, Hfin, Hd, max_cycles)
-    d = ref - w
-    loss_after = float(((d @ Hfin) * d).sum())
+    loss_after = quadratic_loss(ref - w, Hfin)
     out = w.to(weight.dtype).masked_fill_(~keep, 0)
     return out, keep, HessianRefineInfo(loss_before, loss_after, swaps, cycles)
 
@@ -229,3 +293,51 @@ def _unstructured_swaps(w, keep, g, Hfin, Hd, max_cycles: int):
         if cycles % sync_every == 0 and not bool(ok.any()):
             break
     return w, keep, int(swaps), cycles
+
+
+@register_refiner(
+    "hessian-swap", HessianSwapConfig, record_refine="dsnot", record_criterion="hessian"
+)
+def refine_layer(
+    reference: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    stats: ActivationStats,
+    pattern: Pattern | str,
+    config: HessianSwapConfig,
+    *,
+    metric: torch.Tensor | None = None,
+    name: str | None = None,
+) -> RefineOutcome:
+    """The ``hessian-swap`` refiner (signature: :mod:`dsnt_export.refine.registry`).
+
+    Runs :func:`hessian_refine` with ``stats.hessian`` and reports, besides the exact (dampened)
+    loss, DSnoT's mean-based per-row error estimate before and after (spec section 2) so that its
+    records compare with DSnoT's. ``metric`` and ``name`` are not used (the pair is chosen by the
+    loss). Raises ``EmptyStatisticsError`` when ``stats`` has no Hessian.
+    """
+    new_w, new_keep, info = hessian_refine(
+        weight,
+        keep,
+        reference,
+        stats.hessian,
+        pattern,
+        max_cycles=config.max_cycles,
+        percdamp=config.percdamp,
+    )
+    s = stats.sum.reshape(1, -1)
+    ref = reference.float()
+    err_before = ((ref - torch.where(keep, weight.float(), 0.0)) * s).sum(1)
+    err_after = ((ref - new_w.float()) * s).sum(1)
+    return RefineOutcome(
+        new_w,
+        new_keep,
+        RefineSummary(
+            err_before=float(err_before.abs().mean()),
+            err_after=float(err_after.abs().mean()),
+            swaps=info.n_swaps,
+            cycles=info.cycles,
+            loss_before=info.loss_before,
+            loss_after=info.loss_after,
+        ),
+    )

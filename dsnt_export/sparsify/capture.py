@@ -41,9 +41,6 @@ class Captured:
     inputs: list[torch.Tensor]  # one [1, T, H] tensor per sample (on the storage device)
     block_kwargs: list[dict[int, dict[str, Any]]]  # per block: {seq_len: kwargs}
 
-    def kwargs_for(self, block_idx: int, seq_len: int) -> dict[str, Any]:
-        return self.block_kwargs[block_idx][seq_len]
-
 
 def normalize_samples(samples: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Calibration token ids as a list of ``[1, T]`` int64 tensors."""

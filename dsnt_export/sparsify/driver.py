@@ -1,4 +1,4 @@
-"""The block-by-block sparsification driver (DSnoT spec section 6).
+"""The block-by-block sparsification driver (docs/dsnot-spec.md section 6).
 
     plan (pre-flight: adapter, targets, shapes, finite weights)
     catch the inputs of block 0 for every calibration sample (+ the kwargs each block is called with)
@@ -6,13 +6,16 @@
         move it to the device
         hook the targeted linears, run the DENSE block over all samples -> ActivationStats
         (``sequential``: one stage at a time, each stage's stats from the already pruned stages)
-        per targeted linear: initial mask (magnitude | wanda | sparsegpt with its OBS update),
-            DSnoT refinement (error before/after logged), weight * keep written back, mask checked
+        per targeted linear: initial mask (a registered initial method, ``dsnt_export.methods``),
+            refinement (a registered refiner, ``dsnt_export.refine``; error before/after logged),
+            weight * keep written back, mask checked -> one LayerRecord
         re-run the PRUNED block over all samples -> the next block's inputs
         move it back
 
-Thin driver: the algorithms are the pure functions of ``dsnt_export.methods`` and
-``dsnt_export.refine.dsnot``; the model plumbing lives in ``pipeline_capture`` and ``pipeline_plan``.
+Thin driver: the algorithms are the pure functions behind the two registries
+(:func:`dsnt_export.methods.get_initial`, :func:`dsnt_export.refine.get_refiner`); the model
+plumbing lives in :mod:`~dsnt_export.sparsify.capture` and :mod:`~dsnt_export.sparsify.plan`, the
+typed results in :mod:`~dsnt_export.sparsify.record`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -29,9 +32,10 @@ from torch import nn
 
 from dsnt_export.errors import UserInputError
 from dsnt_export.masks import check_mask
-from dsnt_export.methods import INITIAL_METHODS, prune_initial
+from dsnt_export.methods import get_initial, prune_initial
 from dsnt_export.patterns import Pattern, parse_pattern
-from dsnt_export.refine.dsnot import DSnoTConfig, refine_with_info
+from dsnt_export.refine import DEFAULT_REFINER, NO_REFINE, Refiner, get_refiner, refiner_for
+from dsnt_export.refine.loss import relative_loss
 from dsnt_export.sparsify.capture import (
     StatsCollector,
     batches,
@@ -40,21 +44,40 @@ from dsnt_export.sparsify.capture import (
     run_block,
 )
 from dsnt_export.sparsify.plan import LinearTarget, Plan, plan_targets
+from dsnt_export.sparsify.record import LayerRecord, SparsifyReport
 from dsnt_export.stats import ActivationStats
 
 logger = logging.getLogger(__name__)
 
-REFINE_METHODS = ("dsnot", "none")
+__all__ = ["LayerRecord", "SparsifyConfig", "SparsifyReport", "sparsify"]
 
 
 @dataclass(frozen=True)
 class SparsifyConfig:
-    """Everything the driver needs besides the model, the data and the device."""
+    """Everything the driver needs besides the model, the data and the device.
+
+    pattern:        the sparsity pattern (a :class:`~dsnt_export.patterns.Pattern` or its string,
+                    e.g. "2:4", "0.5").
+    init:           a registered initial method (:func:`dsnt_export.methods.initial_names`).
+    refine:         a registered refiner name (:func:`dsnt_export.refine.refiner_names`), "none"
+                    (or None) for no refinement, or a refiner config object, whose type selects the
+                    refiner (e.g. ``HessianSwapConfig(percdamp=0.05)``). Normalised to the name.
+    refine_config:  the refiner's config; None = the refiner's default. Must be of the refiner's
+                    config type. None when ``refine`` is "none".
+    exclude / refine_exclude: selectors of linears never pruned / pruned but not refined.
+    sequential:     statistics of later stages of a block from the already pruned earlier ones.
+    batch_size:     calibration samples per block forward (positive int).
+    offload_activations: keep calibration activations on the CPU between blocks.
+    sparsegpt_blocksize / sparsegpt_percdamp: SparseGPT's options (its own dampening, 0.01).
+
+    Raises ``UserInputError`` for an unknown method or refiner (listing the known ones), a config
+    of the wrong type, or a bad ``batch_size``.
+    """
 
     pattern: Pattern
     init: str = "wanda"
-    refine: str = "dsnot"
-    dsnot: DSnoTConfig = field(default_factory=DSnoTConfig.default)
+    refine: str = DEFAULT_REFINER
+    refine_config: Any = None
     exclude: tuple[str, ...] = ()
     refine_exclude: tuple[str, ...] = ()
     sequential: bool = False
@@ -67,87 +90,71 @@ class SparsifyConfig:
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "refine_exclude", tuple(self.refine_exclude))
-        if self.init not in INITIAL_METHODS:
-            raise UserInputError(
-                f"unknown init method {self.init!r}; known: {list(INITIAL_METHODS)}"
-            )
-        if self.refine not in REFINE_METHODS:
-            raise UserInputError(
-                f"unknown refine method {self.refine!r}; known: {list(REFINE_METHODS)}"
-            )
+        get_initial(self.init)  # raises for an unknown method
+        refine, cfg = self.refine, self.refine_config
+        if refine is None or refine == NO_REFINE:
+            if cfg is not None:
+                raise UserInputError(
+                    f"refine is 'none' but a refine_config was given ({type(cfg).__name__}); "
+                    "drop refine_config or name its refiner"
+                )
+            refine = NO_REFINE
+        elif not isinstance(refine, str):  # a config object: its type selects the refiner
+            if cfg is not None:
+                raise UserInputError(
+                    "pass the refiner config as refine= or refine_config=, not both"
+                )
+            refine, cfg = refiner_for(refine).name, refine
+        else:
+            r = get_refiner(refine)
+            if cfg is None:
+                cfg = r.default_config()
+            elif type(cfg) is not r.config_type:
+                raise UserInputError(
+                    f"refiner {refine!r} takes a {r.config_type.__name__}, got {type(cfg).__name__}"
+                )
+        object.__setattr__(self, "refine", refine)
+        object.__setattr__(self, "refine_config", cfg)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UserInputError(f"batch_size must be a positive int, got {self.batch_size!r}")
 
     @property
+    def refiner(self) -> Refiner | None:
+        """The registered refiner, or None for ``refine="none"``."""
+        return None if self.refine == NO_REFINE else get_refiner(self.refine)
+
+    @property
     def needs_hessian(self) -> bool:
-        """SparseGPT, DSnoT's loss guard and its hessian criterion need H = 2/n X^T X per input."""
-        return self.init == "sparsegpt" or (
-            self.refine == "dsnot" and (self.dsnot.loss_guard or self.dsnot.criterion == "hessian")
-        )
+        """Whether H = 2/n X^T X is collected per input: the initial method or the refiner reads it
+        (SparseGPT; hessian-swap; DSnoT's loss guard)."""
+        cfg = self.refine_config
+        return get_initial(self.init).needs_hessian or bool(cfg is not None and cfg.needs_hessian)
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        """JSON-able dict: every field, ``pattern`` as its string, ``refine_config`` as its dict
+        (null without refinement)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["pattern"] = str(self.pattern)
-        d["dsnot"] = self.dsnot.to_json()
+        d["exclude"], d["refine_exclude"] = list(self.exclude), list(self.refine_exclude)
+        cfg = self.refine_config
+        d["refine_config"] = cfg.to_json() if cfg is not None else None
         return d
 
 
-@dataclass
-class SparsifyReport:
-    """JSON-able run report: one entry per targeted linear, skipped modules with reasons."""
-
-    model_type: str
-    pattern: str
-    config: dict
-    calibration: dict
-    layers: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        n = len(self.layers)
-        refined = [r for r in self.layers if r.get("refine")]
-        numel = sum(r["numel"] for r in self.layers) or 1
-        return {
-            "n_linears": n,
-            "n_refined": len(refined),
-            "n_skipped": len(self.skipped),
-            "sparsity": sum(r["sparsity"] * r["numel"] for r in self.layers) / numel,
-            "all_checks_ok": all(r["check_ok"] for r in self.layers),
-            "swaps": sum(r.get("swaps", 0) for r in refined),
-            "mean_abs_err_before": _mean(r["err_before"] for r in refined),
-            "mean_abs_err_after": _mean(r["err_after"] for r in refined),
-            "seconds": self.timings.get("total_s"),
-        }
-
-    def to_json(self) -> dict:
-        return {
-            "model_type": self.model_type,
-            "pattern": self.pattern,
-            "config": self.config,
-            "calibration": self.calibration,
-            "summary": self.summary(),
-            "layers": self.layers,
-            "skipped": self.skipped,
-            "timings": self.timings,
-        }
-
-
-def _mean(xs) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device | None:
-    """``None`` keeps modules where they are (e.g. dispatched by accelerate)."""
-    if device is None or isinstance(device, torch.device):
+def _device(device: str | torch.device | None, move_blocks: bool) -> torch.device | None:
+    """The device blocks move to (None: blocks stay where they are)."""
+    if not move_blocks:
+        if device is not None:
+            raise UserInputError(
+                f"move_blocks=False keeps every block where it is, so device={device!r} cannot "
+                "apply; pass device=None"
+            )
+        return None
+    if isinstance(device, torch.device):
         return device
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise UserInputError(
-            f"unknown device {device!r} ({e}); use e.g. 'cpu', 'cuda', 'cuda:1'"
-        ) from e
+    from dsnt_export.hf_io import resolve_device
+
+    return resolve_device(device)
 
 
 @torch.no_grad()
@@ -157,16 +164,26 @@ def sparsify(
     config: SparsifyConfig,
     *,
     device: str | torch.device | None = "cpu",
+    move_blocks: bool = True,
     progress: bool = True,
     plan: Plan | None = None,
 ) -> SparsifyReport:
     """Prune ``model`` in place, block by block; returns the run report.
 
-    ``calibration``: token ids ``[N, T]`` or a list of ``[T]``/``[1, T]`` tensors. The model may
-    stay on CPU: each block moves to ``device`` while it is calibrated and pruned, then back.
+    ``calibration``: token ids ``[N, T]`` (int64) or a list of ``[T]``/``[1, T]`` tensors. The model
+    may stay on CPU: each block moves to ``device`` while it is calibrated and pruned, then back.
+    ``device``: as :func:`dsnt_export.hf_io.resolve_device` (None or "auto": the accelerator if
+    one is available, else the CPU; "cpu", "cuda:1", a ``torch.device``). ``move_blocks=False``
+    (with ``device=None``): blocks stay where they are (e.g. a model dispatched over devices by
+    accelerate) and each linear's statistics live on its weight's device. ``plan``: a precomputed
+    :func:`~dsnt_export.sparsify.plan.plan_targets` (default: computed here). ``progress``: a tqdm
+    bar over blocks.
+
+    Raises ``UserInputError`` for a bad device, ``ShapeError`` / ``NonFiniteError`` from the plan
+    (pattern vs. shapes, non-finite weights) and from the methods.
     """
     t_start = time.perf_counter()
-    dev = resolve_device(device)
+    dev = _device(device, move_blocks)
     plan = plan or plan_targets(
         model, config.pattern, exclude=config.exclude, refine_exclude=config.refine_exclude
     )
@@ -227,28 +244,29 @@ def _on_device(block: nn.Module, dev: torch.device | None) -> Iterator[None]:
 
 def _sparsify_block(
     runner: _BlockRunner, plan: Plan, targets: list[LinearTarget], config: SparsifyConfig
-) -> list[dict]:
+) -> list[LayerRecord]:
     """Statistics, then prune + refine, stage by stage (one stage unless ``sequential``)."""
-    entries = []
+    records = []
     for stage in _stages(plan, targets, config.sequential):
         stats = runner.collect(stage, plan, hessian=config.needs_hessian)
         for t in stage:
-            entries.append(_prune_one(runner.block, t, stats[t.group], config))
+            records.append(_prune_one(runner.block, t, stats[t.group], config))
         for st in stats.values():
             st.free_hessian()
-    return entries
+    return records
 
 
-def _log_block(i: int, entries: list[dict], timings: dict) -> None:
-    refined = [e for e in entries if e.get("refine")]
+def _log_block(i: int, records: list[LayerRecord], timings: dict) -> None:
+    refined = [r for r in records if r.refined]
     if refined:
-        before = sum(e["err_before"] for e in refined) / len(refined)
-        after = sum(e["err_after"] for e in refined) / len(refined)
-        swaps = sum(e["swaps"] for e in refined)
+        before = sum(r.err_before for r in refined) / len(refined)
+        after = sum(r.err_after for r in refined) / len(refined)
+        swaps = sum(r.swaps for r in refined)
         logger.info(
-            "block %d: %d linears pruned, DSnoT on %d: mean|err| %.4g -> %.4g, %d swaps, %.1f s",
+            "block %d: %d linears pruned, %s on %d: mean|err| %.4g -> %.4g, %d swaps, %.1f s",
             i,
-            len(entries),
+            len(records),
+            refined[0].refine,
             len(refined),
             before,
             after,
@@ -256,7 +274,7 @@ def _log_block(i: int, entries: list[dict], timings: dict) -> None:
             timings[f"block_{i}_s"],
         )
     else:
-        logger.info("block %d: %d linears pruned, %.1f s", i, len(entries), timings[f"block_{i}_s"])
+        logger.info("block %d: %d linears pruned, %.1f s", i, len(records), timings[f"block_{i}_s"])
 
 
 def _progress(total: int, enabled: bool):
@@ -324,8 +342,8 @@ class _BlockRunner:
 
 def _prune_one(
     block: nn.Module, t: LinearTarget, stats: ActivationStats, cfg: SparsifyConfig
-) -> dict:
-    """Initial mask (+ SparseGPT update), DSnoT refinement, write-back and mask check of one linear."""
+) -> LayerRecord:
+    """Initial mask (+ SparseGPT update), refinement, write-back and mask check of one linear."""
     lin = block.get_submodule(t.linear)
     w = lin.weight.data
     w_dense = w.clone() if stats.has_hessian else None
@@ -341,105 +359,47 @@ def _prune_one(
     )
     t1 = time.perf_counter()
     keep = res.keep
-    # weights a DSnoT swap may regrow: SparseGPT's updated weights where kept, dense ones elsewhere
+    # weights a swap may regrow: SparseGPT's updated weights where kept, dense ones elsewhere
     base = torch.where(res.keep, res.weight, w) if cfg.init == "sparsegpt" else res.weight
-    entry: dict[str, Any] = {
-        "name": t.name,
-        "block": t.block,
-        "linear": t.linear,
-        "kind": t.kind,
-        "shape": list(w.shape),
-        "numel": w.numel(),
-        "init": cfg.init,
-        "pattern": str(cfg.pattern),
-        "refine": None,
-    }
-    do_refine = cfg.refine == "dsnot" and t.refine
-    if do_refine and cfg.dsnot.criterion == "hessian":
-        base, keep, entry_info = _hessian_refine(base, keep, w, stats, cfg)
-        entry.update(entry_info)
-    elif do_refine:
-        keep, info = refine_with_info(
-            base,
-            keep,
-            stats,
-            cfg.pattern,
-            cfg.dsnot,
-            initial_metric=res.metric,
-            name=t.name,
-            reference_weight=w,
+    rec = LayerRecord(
+        name=t.name,
+        block=t.block,
+        linear=t.linear,
+        kind=t.kind,
+        shape=list(w.shape),
+        numel=w.numel(),
+        init=cfg.init,
+        pattern=str(cfg.pattern),
+    )
+    refiner = cfg.refiner
+    do_refine = refiner is not None and t.refine
+    if do_refine:
+        out = refiner.refine(
+            w, base, keep, stats, cfg.pattern, cfg.refine_config, metric=res.metric, name=t.name
         )
-        s = info.summary()
-        if s.get("loss_before") is not None:
-            entry.update(loss_before=s["loss_before"], loss_after=s["loss_after"])
-        entry.update(
-            refine="dsnot",
-            criterion="mean",
-            err_before=s["mean_abs_err_before"],
-            err_after=s["mean_abs_err_after"],
-            swaps=s["n_swaps"],
-            cycles=s["cycles"],
-        )
+        base, keep, s = out.weight, out.keep, out.summary
+        rec.refine, rec.criterion = refiner.record_refine, refiner.record_criterion
+        rec.loss_before, rec.loss_after = s.loss_before, s.loss_after
+        rec.err_before, rec.err_after = s.err_before, s.err_after
+        rec.swaps, rec.cycles = s.swaps, s.cycles
         logger.debug(
-            "%s: DSnoT mean|err| %.4g -> %.4g, %d swaps",
+            "%s: %s mean|err| %.4g -> %.4g, %d swaps",
             t.name,
-            entry["err_before"],
-            entry["err_after"],
-            entry["swaps"],
+            refiner.name,
+            rec.err_before,
+            rec.err_after,
+            rec.swaps,
         )
-    elif cfg.refine == "dsnot":
-        entry["refine_skipped"] = t.refine_skip_reason
+    elif refiner is not None:
+        rec.refine_skipped = t.refine_skip_reason
     t2 = time.perf_counter()
     lin.weight.data.copy_(torch.where(keep, base, torch.zeros((), dtype=w.dtype, device=w.device)))
     mask_report = check_mask(lin.weight.data, cfg.pattern, name=t.name)
     if stats.has_hessian:
-        entry["rel_recon_loss"] = _relative_loss(w_dense, lin.weight.data, stats.hessian)
-    entry.update(
-        method=cfg.init + ("+dsnot" if do_refine else ""),
-        sparsity=1.0 - float(keep.float().mean()),
-        zeros=float((lin.weight.data == 0).float().mean()),
-        check_ok=bool(getattr(mask_report, "ok", True)),
-        time_s={"init": t1 - t0, "refine": t2 - t1, "total": time.perf_counter() - t0},
-    )
-    return entry
-
-
-def _hessian_refine(base, keep, w, stats: ActivationStats, cfg: SparsifyConfig):
-    """DSnoT cycles chosen by the exact layer loss (criterion "hessian"); returns weight, keep, log."""
-    from dsnt_export.refine.hessian_swap import hessian_refine
-
-    new_w, new_keep, info = hessian_refine(
-        base,
-        keep,
-        w,
-        stats.hessian,
-        cfg.pattern,
-        max_cycles=cfg.dsnot.max_cycles,
-        percdamp=cfg.dsnot.percdamp,
-    )
-    s = stats.sum.reshape(1, -1)
-    ref = w.float()
-    err_before = ((ref - torch.where(keep, base.float(), 0.0)) * s).sum(1)
-    err_after = ((ref - new_w.float()) * s).sum(1)
-    return (
-        new_w,
-        new_keep,
-        dict(
-            refine="dsnot",
-            criterion="hessian",
-            loss_before=info.loss_before,
-            loss_after=info.loss_after,
-            err_before=float(err_before.abs().mean()),
-            err_after=float(err_after.abs().mean()),
-            swaps=info.n_swaps,
-            cycles=info.cycles,
-        ),
-    )
-
-
-def _relative_loss(dense: torch.Tensor, sparse: torch.Tensor, H: torch.Tensor) -> float:
-    """||X W^T - X W'^T||^2 / ||X W^T||^2 from the Hessian H = 2/n X^T X (per layer)."""
-    d = dense.float() - sparse.float()
-    num = float(((d @ H) * d).sum())
-    den = float(((dense.float() @ H) * dense.float()).sum())
-    return num / den if den > 0 else float("nan")
+        rec.rel_recon_loss = relative_loss(w_dense, lin.weight.data, stats.hessian)
+    rec.method = cfg.init + (f"+{refiner.record_refine}" if do_refine else "")
+    rec.sparsity = 1.0 - float(keep.float().mean())
+    rec.zeros = float((lin.weight.data == 0).float().mean())
+    rec.check_ok = bool(getattr(mask_report, "ok", True))
+    rec.time_s = {"init": t1 - t0, "refine": t2 - t1, "total": time.perf_counter() - t0}
+    return rec

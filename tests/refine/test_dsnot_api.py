@@ -34,11 +34,17 @@ def test_official_preset_values_and_overrides():
     with pytest.raises(UserInputError):
         DSnoTConfig(update_threshold=float("nan"))
     assert DSnoTConfig.from_json(c2.to_json()) == c2
-    d = DSnoTConfig.default(percdamp=0.3)
-    assert d.percdamp == 0.3 and DSnoTConfig.from_json(d.to_json()) == d
-    for bad in (-0.1, float("inf"), True):
-        with pytest.raises(UserInputError, match="percdamp"):
-            DSnoTConfig.default(percdamp=bad)
+    g = DSnoTConfig.guarded(max_cycles=7)
+    assert (g.sign_check, g.loss_guard, g.max_cycles, g.preset) == (
+        True,
+        True,
+        7,
+        "guarded+overrides",
+    )
+    assert g.needs_hessian and not c.needs_hessian and DSnoTConfig.from_json(g.to_json()) == g
+    for gone in ("criterion", "percdamp"):  # the hessian-swap refiner's options live there now
+        with pytest.raises(UserInputError, match="known"):
+            DSnoTConfig.official(**{gone: 0.03})
 
 
 @pytest.mark.parametrize(
@@ -128,7 +134,7 @@ def test_loss_guard_never_raises_the_second_order_loss(init, pattern):
         st.update(X[i * 64 : (i + 1) * 64])
     w = torch.randn(48, cols, generator=g)
     r = prune_initial(init, w, st, pattern)
-    cfg = DSnoTConfig.default(update_threshold=0.0, criterion="mean")
+    cfg = DSnoTConfig.guarded(update_threshold=0.0)
     keep, info = refine_with_info(
         r.weight, r.keep, st, pattern, cfg, initial_metric=r.metric, reference_weight=w
     )

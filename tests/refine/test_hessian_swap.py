@@ -1,4 +1,4 @@
-"""DSnoT cycles driven by the exact layer loss (criterion "hessian"): golden case, invariants over
+"""The hessian-swap refiner (exact-loss swaps): golden case, invariants over
 random shapes and patterns, local optimality against brute force, and the driver's use of it."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dsnt_export.errors import ShapeError, UserInputError
 from dsnt_export.masks import check_mask
 from dsnt_export.methods import nm_keep_from_metric, unstructured_keep_from_metric
 from dsnt_export.patterns import NM, parse_pattern
-from dsnt_export.refine.dsnot import DSnoTConfig, refine_with_info
-from dsnt_export.refine.hessian_swap import hessian_refine, layer_loss
+from dsnt_export.refine.dsnot import refine_with_info
+from dsnt_export.refine.hessian_swap import HessianSwapConfig, hessian_refine, layer_loss
 from dsnt_export.stats import ActivationStats
 
 
@@ -72,7 +72,7 @@ def test_invariants_random(pattern, seed):
     ref = torch.randn(rows, cols, generator=gen)
     H = _hessian(cols, gen)
     keep0 = _initial_keep(ref, p)
-    w, keep, info = hessian_refine(ref, keep0, ref, H, p, max_cycles=30)
+    w, keep, info = hessian_refine(ref, keep0, ref, H, p, max_cycles=30, percdamp=0.01)
     assert torch.equal(keep.sum(1), keep0.sum(1))  # per-row counts
     assert torch.all(w[~keep] == 0)
     if isinstance(p, NM):
@@ -117,7 +117,9 @@ def test_converged_rows_have_no_improving_swap(pattern):
     p = parse_pattern(pattern)
     ref = torch.randn(5, 16, generator=gen)
     H = _hessian(16, gen)
-    w, keep, info = hessian_refine(ref, _initial_keep(ref, p), ref, H, p, max_cycles=500)
+    w, keep, info = hessian_refine(
+        ref, _initial_keep(ref, p), ref, H, p, max_cycles=500, percdamp=0.01
+    )
     assert info.cycles < 500  # stopped because no swap helps any more
     Hd = H + 0.01 * torch.diagonal(H).mean() * torch.eye(16)
     gains = _brute_best_swap(ref, w, keep, Hd, p.m)
@@ -132,7 +134,7 @@ def test_one_cycle_takes_the_brute_force_best_swap():
     keep0 = _initial_keep(ref, p)
     Hd = H + 0.01 * torch.diagonal(H).mean() * torch.eye(12)
     expected = _brute_best_swap(ref, ref * keep0, keep0, Hd, 4)
-    w, _, _ = hessian_refine(ref, keep0, ref, H, p, max_cycles=1)
+    w, _, _ = hessian_refine(ref, keep0, ref, H, p, max_cycles=1, percdamp=0.01)
     got = [
         layer_loss(ref[r : r + 1], w[r : r + 1], Hd)
         - layer_loss(ref[r : r + 1], (ref * keep0)[r : r + 1], Hd)
@@ -166,11 +168,19 @@ def test_zero_cycles_and_bad_input():
         hessian_refine(ref, keep, ref, torch.eye(8), "2:4", max_cycles=-1)
 
 
-def test_config_and_refine_with_info_refuse_hessian_criterion():
-    with pytest.raises(UserInputError, match="criterion"):
-        DSnoTConfig(criterion="nope")
+def test_config_validation_and_refine_with_info_refuses_other_configs():
+    c = HessianSwapConfig()
+    assert (c.max_cycles, c.percdamp, c.needs_hessian) == (50, 0.03, True)
+    assert HessianSwapConfig.from_json(c.to_json()) == c
+    for bad in (-0.1, float("inf"), True):
+        with pytest.raises(UserInputError, match="percdamp"):
+            HessianSwapConfig(percdamp=bad)
+    with pytest.raises(UserInputError, match="max_cycles"):
+        HessianSwapConfig(max_cycles=-1)
+    with pytest.raises(UserInputError, match="known"):
+        HessianSwapConfig.from_json({"criterion": "hessian"})
     st = ActivationStats.from_tensors(torch.ones(8), torch.ones(8), torch.ones(8))
     w = torch.randn(2, 8)
     keep = _initial_keep(w, parse_pattern("2:4"))
     with pytest.raises(UserInputError, match="hessian_refine"):
-        refine_with_info(w, keep, st, "2:4", DSnoTConfig.default(criterion="hessian"))
+        refine_with_info(w, keep, st, "2:4", HessianSwapConfig())

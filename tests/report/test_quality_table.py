@@ -35,7 +35,7 @@ def _row(config, pattern, calib="stdlib-docs", n=32, docs=30.0, code=20.0):
 
 
 def test_canonical_cells(qt):
-    damp = qt.DSnoTConfig.default().percdamp
+    damp = qt.HessianSwapConfig().percdamp
     rows = [
         _row("dense", "dense", calib=None, n=None, docs=20.0, code=12.0),
         _row("sparsegpt", "2:4", docs=45.0),

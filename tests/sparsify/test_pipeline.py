@@ -8,17 +8,22 @@ import pytest
 import torch
 
 from dsnt_export.adapters import get_adapter
-from dsnt_export.errors import NonFiniteError, ShapeError
+from dsnt_export.errors import NonFiniteError, ShapeError, UserInputError
 from dsnt_export.masks import validate_mask
 from dsnt_export.methods import initial_mask
 from dsnt_export.patterns import parse_pattern
-from dsnt_export.refine.dsnot import DSnoTConfig
+from dsnt_export.refine import HessianSwapConfig
 from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
 from dsnt_export.stats import ActivationStats
 from tests.tiny_models import ARCHS, calib_ids, tiny_model
 
-# a threshold of 0 lets DSnoT act on the tiny statistics of a 16-token toy model
-DSNOT = DSnoTConfig.default(update_threshold=0.0)
+# the default refiner (hessian-swap) with its default options
+SWAP = HessianSwapConfig()
+
+
+def _layers(report):
+    """The per-layer records as the JSON dicts reports and manifests read."""
+    return report.to_json()["layers"]
 
 
 def _weights(model):
@@ -31,19 +36,19 @@ def test_prune_save_reload_same_logits(mt, tmp_path):
 
     model = tiny_model(mt)
     before = _weights(model)
-    cfg = SparsifyConfig(pattern="2:4", init="wanda", refine="dsnot", dsnot=DSNOT, batch_size=2)
+    cfg = SparsifyConfig(pattern="2:4", init="wanda", refine=SWAP, batch_size=2)
     report = sparsify(model, calib_ids(), cfg, device="cpu", progress=False)
     ad = get_adapter(model)
     assert len(report.layers) == model.config.num_hidden_layers * len(ad.linear_names)
     assert report.summary()["swaps"] > 0  # DSnoT did something
     json.dumps(report.to_json())  # JSON-able
-    for entry in report.layers:
+    for entry in _layers(report):
         w = model.get_submodule(entry["name"]).weight
         rep = validate_mask(w, "2:4", name=entry["name"])
         assert rep.ok and entry["check_ok"], rep.message
         assert entry["sparsity"] == pytest.approx(0.5)
         assert entry["err_after"] <= entry["err_before"] * 1.0001 or entry["swaps"] == 0
-    targeted = {e["name"] + ".weight" for e in report.layers}
+    targeted = {r.name + ".weight" for r in report.layers}
     for n, p in model.named_parameters():  # nothing else touched (embeddings, norms, lm_head)
         if n not in targeted:
             assert torch.equal(p, before[n]), n
@@ -101,10 +106,10 @@ def test_patterns_and_inits(pattern):
     for init in ("magnitude", "sparsegpt"):
         model = tiny_model("llama")
         dense = _weights(model)
-        cfg = SparsifyConfig(pattern=pattern, init=init, dsnot=DSNOT)
+        cfg = SparsifyConfig(pattern=pattern, init=init, refine=SWAP)
         report = sparsify(model, calib_ids(), cfg, progress=False)
         p = parse_pattern(pattern)
-        for e in report.layers:
+        for e in _layers(report):
             w = model.get_submodule(e["name"]).weight
             assert validate_mask(w, p).ok
             n_in = e["shape"][1]
@@ -121,7 +126,7 @@ def test_refine_exclude_and_exclude_are_recorded():
     cfg = SparsifyConfig(
         pattern="2:4",
         init="wanda",
-        dsnot=DSNOT,
+        refine=SWAP,
         exclude=("mlp.down_proj",),
         refine_exclude=("mlp",),
     )
@@ -132,18 +137,20 @@ def test_refine_exclude_and_exclude_are_recorded():
     }
     for s in report.skipped:
         assert torch.equal(model.get_submodule(s["name"]).weight, dense[s["name"] + ".weight"])
-    for e in report.layers:
+    for e in _layers(report):
         if e["kind"] == "mlp":
             assert e["refine"] is None and "mlp" in e["refine_skipped"]
         else:
+            # the record labels runs have always written (refine "dsnot", criterion "hessian")
             assert e["refine"] == "dsnot" and e["method"] == "wanda+dsnot"
+            assert e["criterion"] == "hessian"
 
 
 def test_batching_and_offload_do_not_change_the_result():
     ids = calib_ids(5, 16)
     a, b = tiny_model("qwen2"), tiny_model("qwen2")
-    sparsify(a, ids, SparsifyConfig(pattern="2:4", dsnot=DSNOT), progress=False)
-    cfg = SparsifyConfig(pattern="2:4", dsnot=DSNOT, batch_size=3, offload_activations=True)
+    sparsify(a, ids, SparsifyConfig(pattern="2:4", refine=SWAP), progress=False)
+    cfg = SparsifyConfig(pattern="2:4", refine=SWAP, batch_size=3, offload_activations=True)
     sparsify(b, ids, cfg, progress=False)
     agree = [
         float(((pa == 0) == (pb == 0)).float().mean())
@@ -152,13 +159,37 @@ def test_batching_and_offload_do_not_change_the_result():
     assert min(agree) > 0.99  # batched matmuls may flip a borderline tie, nothing more
 
 
-def test_device_none_keeps_modules_in_place():
+def test_move_blocks_false_keeps_modules_in_place():
     a, b = tiny_model("qwen3"), tiny_model("qwen3")
-    cfg = SparsifyConfig(pattern="2:4", dsnot=DSNOT)
+    cfg = SparsifyConfig(pattern="2:4", refine=SWAP)
     sparsify(a, calib_ids(), cfg, device="cpu", progress=False)
-    sparsify(b, calib_ids(), cfg, device=None, progress=False)
+    sparsify(b, calib_ids(), cfg, device=None, move_blocks=False, progress=False)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+    with pytest.raises(UserInputError, match="move_blocks=False"):
+        sparsify(b, calib_ids(), cfg, device="cpu", move_blocks=False, progress=False)
+
+
+def test_device_none_is_auto(monkeypatch):
+    # None means what it means everywhere (hf_io.resolve_device): the accelerator if any, else CPU
+    import dsnt_export.hf_io as hf_io
+
+    seen = []
+    real = hf_io.resolve_device
+    monkeypatch.setattr(hf_io, "resolve_device", lambda d: seen.append(d) or real("cpu"))
+    sparsify(
+        tiny_model("llama"), calib_ids(), SparsifyConfig(pattern="2:4"), device=None, progress=False
+    )
+    assert seen == [None]
+    monkeypatch.undo()
+    with pytest.raises(UserInputError, match="unknown device"):
+        sparsify(
+            tiny_model("llama"),
+            calib_ids(),
+            SparsifyConfig(pattern="2:4"),
+            device="nope",
+            progress=False,
+        )
 
 
 def test_not_divisible_by_m_fails_before_work():
@@ -189,7 +220,7 @@ def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     a, b = tiny_model("llama"), tiny_model("llama")
-    cfg = SparsifyConfig(pattern="2:4", init="sparsegpt", dsnot=DSNOT)
+    cfg = SparsifyConfig(pattern="2:4", init="sparsegpt", refine=SWAP)
     sparsify(a, calib_ids(), cfg, device="cpu", progress=False)
     sparsify(b, calib_ids(), cfg, device="cuda", progress=False)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
@@ -200,8 +231,8 @@ def test_cuda_matches_cpu():
 @pytest.mark.parametrize(
     "init, percdamp", [("wanda", None), ("sparsegpt", None), ("sparsegpt", 0.3)]
 )
-def test_default_dsnot_lowers_every_layer_loss_and_logs_it(init, percdamp):
-    # criterion "hessian": every refined linear's exact (dampened) loss goes down or stays, the
+def test_default_refiner_lowers_every_layer_loss_and_logs_it(init, percdamp):
+    # hessian-swap: every refined linear's exact (dampened) loss goes down or stays, the
     # logged value is that of the weight written into the model, and masks hold.
     model = tiny_model("llama")
     dense = _weights(model)
@@ -214,13 +245,13 @@ def test_default_dsnot_lowers_every_layer_loss_and_logs_it(init, percdamp):
 
         return hook
 
-    dsnot = DSnoTConfig.default() if percdamp is None else DSnoTConfig.default(percdamp=percdamp)
-    cfg = SparsifyConfig(pattern="2:4", init=init, dsnot=dsnot)
-    assert cfg.dsnot.criterion == "hessian"
+    swap = HessianSwapConfig() if percdamp is None else HessianSwapConfig(percdamp=percdamp)
+    cfg = SparsifyConfig(pattern="2:4", init=init, refine=swap)
+    assert cfg.refine == "hessian-swap" and cfg.needs_hessian
     report = sparsify(model, ids, cfg, progress=False)
-    assert sum(e["swaps"] for e in report.layers) > 0
-    block0 = [e for e in report.layers if e["block"] == 0]
-    for e in report.layers:
+    assert sum(r.swaps for r in report.layers) > 0
+    block0 = [e for e in _layers(report) if e["block"] == 0]
+    for e in _layers(report):
         assert e["criterion"] == "hessian" and e["loss_after"] <= e["loss_before"] * (1 + 1e-5)
         assert validate_mask(model.get_submodule(e["name"]).weight, "2:4").ok
     # block 0 sees the embeddings, whatever happened before: recompute its Hessians and losses
@@ -233,6 +264,6 @@ def test_default_dsnot_lowers_every_layer_loss_and_logs_it(init, percdamp):
         h.remove()
     for e in block0:
         H = hs[e["name"]].hessian
-        H = H + cfg.dsnot.percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0])
+        H = H + cfg.refine_config.percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0])
         d = dense[e["name"] + ".weight"] - model.get_submodule(e["name"]).weight.detach()
         assert float(((d @ H) * d).sum()) == pytest.approx(e["loss_after"], rel=1e-3), e["name"]

@@ -1,0 +1,159 @@
+"""The refiner registry: one entry per refinement algorithm, keyed by its recipe name and config type.
+
+A refiner improves the keep-mask (and possibly the kept values) that an initial method
+(:mod:`dsnt_export.methods`) produced for one linear layer. Every refiner has the same signature::
+
+    refiner(reference, weight, keep, stats, pattern, config, *, metric=None, name=None)
+        -> RefineOutcome(weight, keep, summary)
+
+* ``reference`` [out, in]: the layer's original dense weight (what the loss is measured against);
+* ``weight`` [out, in]: the values a grown weight takes (the initial method's weights where kept,
+  SparseGPT's values at pruning time or the dense ones elsewhere); never modified in place;
+* ``keep`` (bool [out, in], True = kept): the initial mask; never modified in place;
+* ``stats``: the layer's :class:`~dsnt_export.stats.ActivationStats` (with the Hessian when
+  ``config.needs_hessian``);
+* ``metric`` (float32 [out, in] or None): the initial method's importance metric;
+* the outcome's ``weight`` is dense: the layer becomes ``where(keep, weight, 0)``.
+
+Adding a refiner = one module that defines its config dataclass (frozen, with ``needs_hessian``,
+``to_json()`` and ``from_json()``) and its function, registered with :func:`register_refiner`, plus
+its import in ``dsnt_export/refine/__init__.py``. The recipe and CLI choices come from
+:func:`refiner_names`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from dsnt_export.errors import UserInputError
+
+__all__ = [
+    "RefineOutcome",
+    "RefineSummary",
+    "Refiner",
+    "RefinerConfig",
+    "get_refiner",
+    "refiner_for",
+    "refiner_names",
+    "register_refiner",
+]
+
+
+class RefinerConfig(Protocol):
+    """What the driver needs from a refiner's config (a frozen dataclass)."""
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether the refiner reads ``ActivationStats.hessian`` (the driver then collects it)."""
+        ...
+
+    def to_json(self) -> dict:
+        """The config as a JSON-able dict (recorded in the run report)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RefineSummary:
+    """What one refiner run did on one layer (floats are Python floats, counts ints).
+
+    ``err_before`` / ``err_after``: mean over rows of DSnoT's per-row reconstruction-error estimate
+    ``|sum_j (W_ref - W')[r, j] * s_j|`` (docs/dsnot-spec.md section 2, ``s`` = ``ActivationStats.sum``), before
+    and after the refinement. ``loss_before`` / ``loss_after``: the exact layer loss
+    (:mod:`dsnt_export.refine.loss`) where the refiner computed it, else None. ``swaps``: prune-and-grow
+    swaps applied over all rows; ``cycles``: cycles run (the longest row).
+    """
+
+    err_before: float
+    err_after: float
+    swaps: int
+    cycles: int
+    loss_before: float | None = None
+    loss_after: float | None = None
+
+
+@dataclass(frozen=True)
+class RefineOutcome:
+    """A refiner's result: the dense values ``weight`` [out, in] (the layer's dtype), the new
+    ``keep`` mask (bool [out, in]) and the :class:`RefineSummary`."""
+
+    weight: torch.Tensor
+    keep: torch.Tensor
+    summary: RefineSummary
+
+
+RefineFn = Callable[..., RefineOutcome]
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """One registered refiner.
+
+    ``name``: the recipe / CLI key. ``config_type``: its config dataclass (``config_type()`` is its
+    default config). ``refine``: the function (module docstring for the signature).
+    ``record_refine`` / ``record_criterion``: the values the per-layer record
+    (:class:`~dsnt_export.sparsify.record.LayerRecord`) stores in its ``refine`` / ``criterion``
+    keys, kept as the run reports and manifests have always written them.
+    """
+
+    name: str
+    config_type: type
+    refine: RefineFn
+    record_refine: str
+    record_criterion: str
+
+    def default_config(self) -> Any:
+        """The refiner's default config (``config_type()``)."""
+        return self.config_type()
+
+
+_REFINERS: dict[str, Refiner] = {}
+
+
+def register_refiner(
+    name: str, config_type: type, *, record_refine: str, record_criterion: str
+) -> Callable[[RefineFn], RefineFn]:
+    """Decorator registering ``fn`` as the refiner ``name`` configured by ``config_type``.
+
+    Raises ``ValueError`` when ``name`` or ``config_type`` is registered already (two plug-ins
+    must not silently shadow each other).
+    """
+
+    def deco(fn: RefineFn) -> RefineFn:
+        if name in _REFINERS:
+            raise ValueError(f"refiner {name!r} is registered already")
+        if any(r.config_type is config_type for r in _REFINERS.values()):
+            raise ValueError(f"config type {config_type.__name__} is registered already")
+        _REFINERS[name] = Refiner(name, config_type, fn, record_refine, record_criterion)
+        return fn
+
+    return deco
+
+
+def refiner_names() -> tuple[str, ...]:
+    """The registered refiner names, in registration order (recipe ``refine:`` values)."""
+    return tuple(_REFINERS)
+
+
+def get_refiner(name: str) -> Refiner:
+    """The refiner registered as ``name``; raises ``UserInputError`` listing the known names."""
+    try:
+        return _REFINERS[name]
+    except (KeyError, TypeError):
+        raise UserInputError(
+            f"unknown refiner {name!r}; known: {list(_REFINERS)} (or 'none' for no refinement)"
+        ) from None
+
+
+def refiner_for(config: object) -> Refiner:
+    """The refiner whose config type is ``type(config)``; raises ``UserInputError`` otherwise."""
+    for r in _REFINERS.values():
+        if type(config) is r.config_type:
+            return r
+    known = [r.config_type.__name__ for r in _REFINERS.values()]
+    raise UserInputError(
+        f"no refiner takes a config of type {type(config).__name__}; known config types: {known}"
+    )

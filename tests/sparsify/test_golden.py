@@ -1,0 +1,83 @@
+"""The driver's masks, weights and per-layer records are bit-identical to those recorded from the
+driver before the refiner registry split (tests/sparsify/golden_sparsify.json).
+
+Floating-point kernels differ between torch versions and CPU instruction sets, so the comparison
+runs only where the recording's torch version and CPU capability match (skipped elsewhere, with
+the reason). The model and data are built here, independent of the shared tiny-model fixtures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsnt_export.refine import DSnoTConfig, HessianSwapConfig
+from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
+
+GOLDEN = json.loads((Path(__file__).parent / "golden_sparsify.json").read_text())
+
+CASES = {
+    # the default recipe's algorithm: SparseGPT + hessian-swap (one linear excluded from refining)
+    "default": dict(pattern="2:4", init="sparsegpt", refine_exclude=("mlp.down_proj",)),
+    "wanda-official": dict(
+        pattern="2:4", init="wanda", refine=DSnoTConfig.official(update_threshold=0.0)
+    ),
+    "wanda-guarded": dict(
+        pattern="2:4", init="wanda", refine=DSnoTConfig.guarded(update_threshold=0.0)
+    ),
+    "magnitude-hessian-0.5": dict(
+        pattern="0.5", init="magnitude", refine=HessianSwapConfig(percdamp=0.01, max_cycles=20)
+    ),
+}
+
+
+def _model():
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+def _calib():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 256, (8, 32), generator=g)
+
+
+def _same_platform() -> str | None:
+    here = (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    there = (GOLDEN["torch"], GOLDEN["cpu_capability"])
+    return None if here == there else f"recorded with torch/CPU {there}, running {here}"
+
+
+def test_golden_cases_cover_the_default_refiner():
+    assert SparsifyConfig(pattern="2:4").refine == "hessian-swap"
+    assert set(CASES) == set(GOLDEN["cases"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sparsify_bit_identical_to_recording(case):
+    why = _same_platform()
+    if why:
+        pytest.skip(why)
+    model = _model()
+    rep = sparsify(model, _calib(), SparsifyConfig(**CASES[case]), device="cpu", progress=False)
+    h = hashlib.sha256()
+    for r in sorted(rep.layers, key=lambda r: r.name):
+        h.update(model.get_submodule(r.name).weight.detach().float().numpy().tobytes())
+    layers = [{k: v for k, v in e.items() if k != "time_s"} for e in rep.to_json()["layers"]]
+    want = GOLDEN["cases"][case]
+    assert layers == want["layers"]
+    assert h.hexdigest() == want["weights_sha256"]
