@@ -132,10 +132,13 @@ def convert_opset(program, opset: int | None, what: str = "graph"):
     import onnx_ir
     from onnx import version_converter
 
+    weights = _large_initializers(program)
     try:
-        proto = version_converter.convert_version(onnx_ir.serde.serialize_model(program), opset)
+        with _weights_as_placeholders(program, weights):
+            proto = onnx_ir.serde.serialize_model(program)
+        proto = version_converter.convert_version(proto, opset)
         _drop_default_attributes(proto, opset, have)
-        onnx.checker.check_model(proto)
+        _check_without(proto, set(weights))
         converted = onnx_ir.serde.deserialize_model(proto)
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as e:
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -145,6 +148,9 @@ def convert_opset(program, opset: int | None, what: str = "graph"):
             f"without --opset (opset {have}) or with an opset this model's ops exist in "
             f"(--opset {have} or a version that converts)"
         ) from e
+    for name, tensor in weights.items():  # the real weights back, under the same names
+        if name in converted.graph.initializers:
+            converted.graph.initializers[name].const_value = tensor
     got = default_opset(converted)
     if got != opset:
         raise OpsetError(
@@ -152,6 +158,68 @@ def convert_opset(program, opset: int | None, what: str = "graph"):
             f"onnx's version conversion. Export without --opset (opset {have})"
         )
     return converted
+
+
+#: initializers above this many bytes skip the round trip through onnx's version converter
+_PLACEHOLDER_BYTES = 1 << 16
+
+
+def _large_initializers(program) -> dict:
+    """``{name: tensor}`` of the initializers above :data:`_PLACEHOLDER_BYTES` (the weights)."""
+    return {
+        name: v.const_value
+        for name, v in program.graph.initializers.items()
+        if v.const_value is not None and v.const_value.nbytes > _PLACEHOLDER_BYTES
+    }
+
+
+@contextlib.contextmanager
+def _weights_as_placeholders(program, weights: dict):
+    """Serialize ``program`` without its weights' bytes: each tensor of ``weights`` is replaced,
+    for the duration, by an external-data reference that is never read (onnx's version converter
+    and checker need names, dtypes and shapes only; small constants such as Reshape shapes and
+    Reduce axes stay inline, where the adapters read them). Keeps the round trip under protobuf's
+    2 GB limit and the memory of one copy of the weights."""
+    import onnx_ir
+
+    values = program.graph.initializers
+    try:
+        for name, t in weights.items():
+            values[name].const_value = onnx_ir.ExternalTensor(
+                "dsnt-placeholder.data",
+                offset=0,
+                length=t.nbytes,
+                dtype=t.dtype,
+                shape=t.shape,
+                name=name,
+            )
+        yield
+    finally:
+        for name, t in weights.items():
+            values[name].const_value = t
+
+
+def _check_without(proto, placeholders: set[str]) -> None:
+    """``onnx.checker.check_model`` on a copy of ``proto`` whose placeholder initializers are
+    graph inputs of the same type and shape (their bytes are not there to check).
+
+    Raises:
+        onnx.checker.ValidationError: a node the target opset does not define as written.
+    """
+    import onnx
+    from onnx import helper
+
+    chk = onnx.ModelProto()
+    chk.CopyFrom(proto)
+    inits = list(chk.graph.initializer)
+    del chk.graph.initializer[:]
+    chk.graph.initializer.extend(t for t in inits if t.name not in placeholders)
+    chk.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in inits
+        if t.name in placeholders
+    )
+    onnx.checker.check_model(chk)
 
 
 def _drop_default_attributes(proto, opset: int, source_opset: int | None) -> int:
