@@ -237,8 +237,8 @@ class EngineProcessMemory:
     """Peak memory where vLLM's model lives, with :class:`~dsnt_export.bench.timing.PeakMemory`'s
     interface (context manager, ``to_json()`` -> ``peak_mem_bytes``, ``peak_mem_kind``).
 
-    CPU: the sum over vLLM's processes (every descendant of this one when the block starts) of
-    their peak resident set during the block (``VmHWM``, reset through ``/proc/PID/clear_refs``;
+    CPU: the sum over vLLM's processes (``pids()``; by default every descendant of this one when
+    the block starts; an engine passes the processes it started) of their peak resident set during the block (``VmHWM``, reset through ``/proc/PID/clear_refs``;
     where the reset is refused, their lifetime peak, said so in the kind). Elsewhere, or with no
     engine process found: ``peak_mem_bytes`` None and the kind says why.
     """
@@ -258,7 +258,7 @@ class EngineProcessMemory:
             return self
         self._watch = self._pids()
         if not self._watch:
-            self.kind = "not measured: no vLLM engine process found below this one"
+            self.kind = "not measured: no vLLM engine process found"
             return self
         reset = True
         for p in self._watch:
@@ -354,6 +354,7 @@ class VllmEngine(Engine):
             import vllm
         except ImportError as e:
             raise _missing() from e
+        before = set(descendant_pids())
         try:
             with _env({"VLLM_CPU_OMP_THREADS_BIND": bind}):
                 self.llm = vllm.LLM(**self.settings)
@@ -361,6 +362,8 @@ class VllmEngine(Engine):
             raise ArtifactError(
                 f"vLLM ({vllm_version()}) refused to load {self.path}: {type(e).__name__}: {e}"
             ) from e
+        # the processes this engine started (not those of an engine closed before it)
+        self.engine_pids = [p for p in descendant_pids() if p not in before]
         used = self._used_dtype()
         if used is not None:
             self.dtype = used
@@ -443,7 +446,7 @@ class VllmEngine(Engine):
 
     def peak_memory(self) -> EngineProcessMemory:
         """A peak-memory context for the process(es) the model lives in."""
-        return EngineProcessMemory(self.device)
+        return EngineProcessMemory(self.device, pids=lambda: list(self.engine_pids))
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -202,6 +202,12 @@ def test_bench_rows_record_the_dtype_vllm_used_and_no_prompt_twice(fake_vllm, di
     eng = [r for r in rows if r["bench"] == "engine"]
     assert [(r["dtype_requested"], r["dtype_used"]) for r in eng] == [("float32", "bfloat16")] * 2
     assert all(r["settings"]["omp_threads_bind"] for r in eng)  # --threads reached the engine
+    # memory is measured where vLLM keeps the model, never in this process: the stand-in
+    # starts no engine process, so the rows must say "not measured" rather than show our RSS
+    for r in measured:
+        if r["bench"] == "latency":
+            assert r["peak_mem_bytes"] is None
+            assert r["peak_mem_kind"] == "not measured: no vLLM engine process found"
     # the uniform stand-in model: perplexity is exactly the vocabulary size
     for r in rows:
         if r["bench"] == "perplexity":
@@ -260,7 +266,7 @@ def test_engine_process_memory_sees_a_child_allocation():
         pass
     assert none.to_json() == {
         "peak_mem_bytes": None,
-        "peak_mem_kind": "not measured: no vLLM engine process found below this one",
+        "peak_mem_kind": "not measured: no vLLM engine process found",
     }
     with rt.EngineProcessMemory(torch.device("cuda")) as gpu:
         pass
