@@ -161,10 +161,12 @@ class ActivationStats:
 
     @property
     def mean(self) -> torch.Tensor:
+        """Token-weighted mean of per-update channel means (float32 [in])."""
         return self._checked(self._mean, "mean")
 
     @property
     def has_hessian(self) -> bool:
+        """Whether the Hessian is accumulated (and not freed)."""
         return self._H is not None
 
     @property
@@ -177,6 +179,7 @@ class ActivationStats:
         return self._checked(self._H, "hessian")
 
     def free_hessian(self) -> None:
+        """Drop the Hessian (the driver frees it once a stage's linears are pruned)."""
         self._H = None
 
     def __repr__(self) -> str:

@@ -210,6 +210,7 @@ class StatsCollector:
         self._handles: list[Any] = []
 
     def begin(self, batch: int) -> None:
+        """Start a forward of ``batch`` samples (hooks split the inputs per sample)."""
         self._batch = batch
         self._fired = set()
 

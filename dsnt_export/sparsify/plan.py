@@ -26,6 +26,10 @@ from dsnt_export.patterns import NM, Pattern
 
 @dataclass(frozen=True)
 class LinearTarget:
+    """One linear the driver prunes: its ``block`` index, ``linear`` path inside the block, full
+    module ``name``, adapter group ``kind`` and ``group`` (linears of one group share an input and
+    one set of statistics), and whether it is refined (``refine``; else ``refine_skip_reason``)."""
+
     block: int
     linear: str  # relative to the block
     name: str  # full module name in the model
@@ -37,15 +41,21 @@ class LinearTarget:
 
 @dataclass
 class Plan:
+    """The pre-flight result (DSnoT spec section 6): the model's ``adapter``, every target in
+    block order, and the modules left alone (``skipped``: ``{"name", "reason"}`` dicts)."""
+
     adapter: Adapter
     targets: list[LinearTarget]
     skipped: list[dict] = field(default_factory=list)
 
     def for_block(self, i: int) -> list[LinearTarget]:
+        """The targets of decoder block ``i`` (in plan order)."""
         return [t for t in self.targets if t.block == i]
 
 
 def selector_vocabulary(adapter: Adapter) -> list[str]:
+    """Every word a module selector may use for ``adapter``'s models: the kinds, group names and
+    linear names (sorted), for error messages and docs."""
     return sorted(set(KINDS) | {g.name for g in adapter.groups} | set(adapter.linear_names))
 
 
