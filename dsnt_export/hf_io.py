@@ -124,14 +124,34 @@ def require_hf_checkpoint(path: str | Path, command: str | None = None) -> Path:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """'auto' -> the accelerator if one is available, else the CPU."""
+    """'auto' -> the accelerator if one is available, else the CPU; a named device must exist.
+
+    Raises UserInputError for an unknown device string, a device type this torch has no device
+    of (e.g. ``cuda`` on a CPU-only build) and an index past the device count."""
     if name is None or name == "auto":
         acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         return acc if acc is not None else torch.device("cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError as e:
         raise UserInputError(f"unknown device {name!r} ({e}); use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = bool(
+        backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    )
+    if not available:
+        raise UserInputError(
+            f"--device {name}: this torch ({torch.__version__}) sees no {dev.type} device; use "
+            "--device cpu, or auto (the accelerator when there is one)"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if dev.index is not None and count is not None and dev.index >= count:
+        raise UserInputError(
+            f"--device {name}: there are {count} {dev.type} device(s), numbered 0..{count - 1}"
+        )
+    return dev
 
 
 def resolve_dtype(name: str, device: torch.device, source: torch.dtype | None) -> torch.dtype:

@@ -515,3 +515,33 @@ def test_subprocess_internal_error_goes_to_the_log(tmp_path, data_file):
     assert p.returncode in (2, 3), p.stderr[-2000:]
     if p.returncode == 3:
         assert "please report" in p.stderr and log.is_file()
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "bogus"])
+def test_unusable_device_is_bad_input(device, tmp_path, data_file, capsys):
+    src = make_checkpoint(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    args = prune_args(src, data_file, out)
+    args[args.index("--device") + 1] = device
+    rc, _, err = run_cli(capsys, *args)
+    assert_clean_failure(rc, err, 2, device)
+    assert_no_output(out)
+
+
+def test_bench_preflight_reads_the_artifact_config(tmp_path):
+    from types import SimpleNamespace
+
+    from dsnt_export.errors import LimitError
+    from dsnt_export.preflight import check_bench
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"n_positions": 48, "vocab_size": 100}))
+    target = SimpleNamespace(hf_dir=d, path=tmp_path)
+    opts = SimpleNamespace(ppl=True, seqlen=64, ppl_data="stdlib-docs")
+    with pytest.raises(LimitError, match="n_positions=48.*--seqlen 48"):
+        check_bench(target, opts, torch.tensor([[1, 2, 3]]))
+    opts.seqlen = 32
+    with pytest.raises(LimitError, match=r"token id 100, outside .*\[0, 100\)"):
+        check_bench(target, opts, torch.tensor([[1, 100]]))
+    assert check_bench(target, opts, torch.tensor([[1, 99]])).context == 48

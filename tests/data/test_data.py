@@ -328,3 +328,17 @@ def test_hub_protocols_with_fake_datasets(monkeypatch):
     assert calls[-1]["path"] == "allenai/c4" and calls[-1]["split"] == "train"
     x, desc = data.get_calibration("wikitext-2", TOK, 4, 100, seed=0)
     assert desc["source"] == "wikitext2" and desc["sampling"].startswith("random window")
+
+
+def test_tokenizer_that_gives_no_tokens_is_named(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("some text " * 50)
+
+    def empty(text, **kw):  # a tokenizer that does not fit the text
+        return {"input_ids": []}
+
+    with pytest.raises(DataSourceError, match="into 0 tokens"):
+        data.get_eval_tokens(f"file:{p}", empty)
+    with pytest.raises(DataSourceError, match="into 0 tokens"):
+        data.get_calibration(f"file:{p}", empty, 2, 8)
+    assert data.encode(empty, "   \n") == []  # blank text: nothing to tokenize, no error
