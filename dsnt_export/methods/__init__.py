@@ -249,10 +249,6 @@ def _sparsegpt(weight, stats, pattern, *, name=None, options=None) -> InitialRes
     return InitialResult(dense, keep, wanda_metric(dense, stats), "sparsegpt")
 
 
-#: the registered initial methods (kept for callers of the old constant)
-INITIAL_METHODS = initial_names()
-
-
 def prune_initial(
     method: str,
     weight: torch.Tensor,
