@@ -26,8 +26,7 @@ scores which the reference sorts past +inf) are resolved by ignoring NaN scores.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -37,7 +36,14 @@ from dsnt_export.methods import _check_weight, keep_from_metric, wanda_metric
 from dsnt_export.methods import initial_metric as _initial_metric
 from dsnt_export.patterns import NM, Pattern, parse_pattern
 from dsnt_export.refine.loss import loss_and_gradient
-from dsnt_export.refine.registry import RefineOutcome, RefineSummary, register_refiner
+from dsnt_export.refine.registry import (
+    RefineOutcome,
+    RefineSummary,
+    check_max_cycles,
+    check_number,
+    config_from_json,
+    register_refiner,
+)
 from dsnt_export.selection import select_candidates
 from dsnt_export.stats import ActivationStats
 
@@ -78,18 +84,9 @@ class DSnoTConfig:
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self):
-        if (
-            isinstance(self.max_cycles, bool)
-            or not isinstance(self.max_cycles, int)
-            or self.max_cycles < 0
-        ):
-            raise UserInputError(f"max_cycles must be an int >= 0, got {self.max_cycles!r}")
-        for name in ("update_threshold", "var_power"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise UserInputError(f"{name} must be a finite number, got {v!r}")
-        if self.update_threshold < 0:
-            raise UserInputError(f"update_threshold must be >= 0, got {self.update_threshold!r}")
+        check_max_cycles(self.max_cycles)
+        check_number("update_threshold", self.update_threshold, nonneg=True)
+        check_number("var_power", self.var_power)
         if not isinstance(self.loss_guard, bool):
             raise UserInputError(f"loss_guard must be true or false, got {self.loss_guard!r}")
         if self.sign_check is not None and not isinstance(self.sign_check, bool):
@@ -155,11 +152,7 @@ class DSnoTConfig:
     @classmethod
     def from_json(cls, d: dict) -> DSnoTConfig:
         """Inverse of :meth:`to_json`; raises ``UserInputError`` for unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserInputError(f"unknown DSnoT config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_json(cls, d, "DSnoT config")
 
     def replace(self, **changes) -> DSnoTConfig:
         """A copy with ``changes`` applied (validated)."""

@@ -35,15 +35,21 @@ the registered refiner is :func:`refine_layer` with :class:`HessianSwapConfig`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from dsnt_export.errors import ShapeError, UserInputError
+from dsnt_export.errors import ShapeError
 from dsnt_export.patterns import NM, Pattern, parse_pattern
 from dsnt_export.refine.loss import dampened_hessian, layer_loss, loss_and_gradient, quadratic_loss
-from dsnt_export.refine.registry import RefineOutcome, RefineSummary, register_refiner
+from dsnt_export.refine.registry import (
+    RefineOutcome,
+    RefineSummary,
+    check_max_cycles,
+    check_number,
+    config_from_json,
+    register_refiner,
+)
 from dsnt_export.stats import ActivationStats
 
 __all__ = [
@@ -78,15 +84,8 @@ class HessianSwapConfig:
     percdamp: float = DEFAULT_PERCDAMP
 
     def __post_init__(self):
-        if (
-            isinstance(self.max_cycles, bool)
-            or not isinstance(self.max_cycles, int)
-            or self.max_cycles < 0
-        ):
-            raise UserInputError(f"max_cycles must be an int >= 0, got {self.max_cycles!r}")
-        v = self.percdamp
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise UserInputError(f"percdamp must be a finite number >= 0 (e.g. 0.03), got {v!r}")
+        check_max_cycles(self.max_cycles)
+        check_number("percdamp", self.percdamp, nonneg=True, hint=" (e.g. 0.03)")
 
     @property
     def needs_hessian(self) -> bool:
@@ -100,13 +99,7 @@ class HessianSwapConfig:
     @classmethod
     def from_json(cls, d: dict) -> HessianSwapConfig:
         """Inverse of :meth:`to_json`; raises ``UserInputError`` for unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserInputError(
-                f"unknown hessian-swap option(s) {unknown}; known: {sorted(known)}"
-            )
-        return cls(**d)
+        return config_from_json(cls, d, "hessian-swap option")
 
     def replace(self, **changes) -> HessianSwapConfig:
         """A copy with ``changes`` applied (validated)."""
@@ -163,8 +156,7 @@ def hessian_refine(
         )
     if hessian.shape != (C, C):
         raise ShapeError(f"hessian has shape {tuple(hessian.shape)}, expected ({C}, {C})")
-    if isinstance(max_cycles, bool) or not isinstance(max_cycles, int) or max_cycles < 0:
-        raise UserInputError(f"max_cycles must be an int >= 0, got {max_cycles!r}")
+    check_max_cycles(max_cycles)
     dev = weight.device
     H = dampened_hessian(hessian.to(dev), percdamp, dead="inf")
     Hd = torch.diagonal(H)

@@ -16,7 +16,6 @@ produces bit-identical masks and weights.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from dsnt_export.errors import UserInputError
 from dsnt_export.refine.dsnot import DSnoTConfig
 from dsnt_export.refine.hessian_swap import HessianSwapConfig
+from dsnt_export.refine.registry import check_number
 
 __all__ = [
     "LEGACY_DSNOT_KEYS",
@@ -92,9 +92,7 @@ class LegacyDSnoTOptions:
             raise UserInputError(
                 f"criterion must be one of {list(_CRITERIA)}, got {self.criterion!r}"
             )
-        p = self.percdamp
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
-            raise UserInputError(f"percdamp must be a finite number >= 0, got {p!r}")
+        check_number("percdamp", self.percdamp, nonneg=True)
         self._dsnot()  # validates DSnoT's own options
 
     @classmethod

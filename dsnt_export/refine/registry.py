@@ -23,8 +23,9 @@ its import in ``dsnt_export/refine/__init__.py``. The recipe and CLI choices com
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +37,9 @@ __all__ = [
     "RefineSummary",
     "Refiner",
     "RefinerConfig",
+    "check_max_cycles",
+    "check_number",
+    "config_from_json",
     "get_refiner",
     "refiner_for",
     "refiner_names",
@@ -111,6 +115,31 @@ class Refiner:
 
 
 _REFINERS: dict[str, Refiner] = {}
+
+
+def check_max_cycles(v: object) -> None:
+    """Raise ``UserInputError`` unless ``v`` is an int >= 0 (a refiner's cap on cycles per row)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise UserInputError(f"max_cycles must be an int >= 0, got {v!r}")
+
+
+def check_number(name: str, v: object, *, nonneg: bool = False, hint: str = "") -> None:
+    """Raise ``UserInputError`` unless ``v`` is a finite int/float (and >= 0 with ``nonneg``);
+    ``hint`` is appended to the message, e.g. "(e.g. 0.03)"."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UserInputError(f"{name} must be a finite number{hint}, got {v!r}")
+    if nonneg and v < 0:
+        raise UserInputError(f"{name} must be >= 0{hint}, got {v!r}")
+
+
+def config_from_json(cls: type, d: Mapping, what: str):
+    """``cls(**d)`` for a config dataclass, after rejecting keys that are not its fields
+    (``UserInputError`` naming ``what`` and listing the known keys)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserInputError(f"unknown {what} key(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
 
 
 def register_refiner(
