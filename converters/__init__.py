@@ -7,7 +7,15 @@ beside ``out_dir`` and then, before renaming it into place:
 1. re-validates the sparsity pattern *in the written artifact* (the tensors as stored, read back),
 2. runs a parity check of the artifact against eager PyTorch, collecting every mismatch and
    raising :class:`~dsnt_export.errors.ParityError` with the per-output maximum difference,
-3. writes the artifact's ``dsnt_manifest.json`` (with file hashes).
+3. writes the artifact's ``dsnt_manifest.json`` (with file hashes), where each writer has
+   recorded every option that shapes the artifact as requested vs written, read back from the
+   written files (:mod:`converters.common.options`; a difference raises before this step).
+
+Layout by role: ``writers/`` (one module per target, registered here), ``checkers/`` (the
+``{kind: checker}`` registry and the dispatcher behind ``dsnt-export check``), ``common/`` (what
+both read and write: safetensors and ONNX graph I/O, the bitmask layout, vLLM's contract),
+``parity`` / ``reference`` (the eager-torch comparison). Imports go one way: writers -> checkers
+-> common, never back.
 
 Any failure leaves no artifact behind. Converters register themselves with :func:`register` in
 their own module; :data:`MODULES` lists those modules (no package walking).
@@ -63,9 +71,11 @@ class ExportResult:
 
     @property
     def files(self) -> list[str]:
+        """The written files (relative paths, sorted), from the manifest."""
         return sorted(self.manifest.get("files", {}))
 
     def summary(self) -> dict[str, Any]:
+        """What ``export --json`` prints: files, mask checks, parity, options, warnings, timings."""
         bad = [k for k, r in self.mask_checks.items() if not r.get("ok")]
         return {
             "converter": self.converter,
@@ -73,6 +83,7 @@ class ExportResult:
             "files": self.files,
             "mask_checks": {"tensors": len(self.mask_checks), "failed": bad},
             "parity": self.parity,
+            "options": self.manifest.get("extra", {}).get("export", {}).get("options", {}),
             "warnings": self.warnings,
             "notes": self.notes,
             "timings": self.timings,
@@ -161,6 +172,7 @@ def register(cls: type[Converter]) -> type[Converter]:
 
 
 def converter_names() -> list[str]:
+    """The export targets (``hf``, ``onnx``, ``tensorrt``), sorted."""
     return sorted(MODULES)
 
 

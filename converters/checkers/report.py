@@ -23,12 +23,15 @@ SEVERITIES = (UNREADABLE, VIOLATION, WARNING)
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem (or warning) found in an artifact: how bad, what kind, about what."""
+
     severity: str  # "violation" | "unreadable" | "warning"
     code: str  # short machine-readable kind, e.g. "mask", "missing-tensor", "sha256"
     subject: str  # the tensor, file or config key concerned
     message: str
 
     def to_json(self) -> dict[str, str]:
+        """``{"severity", "code", "subject", "message"}``."""
         return {
             "severity": self.severity,
             "code": self.code,
@@ -39,6 +42,9 @@ class Finding:
 
 @dataclass
 class CheckReport:
+    """Everything one check found: per-tensor entries (``tensors``: the mask report of each
+    checked weight) and findings; :attr:`exit_code` is the CLI's (see the module)."""
+
     path: str
     kind: str  # "hf" | "safetensors" | "onnx" | "tensorrt" | "unknown"
     pattern: str | None = None  # the pattern checked against
@@ -49,28 +55,34 @@ class CheckReport:
     info: dict[str, Any] = field(default_factory=dict)
 
     def add(self, severity: str, code: str, subject: str, message: str) -> None:
+        """Record a finding; ``severity`` is one of :data:`SEVERITIES`."""
         assert severity in SEVERITIES, severity
         self.findings.append(Finding(severity, code, subject, message))
 
     @property
     def violations(self) -> list[Finding]:
+        """The findings of severity ``violation``."""
         return [f for f in self.findings if f.severity == VIOLATION]
 
     @property
     def unreadable(self) -> list[Finding]:
+        """The findings of severity ``unreadable`` (bad input)."""
         return [f for f in self.findings if f.severity == UNREADABLE]
 
     @property
     def ok(self) -> bool:
+        """True when no finding is a violation or unreadable (warnings allowed)."""
         return not self.violations and not self.unreadable
 
     @property
     def exit_code(self) -> int:
+        """2 if anything was unreadable, else 1 if a violation was found, else 0."""
         if self.unreadable:
             return 2
         return 1 if self.violations else 0
 
     def to_json(self) -> dict[str, Any]:
+        """The whole report as JSON-able data (what ``check --json`` prints)."""
         return {
             "path": self.path,
             "kind": self.kind,
@@ -87,6 +99,7 @@ class CheckReport:
         }
 
     def summary_lines(self) -> list[str]:
+        """Human-readable lines: the verdict, the pattern and each non-warning finding."""
         status = "OK" if self.ok else ("UNREADABLE" if self.unreadable else "FAILED")
         lines = [
             f"{status}: {self.kind} artifact {self.path}",
@@ -125,4 +138,5 @@ class CheckReport:
         ET.ElementTree(root).write(str(path), encoding="utf-8", xml_declaration=True)
 
     def dumps(self) -> str:
+        """:meth:`to_json` as indented JSON text."""
         return json.dumps(self.to_json(), indent=2, default=str)

@@ -132,6 +132,7 @@ def engine_entry(
 
 
 def write_report(path: Path, report: dict) -> None:
+    """Write a TensorRT sparsity report (:data:`REPORT_SCHEMA`) as indented JSON."""
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 

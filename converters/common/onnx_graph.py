@@ -23,6 +23,9 @@ from dsnt_export.errors import ArtifactError
 
 @dataclass
 class LinearWeight:
+    """A constant 2-D weight read by a MatMul/Gemm node: its initializer, the node, the
+    reduction ``axis`` of the stored array (0 for MatMul ``B [in, out]``), and the array."""
+
     initializer: str
     node: str
     op: str  # "MatMul" | "Gemm"
@@ -32,6 +35,7 @@ class LinearWeight:
     array: np.ndarray = field(repr=False)
 
     def to_json(self) -> dict:
+        """Everything but the array, for the manifest."""
         return {
             "initializer": self.initializer,
             "node": self.node,
@@ -114,6 +118,7 @@ def linear_weights(model) -> tuple[list[LinearWeight], list[dict]]:
 
 
 def fingerprint(a: np.ndarray) -> str:
+    """SHA-1 of an array's dtype, shape and bytes (C order): equal values, equal fingerprint."""
     a = np.ascontiguousarray(a)
     h = hashlib.sha1(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.view(np.uint8).reshape(-1).data)

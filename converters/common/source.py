@@ -120,13 +120,20 @@ class SparseSource:
 
     @property
     def model_type(self) -> str | None:
+        """``config.model_type`` (e.g. ``"llama"``), None if the config lacks it."""
         return self.config.get("model_type")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor (CPU, stored dtype), legacy bitmask triples unpacked to weights.
+
+        Raises:
+            ArtifactError: a weight file is missing, truncated or corrupt.
+        """
         sd = read_safetensors(self.files)
         return bitmask.decompress_state_dict(sd) if self.packed else sd
 
     def target_weights(self) -> dict[str, torch.Tensor]:
+        """The pruned weights ``{name: W [out, in]}`` (stored dtype), as :meth:`state_dict`."""
         if not self.packed:
             return read_safetensors(self.files, self.targets)
         sd = self.state_dict()

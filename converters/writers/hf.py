@@ -77,6 +77,8 @@ def _linear_modules(src: SparseSource) -> list[str]:
 
 @register
 class HfVllmConverter(Converter):
+    """``export hf``: a plain HF checkpoint for current vLLM, or the legacy bitmask layout."""
+
     name = "hf"
     extras = ()
     # the stored weights are the source's (or its cast): both sides run them in float32
@@ -95,6 +97,17 @@ class HfVllmConverter(Converter):
         allow_unknown_architecture: bool = False,
         **_: Any,
     ) -> dict:
+        """Write the checkpoint into ``tmp``: weights (cast to ``dtype`` if given) as one file or
+        shards of at most ``max_shard_size`` bytes, config.json without a sparsity_config (or
+        with the legacy one for ``format="sparse-24-bitmask"``), tokenizer and generation
+        config, the eager reference; returns the manifest with the options read back.
+
+        Raises:
+            UserInputError: unknown ``format``/``dtype``, bad ``max_shard_size``.
+            UnsupportedModelError: vLLM does not know the architecture (unless allowed).
+            PatternError: the legacy layout asked for a pattern other than 2:4.
+            OptionMismatchError: the written files do not hold the requested options.
+        """
         if format not in FORMATS:
             raise UserInputError(f"unknown hf export format {format!r}; choose one of {FORMATS}")
         parse_size(max_shard_size)
@@ -255,6 +268,7 @@ class HfVllmConverter(Converter):
         )
 
     def check_masks(self, tmp: Path, manifest: dict) -> dict[str, dict]:
+        """Check the written weights (streamed) against the pattern; record shape and sparsity."""
         report = check_hf_dir(tmp, manifest=manifest, hashes=False)
         for name, entry in report.tensors.items():  # the manifest records what was written
             meta = manifest["tensors"].setdefault(name, {})
@@ -273,6 +287,8 @@ class HfVllmConverter(Converter):
         parity_seqlen: int = 32,
         **_: Any,
     ) -> None:
+        """Logits and perplexity of the written checkpoint (loaded by transformers, or unpacked)
+        against the source in the export's dtype, both run in float32 on CPU."""
         ref_model = self._reference_model(
             read_source(src_dir), manifest["extra"]["export"]["dtype"]
         )

@@ -14,6 +14,13 @@ Weights go to external data (``<graph>.onnx.data``) when a graph's initializers 
 ``external_data_threshold`` (default 1.5 GiB, under the 2 GB protobuf limit). After writing, each
 targeted linear is located in the *written* graph by value, must be a constant MatMul/Gemm weight
 with its 2:4 groups along the reduction axis, and the mapping is recorded in the manifest.
+
+``opset``: every graph is written at the requested default-domain opset or not at all. torch's
+exporter writes opset 18 and keeps it when its own down-conversion fails, so each folded graph is
+converted with ``onnx.version_converter`` (:func:`convert_opset`) and re-read; an opset that
+cannot be reached (e.g. 14: no ``Shape`` adapter below 15) raises :class:`OpsetError`. The
+requested and written opset and dtypes are recorded under ``extra.export.options``. A tied
+embedding / lm_head table is stored once per graph (:func:`store_tied_tables_once`).
 """
 
 from __future__ import annotations
@@ -313,6 +320,7 @@ class _Logits(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids):
+        """``input_ids`` int64 ``[batch, seq]`` -> logits ``[batch, seq, vocab]``."""
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
@@ -511,6 +519,8 @@ def graph_weights(
 
 @register
 class OnnxConverter(Converter):
+    """``export onnx``: logits (and prefill/decode) graphs per dtype, see the module."""
+
     name = "onnx"
     extras = ()
     tolerance = {
@@ -533,6 +543,16 @@ class OnnxConverter(Converter):
         progress: bool = True,
         **_: Any,
     ) -> dict:
+        """Trace, fold, convert to ``opset`` (if given) and save each graph of each dtype into
+        ``tmp/<dtype>/``; map every pruned weight in the written graphs; returns the manifest
+        with the options read back from the graphs.
+
+        Raises:
+            UserInputError: unknown dtypes or exporter; generation dtypes not among ``dtypes``.
+            OpsetError: ``opset`` cannot be written for this model.
+            ArtifactError: a pruned weight does not reach a MatMul/Gemm as a constant.
+            OptionMismatchError: a written graph's opset or dtype is not the requested one.
+        """
         bad = [d for d in (*dtypes, *generation_dtypes) if d not in DTYPES]
         if bad or not dtypes:
             raise UserInputError(f"ONNX dtypes must be among {sorted(DTYPES)}, got {bad or dtypes}")
@@ -661,6 +681,7 @@ class OnnxConverter(Converter):
         )
 
     def check_masks(self, tmp: Path, manifest: dict) -> dict[str, dict]:
+        """Check every mapped weight of every written graph against the pattern."""
         from converters.checkers.common import mask_checks_from_report
         from converters.checkers.onnx import check_onnx
 
@@ -669,6 +690,8 @@ class OnnxConverter(Converter):
     def parity(
         self, src_dir: Path, tmp: Path, manifest: dict, check: ParityCheck, **_: Any
     ) -> None:
+        """ONNX Runtime (CPU) against eager float32 torch: logits and perplexity of each logits
+        graph, logits of prefill + decode steps for the generation graphs."""
         from converters.parity import compare_engine, compare_generation
         from converters.reference import load_reference
         from dsnt_export.runtimes.onnxruntime import OrtEngine
