@@ -72,7 +72,12 @@ def run(path, options: BenchOptions, *, sink=None) -> list[dict]:
     target = resolve_target(path, options.runtime, dense=options.dense)
     tokens, dataset = _eval_tokens(target, options) if options.ppl else (None, None)
     check_bench(target, options, tokens)  # --seqlen and token ids vs the model's limits
-    for variant, factory in mod.variants(target, options):
+    try:  # factories are lazy: listing the variants loads no model
+        pairs = list(mod.variants(target, options))
+    except RECOVERABLE as e:
+        out.emit("skip", status="failed", reason=_why(e), model={"path": str(target.path)})
+        return out.rows
+    for variant, factory in pairs:
         model = dict(target.info, path=str(target.dense if variant == "dense" else target.path))
         if variant == "dense":
             model.update(pattern=None, method=None)
