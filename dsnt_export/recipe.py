@@ -6,12 +6,19 @@ and converts to the driver's :class:`~dsnt_export.sparsify.driver.SparsifyConfig
 
 Built-in presets (``Recipe.preset(name)``, also shipped as ``recipes/<name>.yaml`` examples):
 
-* ``default``: our recipe: SparseGPT initial mask (with its OBS weight update) refined by DSnoT on
-  every linear of the decoder blocks, DSnoT's ``default`` config, 32 x 256 tokens of the offline
-  stdlib-docs corpus.
-* ``official``: the reference DSnoT code (zyxxmu/DSnoT @ 4c029df): Wanda initial mask, DSnoT's
-  ``official`` config (max_cycles 50, threshold 0.1, var_power 1, sign check only for N:M), refining
-  attention projections only (MLP keeps its initial mask), 128 x 2048 tokens of C4, seed 0.
+* ``default``: our recipe: SparseGPT initial mask (with its OBS weight update) refined by
+  ``hessian-swap`` (DSnoT's prune-and-grow cycles, each swap chosen by the exact layer loss, the
+  grown weight set to its loss-optimal value; :mod:`dsnt_export.refine.hessian_swap`) on every
+  linear of the decoder blocks, 64 x 256 tokens of the offline stdlib-docs corpus.
+* ``official``: the reference DSnoT code (zyxxmu/DSnoT @ 4c029df): Wanda initial mask, ``refine:
+  dsnot`` with DSnoT's ``official`` config (max_cycles 50, threshold 0.1, var_power 1, sign check
+  only for N:M), refining attention projections only (MLP keeps its initial mask), 128 x 2048
+  tokens of C4, seed 0.
+
+The allowed ``init`` and ``refine`` values come from the registries
+(:func:`dsnt_export.methods.initial_names`, :func:`dsnt_export.refine.refine_choices`);
+``refine_options`` are the chosen refiner's config fields (its ``to_json()``; a ``preset`` naming
+one of the config's preset constructors, e.g. DSnoT's ``official`` / ``guarded``, starts from it).
 
 YAML layout (every key optional; the preset named by ``base`` fills the rest, default ``default``)::
 
@@ -19,8 +26,8 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
     model: embedded:smollm2-135m
     pattern: "2:4"
     init: sparsegpt            # magnitude | wanda | sparsegpt
-    refine: dsnot              # dsnot | none
-    dsnot: {preset: default, criterion: hessian, max_cycles: 50}   # + any DSnoTConfig field
+    refine: hessian-swap       # hessian-swap | dsnot | none
+    refine_options: {max_cycles: 50, percdamp: 0.03}   # the refiner's config fields
     exclude: []                # never pruned, e.g. ["mlp.down_proj", "0:attention"]
     refine_exclude: []         # pruned but not refined, e.g. ["mlp"] (the reference's attention only)
     calib: stdlib-docs:64x256
@@ -35,11 +42,18 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
     batch_size: 1
     offload_activations: false
     sparsegpt: {blocksize: 128, percdamp: 0.01}
+
+Old form (still read, with a :class:`~dsnt_export.refine.LegacyConfigWarning`): ``refine: dsnot``
+with a ``dsnot:`` mapping (``preset: default | official``, ``criterion: hessian | mean``,
+``percdamp``, DSnoT's options), translated by :func:`dsnt_export.refine.config_from_legacy`:
+``criterion: hessian`` (the old default) is ``refine: hessian-swap``, ``criterion: mean`` is
+``refine: dsnot``; the masks and weights are bit-identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,9 +62,6 @@ from dsnt_export.artifacts import config_hash
 from dsnt_export.errors import UserInputError
 from dsnt_export.patterns import parse_pattern
 
-INITS = ("magnitude", "wanda", "sparsegpt")
-REFINES = ("dsnot", "none")
-DSNOT_PRESETS = ("default", "official")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SAVE_DTYPES = ("source", "float32", "float16", "bfloat16")
 SPARSEGPT_KEYS = ("blocksize", "percdamp")
@@ -64,8 +75,8 @@ class Recipe:
     model: str | None = None
     pattern: str = "2:4"
     init: str = "sparsegpt"
-    refine: str = "dsnot"
-    dsnot: dict = field(default_factory=lambda: {"preset": "default"})
+    refine: str = "hessian-swap"
+    refine_options: dict = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
     refine_exclude: tuple[str, ...] = ()
     calib: str = "stdlib-docs:64x256"
@@ -91,8 +102,8 @@ class Recipe:
                 f"recipe 'pattern' must be a string like '2:4', got {self.pattern!r}"
             )
         object.__setattr__(self, "pattern", str(pat))
-        _check_choice(self, "init", INITS)
-        _check_choice(self, "refine", REFINES)
+        _check_choice(self, "init", init_choices())
+        _check_choice(self, "refine", refine_choices())
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "save_dtype", SAVE_DTYPES)
         _check_str(self, "calib")
@@ -115,47 +126,86 @@ class Recipe:
             _check_int(self, "eval_max_windows", 1)
         for key, lo in (("seed", 0), ("batch_size", 1), ("eval_seqlen", 2)):
             _check_int(self, key, lo)
-        object.__setattr__(self, "dsnot", _check_dsnot(self.dsnot))
+        object.__setattr__(self, "refine_options", _check_refine_options(self))
 
         object.__setattr__(self, "sparsegpt", _check_sparsegpt(self.sparsegpt))
 
     # ------------------------------------------------------------------ presets and overrides
     @classmethod
     def preset(cls, name: str) -> Recipe:
+        """The built-in preset ``name`` (``default``, ``official``); raises ``UserInputError``."""
         if name not in PRESETS:
             raise UserInputError(f"unknown recipe preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**PRESETS[name])
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with ``changes`` applied; ``None`` values are ignored (unset CLI flags)."""
+        """A copy with ``changes`` applied; ``None`` values are ignored (unset CLI flags).
+
+        ``refine_options`` are merged onto the current options when the refiner stays the same
+        (onto the new refiner's defaults when ``refine`` changes). The old key ``dsnot`` (a mapping)
+        is translated by :func:`dsnt_export.refine.config_from_legacy` with a deprecation warning;
+        a mapping without ``preset`` is merged onto this recipe's refiner settings first.
+        """
         changes = {k: v for k, v in changes.items() if v is not None}
+        legacy = changes.pop(LEGACY_KEY, None)
         _reject_unknown(changes, "recipe override")
-        if "dsnot" in changes:
-            new = changes["dsnot"]
-            if not isinstance(new, dict):
-                raise UserInputError(f"recipe 'dsnot' must be a mapping, got {new!r}")
-            switch = "preset" in new and new["preset"] != self.dsnot["preset"]
-            changes["dsnot"] = dict(new) if switch else {**self.dsnot, **new}
+        refine = changes.get("refine", self.refine)
+        if legacy is not None and refine != NO_REFINE:
+            refine, opts = self._from_legacy(legacy)
+            changes["refine"], changes["refine_options"] = refine, opts
+        elif refine == NO_REFINE:
+            changes.setdefault("refine_options", {})
+        elif refine == self.refine and isinstance(changes.get("refine_options"), dict):
+            changes["refine_options"] = {**self.refine_options, **changes["refine_options"]}
+        elif refine != self.refine:
+            changes.setdefault("refine_options", {})
         if isinstance(changes.get("sparsegpt"), dict):
             changes["sparsegpt"] = {**self.sparsegpt, **changes["sparsegpt"]}
         return dataclasses.replace(self, **changes)
 
+    def _from_legacy(self, legacy: Any) -> tuple[str, dict]:
+        """(refine, refine_options) of an old ``dsnot:`` mapping (merged onto this recipe's
+        settings when it names no preset)."""
+        from dsnt_export.refine import config_from_legacy
+
+        if not isinstance(legacy, dict):
+            raise UserInputError(f"recipe 'dsnot' must be a mapping, got {legacy!r}")
+        merged = dict(legacy) if "preset" in legacy else {**self._legacy_view(), **legacy}
+        name, cfg = config_from_legacy(merged)
+        return name, cfg.to_json()
+
+    def _legacy_view(self) -> dict:
+        """This recipe's refiner settings in the old ``dsnot:`` form (full, explicit values)."""
+        o = {k: v for k, v in self.refine_options.items() if k != "preset"}
+        if self.refine == "hessian-swap":
+            return {"preset": "default", "criterion": "hessian", **o}
+        if self.refine == "dsnot":
+            old = (
+                "default" if str(self.refine_options.get("preset")).startswith("guarded") else None
+            )
+            return {"preset": old or "official", "criterion": "mean", **o}
+        return {"preset": "default"}
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain YAML/JSON values (lists, dicts); what manifests record."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["exclude"], d["refine_exclude"] = list(self.exclude), list(self.refine_exclude)
-        d["dsnot"], d["sparsegpt"] = dict(self.dsnot), dict(self.sparsegpt)
+        d["refine_options"], d["sparsegpt"] = dict(self.refine_options), dict(self.sparsegpt)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        """A recipe from a mapping: the preset ``base`` (default ``default``) with the other keys
+        applied (:meth:`replace`); explicit nulls of ``model``/``eval``/``eval_max_windows`` mean
+        none. Raises ``UserInputError`` for unknown keys or bad values."""
         if not isinstance(d, dict):
             raise UserInputError(
                 f"a recipe must be a mapping of keys to values, got {type(d).__name__}"
             )
         d = dict(d)
         base = d.pop("base", "default")
-        _reject_unknown(d, "recipe")
+        _reject_unknown({k: v for k, v in d.items() if k != LEGACY_KEY}, "recipe")
         if not isinstance(base, str):
             raise UserInputError(f"recipe 'base' must be a preset name, got {base!r}")
         if d and "name" not in d:
@@ -168,6 +218,7 @@ class Recipe:
         return dataclasses.replace(self, **nulls) if nulls else self
 
     def to_yaml(self, path: str | Path | None = None) -> str:
+        """The recipe as YAML text (every key); also written to ``path`` when given."""
         import yaml
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
@@ -177,6 +228,7 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
+        """A recipe from a YAML file (:meth:`from_dict`); raises ``UserInputError`` when missing."""
         p = Path(path)
         if not p.is_file():
             raise UserInputError(
@@ -187,6 +239,7 @@ class Recipe:
 
     @classmethod
     def from_yaml_text(cls, text: str, *, source: str = "recipe text") -> Recipe:
+        """A recipe from YAML text; raises ``UserInputError`` naming ``source`` when invalid."""
         import yaml
 
         try:
@@ -203,21 +256,26 @@ class Recipe:
         return cls.from_yaml(ref)
 
     def hash(self) -> str:
+        """Hash of :meth:`to_dict` (canonical JSON); the ``recipe_hash`` of manifests."""
         return config_hash(self.to_dict())
 
     # ------------------------------------------------------------------ to the driver
-    def dsnot_config(self):
-        """The DSnoTConfig: the named preset plus the values that differ from it."""
-        return _dsnot_config(self.dsnot)
+    def refiner_config(self):
+        """The refiner's config object (e.g. ``HessianSwapConfig``, ``DSnoTConfig``); None for
+        ``refine: none``."""
+        return (
+            None if self.refine == NO_REFINE else _refiner_config(self.refine, self.refine_options)
+        )
 
     def sparsify_config(self):
+        """The driver's :class:`~dsnt_export.sparsify.driver.SparsifyConfig` of this recipe."""
         from dsnt_export.sparsify.driver import SparsifyConfig
 
         return SparsifyConfig(
             pattern=parse_pattern(self.pattern),
             init=self.init,
             refine=self.refine,
-            dsnot=self.dsnot_config(),
+            refine_config=self.refiner_config(),
             exclude=self.exclude,
             refine_exclude=self.refine_exclude,
             sequential=self.sequential,
@@ -229,6 +287,8 @@ class Recipe:
 
 
 KNOWN_KEYS = tuple(f.name for f in fields(Recipe))
+LEGACY_KEY = "dsnot"  # the old refiner mapping, read through refine.config_from_legacy
+NO_REFINE = "none"
 
 
 def method_label(init: str, refine: str) -> str:
@@ -241,7 +301,8 @@ def _reject_unknown(d: dict, what: str) -> None:
     unknown = sorted(set(d) - set(KNOWN_KEYS))
     if unknown:
         raise UserInputError(
-            f"unknown {what} key(s) {unknown}; known keys: {', '.join(KNOWN_KEYS)} (and 'base')"
+            f"unknown {what} key(s) {unknown}; known keys: {', '.join(KNOWN_KEYS)} (and 'base'; "
+            f"the old '{LEGACY_KEY}' mapping is still read)"
         )
 
 
@@ -263,37 +324,60 @@ def _check_choice(r: Recipe, key: str, choices: tuple[str, ...]) -> None:
         raise UserInputError(f"recipe {key!r} must be one of {list(choices)}, got {v!r}")
 
 
-def dsnot_keys() -> tuple[str, ...]:
-    """The DSnoTConfig fields a recipe may set (besides ``preset``)."""
-    from dsnt_export.refine.dsnot import DSnoTConfig
+def init_choices() -> tuple[str, ...]:
+    """Allowed ``init`` values: the registered initial methods."""
+    from dsnt_export.methods import initial_names
 
-    return tuple(f.name for f in fields(DSnoTConfig) if f.name != "preset")
+    return initial_names()
 
 
-def _check_dsnot(d: Any) -> dict:
-    if not isinstance(d, dict):
-        raise UserInputError(f"recipe 'dsnot' must be a mapping, got {d!r}")
-    d = {"preset": "default", **d}
-    unknown = sorted(set(d) - {"preset", *dsnot_keys()})
+def refine_choices() -> tuple[str, ...]:
+    """Allowed ``refine`` values: the registered refiners, then ``none``."""
+    from dsnt_export.refine import refine_choices as choices
+
+    return choices()
+
+
+def _refiner_config(refine: str, options: dict):
+    """The config of refiner ``refine`` from ``options`` (its fields; ``preset`` may name one of
+    the config type's preset constructors, which then supplies the fields not given)."""
+    from dsnt_export.refine import get_refiner
+
+    ctype = get_refiner(refine).config_type
+    opts = dict(options)
+    names = {f.name for f in fields(ctype)}
+    unknown = sorted(set(opts) - names)
     if unknown:
         raise UserInputError(
-            f"unknown 'dsnot' key(s) {unknown}; known: preset, {', '.join(dsnot_keys())}"
+            f"unknown refine_options key(s) {unknown} for refine {refine!r}; "
+            f"known: {', '.join(sorted(names))}"
         )
-    if d["preset"] not in DSNOT_PRESETS:
+    preset = opts.get("preset")
+    if not isinstance(preset, str) or preset == "custom":
+        return ctype(**opts)
+    base = preset.split("+")[0]
+    maker = None if base in names or base.startswith("_") else getattr(ctype, base, None)
+    if not (callable(maker) and isinstance(inspect.getattr_static(ctype, base), classmethod)):
         raise UserInputError(
-            f"dsnot preset must be one of {list(DSNOT_PRESETS)}, got {d['preset']!r}"
+            f"refine_options preset {preset!r} is not a preset of {ctype.__name__}; give the "
+            "fields themselves or a preset constructor's name (e.g. official)"
         )
-    cfg = _dsnot_config(d)  # validates the values
-    return {"preset": d["preset"], **{k: getattr(cfg, k) for k in dsnot_keys()}}
+    del opts["preset"]
+    ref = maker()
+    return maker(**{k: v for k, v in opts.items() if getattr(ref, k) != v})
 
 
-def _dsnot_config(d: dict):
-    from dsnt_export.refine.dsnot import DSnoTConfig
-
-    maker = DSnoTConfig.official if d["preset"] == "official" else DSnoTConfig.default
-    base = maker()
-    overrides = {k: d[k] for k in dsnot_keys() if k in d and d[k] != getattr(base, k)}
-    return maker(**overrides)
+def _check_refine_options(r: Recipe) -> dict:
+    if not isinstance(r.refine_options, dict):
+        raise UserInputError(f"recipe 'refine_options' must be a mapping, got {r.refine_options!r}")
+    if r.refine == NO_REFINE:
+        if r.refine_options:
+            raise UserInputError(
+                f"recipe 'refine_options' {r.refine_options} given with refine: none; "
+                "drop them or name a refiner"
+            )
+        return {}
+    return _refiner_config(r.refine, r.refine_options).to_json()
 
 
 def _check_sparsegpt(d: Any) -> dict:
@@ -316,12 +400,17 @@ def _check_sparsegpt(d: Any) -> dict:
 PRESETS: dict[str, dict[str, Any]] = {
     # 64 x 256-token windows of held-out docstrings: the README quality table's evaluation, well under
     # a minute per model on 2 CPU cores (all 205 windows: ~3x longer; `eval_max_windows: null`)
-    "default": {"name": "default", "eval_max_windows": 64},
+    "default": {
+        "name": "default",
+        "refine": "hessian-swap",
+        "refine_options": {"max_cycles": 50, "percdamp": 0.03},
+        "eval_max_windows": 64,
+    },
     "official": {
         "name": "official",
         "init": "wanda",
         "refine": "dsnot",
-        "dsnot": {"preset": "official"},
+        "refine_options": {"preset": "official"},
         "refine_exclude": ("mlp",),
         "calib": "c4:128x2048",
         "eval": "wikitext2",

@@ -12,7 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsnt_export.recipe import DTYPES, INITS, REFINES, SAVE_DTYPES, Recipe, method_label
+from dsnt_export.errors import UserInputError
+from dsnt_export.recipe import (
+    DTYPES,
+    SAVE_DTYPES,
+    Recipe,
+    init_choices,
+    method_label,
+    refine_choices,
+)
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,20 +33,30 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe", help="recipe preset name (default, official) or YAML file; flags override it"
     )
     p.add_argument("--pattern", help="sparsity pattern: N:M (N kept of M, e.g. 2:4) or a ratio 0.6")
-    p.add_argument("--init", choices=INITS, help="initial mask")
-    p.add_argument("--refine", choices=REFINES, help="refinement of the initial mask")
-    p.add_argument("--dsnot-preset", choices=("default", "official"), help="DSnoT config preset")
+    p.add_argument("--init", choices=init_choices(), help="initial mask")
+    p.add_argument(
+        "--refine",
+        choices=refine_choices(),
+        help="refinement of the initial mask: hessian-swap = swaps chosen by the exact layer loss "
+        "(default recipe), dsnot = DSnoT (official recipe), none",
+    )
+    p.add_argument(
+        "--refine-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a field of the refiner's config (repeatable; YAML value), e.g. percdamp=0.05, "
+        "max_cycles=20, preset=official",
+    )
+    legacy = "deprecated, read as the old recipe key 'dsnot:'"
+    p.add_argument(
+        "--dsnot-preset", choices=("default", "official"), help=f"old DSnoT preset ({legacy})"
+    )
     p.add_argument(
         "--dsnot-criterion",
         choices=("hessian", "mean"),
-        help="what picks each DSnoT swap: hessian = exact layer loss (default preset), "
-        "mean = DSnoT's mean-based estimate (official preset)",
+        help=f"hessian = --refine hessian-swap, mean = --refine dsnot ({legacy})",
     )
-    p.add_argument(
-        "--dsnot-percdamp",
-        type=float,
-        help="hessian criterion: diagonal dampening of the loss, as a fraction of mean(diag H)",
-    )
+    p.add_argument("--dsnot-percdamp", type=float, help=f"= --refine-option percdamp=X ({legacy})")
     p.add_argument("--calib", help="calibration data, e.g. stdlib-docs:32x256, c4:128x2048")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (each block runs there)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (auto: fp32 on CPU)")
@@ -79,7 +97,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
+def _refine_options(args: argparse.Namespace) -> dict | None:
+    """``--refine-option KEY=VALUE`` flags as a mapping (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in getattr(args, "refine_option", None) or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(
+                f"--refine-option {item!r}: expected KEY=VALUE, e.g. percdamp=0.05"
+            )
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserInputError(f"--refine-option {item!r}: value is not valid YAML ({e})") from e
+    return out or None
+
+
 def _dsnot_overrides(args: argparse.Namespace) -> dict | None:
+    """The deprecated ``--dsnot-*`` flags as the old ``dsnot:`` mapping (None when unset)."""
     d = {}
     if args.dsnot_preset:
         d["preset"] = args.dsnot_preset
@@ -99,6 +136,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         pattern=args.pattern,
         init=args.init,
         refine=args.refine,
+        refine_options=_refine_options(args),
         dsnot=_dsnot_overrides(args),
         calib=args.calib,
         device=args.device,

@@ -185,6 +185,13 @@ def _num(x: Any, nd: int = 2) -> str:
     return str(x)
 
 
+def _options(r: dict) -> str:
+    """The refiner's options of a recipe dict (``refine_options``; the old ``dsnot`` mapping of
+    summaries written before the refiners got their own names)."""
+    opts = r.get("refine_options", r.get("dsnot")) or {}
+    return ", ".join(f"{k} {v}" for k, v in opts.items()) or "no options"
+
+
 def render_run_summary(summary: dict) -> str:
     """summary.md of ``dsnt-export run`` from its summary dict (:meth:`RunSummary.to_json
     <dsnt_export.workflow.RunSummary.to_json>`): recipe, calibration, pruning, mask check,
@@ -194,12 +201,12 @@ def render_run_summary(summary: dict) -> str:
         f"# dsnt-export run: {summary['source_model']['id']} at {r['pattern']}",
         "",
         f"- recipe: `{r['name']}` (hash `{summary['recipe_hash'][:12]}`), init `{r['init']}`, "
-        f"refine `{r['refine']}` (DSnoT preset `{r['dsnot']['preset']}`), "
+        f"refine `{r['refine']}` ({_options(r)}), "
         f"refine excluded: {r['refine_exclude'] or 'none'}, excluded: {r['exclude'] or 'none'}",
         f"- calibration: {summary['calibration'].get('source')} "
         f"{summary['calibration'].get('nsamples')} x {summary['calibration'].get('seqlen')} tokens, "
         f"seed {summary['calibration'].get('seed')}",
-        f"- linears pruned: {s['n_linears']} ({s['n_refined']} refined by DSnoT, "
+        f"- linears pruned: {s['n_linears']} ({s['n_refined']} refined, "
         f"{s['n_skipped']} skipped), sparsity {s['sparsity']:.4f}",
         f"- mask check of the saved checkpoint: {'OK' if summary['validation']['ok'] else 'FAILED'}"
         f" ({summary['validation']['n_tensors']} tensors)",
