@@ -196,3 +196,34 @@ def check_calibration(model: torch.nn.Module, ids: torch.Tensor, calib: str) -> 
         asked=f"--calib {calib}",
         fix="--calib " + head + "x{limit}",
     )
+
+
+def check_run(model: torch.nn.Module, recipe: Any, eval_tokens: torch.Tensor | None) -> None:
+    """Pre-flight of a whole ``run``: calibration windows and evaluation windows/ids, at once.
+
+    Called as soon as the model is loaded and the evaluation text tokenized, before the dense
+    perplexity (the first forward of a run): ``recipe.calib`` (``SOURCE:NxT``: T against the
+    context length), ``recipe.eval_seqlen`` and ``eval_tokens`` (ids against the vocabulary).
+    Raises :class:`~dsnt_export.errors.LimitError` as :func:`check_inputs`.
+    """
+    from dsnt_export.data import parse_data_spec
+
+    spec = parse_data_spec(recipe.calib) if getattr(recipe, "calib", None) else None
+    if spec is not None and spec.seqlen is not None:
+        check_inputs(
+            model.config,
+            model=model,
+            seqlen=spec.seqlen,
+            asked=f"--calib {recipe.calib}",
+            fix=f"--calib {spec.source}:{spec.nsamples}x{{limit}}",
+        )
+    seqlen = getattr(recipe, "eval_seqlen", None)
+    if seqlen is not None or eval_tokens is not None:
+        check_inputs(
+            model.config,
+            model=model,
+            seqlen=seqlen,
+            ids=eval_tokens,
+            asked=f"--eval-seqlen {seqlen} (--eval {getattr(recipe, 'eval', None)})",
+            fix="--eval-seqlen {limit}",
+        )

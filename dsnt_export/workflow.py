@@ -51,7 +51,7 @@ from dsnt_export.hf_io import (
     save_checkpoint,
     source_dtype,
 )
-from dsnt_export.preflight import check_calibration
+from dsnt_export.preflight import check_calibration, check_run
 from dsnt_export.recipe import Recipe
 from dsnt_export.sparsify.driver import SparsifyReport, sparsify
 from dsnt_export.sparsify.plan import plan_targets
@@ -435,6 +435,7 @@ def _stage_eval_data(st: RunState) -> None:
     from dsnt_export.data import get_eval_tokens
 
     st.eval_tokens = get_eval_tokens(st.recipe.eval, st.loaded.tokenizer)
+    check_run(st.loaded.model, st.recipe, st.eval_tokens[0])  # limits, before any forward
 
 
 def _stage_dense_ppl(st: RunState) -> None:

@@ -545,3 +545,28 @@ def test_bench_preflight_reads_the_artifact_config(tmp_path):
     with pytest.raises(LimitError, match=r"token id 100, outside .*\[0, 100\)"):
         check_bench(target, opts, torch.tensor([[1, 100]]))
     assert check_bench(target, opts, torch.tensor([[1, 99]])).context == 48
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--calib", "{data}:2x40", "--eval-seqlen", "16"], "--calib file:{data}:2x24"),
+        (["--calib", "{data}:2x16", "--eval-seqlen", "40"], "--eval-seqlen 24"),
+    ],
+    ids=["calib", "eval"],
+)
+def test_run_checks_every_limit_before_the_first_forward(
+    flags, needle, tmp_path, data_file, capsys
+):
+    src = make_checkpoint(tmp_path / "src", "opt", max_positions=24)
+    out = tmp_path / "run"
+    flags = [f.replace("{data}", f"file:{data_file}") for f in flags]
+    rc, _, err = run_cli(
+        capsys, "run", "--model", src, *flags, "--eval", f"file:{data_file}",
+        "--eval-max-windows", "2", "--init", "magnitude", "--refine", "none", "--device", "cpu",
+        "--no-export", "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert_clean_failure(
+        rc, err, 2, "max_position_embeddings=24", needle.replace("{data}", str(data_file))
+    )
+    assert_no_output(out)
