@@ -303,12 +303,25 @@ def check_weight_files(directory: Path) -> None:
 
 
 def load_tokenizer(source: str):
+    """The tokenizer saved with the checkpoint ``source`` (``AutoTokenizer``).
+
+    Any failure of transformers / tokenizers to build it (a missing file, an unparsable
+    tokenizer.json, a tokenizer class that needs sentencepiece, ...) raises ArtifactError with the
+    library's one-line cause and the tokenizer files found.
+    """
     import transformers as T
 
     try:
         return T.AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot load the tokenizer of {source!r}: {e}") from e
+    except Exception as e:  # tokenizers raises plain Exception for a malformed tokenizer.json
+        p = Path(source)
+        found = sorted(f.name for f in p.glob("*token*")) if p.is_dir() else None
+        where = f"; tokenizer files found: {found or 'none'}" if found is not None else ""
+        raise ArtifactError(
+            f"cannot load the tokenizer of {source!r}: {type(e).__name__}: {_first_line(e)}"
+            f"{where}. Put the tokenizer the model was trained with beside its config.json "
+            "(tokenizer.json + tokenizer_config.json)"
+        ) from e
 
 
 def save_checkpoint(

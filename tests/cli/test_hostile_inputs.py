@@ -508,13 +508,36 @@ def test_subprocess_opt_positions_and_onnx_dir(tmp_path, data_file):
 
 def test_subprocess_internal_error_goes_to_the_log(tmp_path, data_file):
     src = make_checkpoint(tmp_path / "src", "llama")
-    (src / "tokenizer.json").write_text("{ not json")  # the tokenizers library fails to parse it
     log = tmp_path / "internal.log"
-    p = cli_subprocess(*eval_args(src, data_file), env={"DSNT_EXPORT_LOG": str(log)})
-    assert "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert p.returncode in (2, 3), p.stderr[-2000:]
-    if p.returncode == 3:
-        assert "please report" in p.stderr and log.is_file()
+    code = (
+        "import sys, dsnt_export.hf_io as h\n"
+        "def broken(source): return {}['no such key']  # a bug, as far as the CLI can tell\n"
+        "h.load_config = broken\n"
+        "from dsnt_export.cli import main\n"
+        f"sys.exit(main({[str(a) for a in eval_args(src, data_file)]!r}))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DSNT_EXPORT_LOG": str(log)},
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert p.returncode == 3 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "eval failed in dsnt-export: KeyError" in p.stderr and "please report" in p.stderr
+    assert str(log) in p.stderr and "Traceback" in log.read_text()
+
+
+def test_broken_or_missing_tokenizer(tmp_path, data_file, capsys):
+    src = make_checkpoint(tmp_path / "src", "llama")
+    (src / "tokenizer.json").write_text("{ not json")
+    rc, _, err = run_cli(capsys, *eval_args(src, data_file))
+    assert_clean_failure(rc, err, 2, "cannot load the tokenizer", "tokenizer.json")
+    for f in src.glob("tokenizer*"):
+        f.unlink()
+    rc, _, err = run_cli(capsys, *eval_args(src, data_file))
+    assert_clean_failure(rc, err, 2, "cannot load the tokenizer", "found: none")
 
 
 @pytest.mark.parametrize("device", ["cuda:99", "bogus"])
