@@ -45,6 +45,11 @@ def resolve_model_source(spec: str | None) -> str:
     p = Path(spec).expanduser()
     if p.exists():
         return str(require_hf_checkpoint(p))
+    if spec.startswith(("/", "./", "../", "~", "\\")) or spec.count("/") > 1 or spec.endswith("/"):
+        raise ArtifactError(
+            f"{spec} does not exist (and is not a Hugging Face hub id, which reads 'org/name'); "
+            "expected a checkpoint directory (config.json + *.safetensors + tokenizer files)"
+        )
     return spec
 
 

@@ -593,3 +593,12 @@ def test_run_checks_every_limit_before_the_first_forward(
         rc, err, 2, "max_position_embeddings=24", needle.replace("{data}", str(data_file))
     )
     assert_no_output(out)
+
+
+@pytest.mark.parametrize("model", ["/no/such/dir", "./missing-ckpt/", "a/b/c"])
+def test_missing_model_path_is_named_not_fetched(model, tmp_path, data_file, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, *prune_args(model, data_file, out))
+    msg = assert_clean_failure(rc, err, 2, f"{model} does not exist")
+    assert "hub (" not in msg  # no hub lookup for something shaped like a path
+    assert_no_output(out)
