@@ -236,3 +236,34 @@ def test_run_summary_rows_and_foreign_manifest(tmp_path):
     (t,) = [t for t in rep["perplexity"] if t["variant"] == "sparse"]
     assert t["label"] == "wanda+dsnot 2:4 [torch]"
     assert t["increase_vs_dense_pct"] == pytest.approx(50.0)
+
+
+def test_run_summary_markdown_new_and_old_recipe_keys():
+    from dsnt_export.report.markdown import render_run_summary
+
+    summary = {
+        "source_model": {"id": "m"},
+        "recipe": {
+            "name": "default",
+            "pattern": "2:4",
+            "init": "sparsegpt",
+            "refine": "hessian-swap",
+            "refine_options": {"max_cycles": 50, "percdamp": 0.03},
+            "refine_exclude": [],
+            "exclude": [],
+        },
+        "recipe_hash": "0123456789abcdef",
+        "calibration": {"source": "stdlib-docs", "nsamples": 4, "seqlen": 32, "seed": 0},
+        "sparsify": {"n_linears": 14, "n_refined": 14, "n_skipped": 0, "sparsity": 0.5},
+        "validation": {"ok": True, "n_tensors": 14},
+        "perplexity": None,
+        "timings": {"load": 1.0, "total": 2.5},
+    }
+    md = render_run_summary(summary)
+    assert md.startswith("# dsnt-export run: m at 2:4")
+    assert "refine `hessian-swap` (max_cycles 50, percdamp 0.03)" in md
+    assert "| total | 2.5 |" in md and "## Perplexity" not in md
+    old = dict(summary, recipe={**summary["recipe"], "refine": "dsnot"})
+    del old["recipe"]["refine_options"]
+    old["recipe"]["dsnot"] = {"preset": "default", "criterion": "hessian"}
+    assert "refine `dsnot` (preset default, criterion hessian)" in render_run_summary(old)
