@@ -109,6 +109,11 @@ def require_hf_checkpoint(path: str | Path, command: str | None = None) -> Path:
     after the config), so a config problem is reported first.
     """
     p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ArtifactError(
+            f"{p} is a file, not a directory; pass the checkpoint directory that holds it "
+            f"({p.parent}) or another Hugging Face checkpoint directory"
+        )
     kind, evidence = artifact_kind(p)
     if kind == "run":
         return p / "hf"

@@ -408,6 +408,8 @@ def test_missing_shard_and_missing_weights_are_named(tmp_path, data_file, capsys
     shards[-1].unlink()
     rc, _, err = run_cli(capsys, *eval_args(src, data_file))
     assert_clean_failure(rc, err, 2, shards[-1].name, "not there")
+    rc, _, err = run_cli(capsys, *eval_args(shards[0], data_file))
+    assert_clean_failure(rc, err, 2, "is a file, not a directory")
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text((src / "config.json").read_text())
