@@ -34,13 +34,11 @@ def _csv(value: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    from converters import converter_names
+
     sub = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
-    for name, helptext in (
-        ("hf", "HF checkpoint for vLLM"),
-        ("onnx", "ONNX graphs"),
-        ("tensorrt", "TensorRT engines + sparse-layer report"),
-    ):
-        p = sub.add_parser(name, help=helptext)
+    for name in converter_names():  # the targets are the converter registry's
+        p = sub.add_parser(name, help=_HELP.get(name, f"{name} artifact"))
         p.add_argument("src", help="sparse checkpoint dir (or an ONNX export for tensorrt)")
         p.add_argument("--out", required=True, help="output directory (must not exist)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -50,7 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help="skip the parity run against eager torch (masks are still checked)",
         )
         p.add_argument("--json", action="store_true", help="print the result as JSON")
-        getattr(sys.modules[__name__], f"_add_{name}")(p)
+        add_options = getattr(sys.modules[__name__], f"_add_{name}", None)
+        if add_options is not None:
+            add_options(p)
+
+
+_HELP = {
+    "hf": "HF checkpoint for vLLM",
+    "onnx": "ONNX graphs",
+    "tensorrt": "TensorRT engines + sparse-layer report",
+}
 
 
 def _add_hf(p: argparse.ArgumentParser) -> None:
@@ -140,7 +147,7 @@ _OPTS = {
 def run(args: argparse.Namespace) -> int:
     from converters import get_converter
 
-    opts = {k: getattr(args, k) for k in _OPTS[args.target] if getattr(args, k) is not None}
+    opts = {k: getattr(args, k) for k in _OPTS.get(args.target, ()) if getattr(args, k) is not None}
     result = get_converter(args.target).export(
         args.src, args.out, overwrite=args.overwrite, check_parity=not args.no_parity, **opts
     )
