@@ -604,3 +604,15 @@ def test_missing_model_path_is_named_not_fetched(model, tmp_path, data_file, cap
     msg = assert_clean_failure(rc, err, 2, f"{model} does not exist")
     assert "hub (" not in msg  # no hub lookup for something shaped like a path
     assert_no_output(out)
+
+
+@pytest.mark.parametrize("arch", ["opt", "qwen3"])
+def test_bench_ppl_past_the_position_table(arch, tmp_path, data_file, capsys):
+    from tests.tiny_models import make_sparse_hf_dir
+
+    src = make_sparse_hf_dir(tmp_path / "sparse", arch, max_positions=32)
+    rc, _, err = run_cli(
+        capsys, "bench", src, "--runtime", "torch", "--ppl", "--data", f"file:{data_file}",
+        "--seqlen", "64", "--no-progress",
+    )  # fmt: skip
+    assert_clean_failure(rc, err, 2, "max_position_embeddings=32", "--seqlen 32")
