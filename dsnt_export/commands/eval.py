@@ -1,6 +1,8 @@
 """``dsnt-export eval``: perplexity of a Hugging Face checkpoint directory.
 
     dsnt-export eval DIR --ppl [--data stdlib-docs] [--seqlen 256] [--device cpu] [--json]
+    dsnt-export eval DIR --tasks dsnot-paper|boolq,arc_easy,... [--limit N] [--num-fewshot K]
+        [--batch-size B] [--task-dir DIR] [--dense DIR] [--out DIR]   (zero-shot, lm-eval extra)
 
 DIR is an HF checkpoint directory (config.json + safetensors + tokenizer), an artifact directory
 holding one under ``hf/``, or ``embedded:smollm2-135m`` (the dense embedded model). Perplexity
@@ -55,6 +57,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    z = p.add_argument_group("zero-shot accuracy through lm-eval (instead of perplexity)")
+    z.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval tasks, or dsnot-paper (boolq,rte,hellaswag,winogrande,"
+        "arc_easy,arc_challenge,openbookqa); DIR and its dense source are scored side by side "
+        "(--batch-size: sequences per forward, default 8)",
+    )
+    z.add_argument("--limit", type=float, default=None, help="first N documents per task")
+    z.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default 0)")
+    z.add_argument("--task-dir", default=None, help="directory of extra lm-eval task YAML files")
+    z.add_argument("--dense", default=None, help="dense checkpoint (default: the manifest's)")
+    z.add_argument("--out", default=None, help="output directory (default RUN/eval)")
 
 
 def checkpoint_dir(spec: str) -> str:
@@ -94,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and v < 1:
             flag = "--" + name.replace("_", "-")
             raise UserInputError(f"{flag} must be at least 1, got {v}")
+    if args.tasks is not None:
+        return _zero_shot(args)
     t0 = time.perf_counter()
     source = checkpoint_dir(args.dir)
     config = load_config(source)
@@ -134,4 +151,26 @@ def run(args: argparse.Namespace) -> int:
             f"({str(dtype).replace('torch.', '')} on {device}); {result.seconds:.1f} s",
             file=sys.stdout,
         )
+    return 0
+
+
+def _zero_shot(args: argparse.Namespace) -> int:
+    """``--tasks``: lm-eval zero-shot accuracy, dense vs sparse; rows + figures in ``--out``."""
+    from dsnt_export.evaluation import zero_shot
+
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    rows = zero_shot.evaluate_dir(
+        args.dir,
+        args.tasks,
+        dense=args.dense,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size or 8,
+        limit=limit,
+        num_fewshot=args.num_fewshot,
+        task_dir=args.task_dir,
+    )
+    path, figs = zero_shot.write_outputs(rows, args.out or zero_shot.default_out_dir(args.dir))
+    print(json.dumps(rows, indent=2, default=str) if args.json else zero_shot.format_table(rows))
+    print(f"rows appended to {path}; figures: {', '.join(map(str, figs))}", file=sys.stderr)
     return 0

@@ -126,6 +126,11 @@ def _offline_hint(name: str, entry: Any, err: BaseException) -> str:
         src += f" (config {cfg['dataset_name']})"
     yaml_path = getattr(entry, "yaml_path", None)
     split = cfg.get("test_split") or cfg.get("validation_split") or "validation"
+    others = [
+        f"  {k}: null\n"
+        for k in ("training_split", "validation_split", "test_split")
+        if cfg.get(k, k == "training_split") and cfg.get(k) != split
+    ]
     return (
         f"lm-eval task {name!r} could not load its dataset {src}: {type(err).__name__}: {err}. "
         "Hub tasks fetch their dataset from the Hugging Face hub: if this machine cannot reach "
@@ -138,8 +143,10 @@ def _offline_hint(name: str, entry: Any, err: BaseException) -> str:
         "  dataset_name: null\n"
         "  dataset_kwargs:\n"
         f"    data_files: {{{split}: /path/to/{name}-{split}.jsonl}}\n"
-        "with one JSON object per line holding the fields the task's prompts read (as in the hub "
-        "dataset)."
+        + "".join(others)
+        + "with one JSON object per line holding the fields the task's prompts read (as in the hub "
+        "dataset) (only the evaluated split is needed; for --num-fewshot > 0 add the train split "
+        "to data_files instead of `training_split: null`)."
     )
 
 
@@ -334,6 +341,7 @@ class TaskScore:
     stderr: float | None
     task_version: Any
     n_samples: int | None
+    num_fewshot: int | None = None
 
 
 def evaluate_model(
@@ -384,7 +392,10 @@ def scores_of(res: dict, tasks: Sequence[str]) -> list[TaskScore]:
                 continue
             se = r.get(f"{metric}_stderr,none")
             se = float(se) if isinstance(se, (int, float)) and math.isfinite(se) else None
-            out.append(TaskScore(task, metric, float(r[key]), se, res["versions"].get(task), n))
+            shots = (res.get("n-shot") or {}).get(task)
+            out.append(
+                TaskScore(task, metric, float(r[key]), se, res["versions"].get(task), n, shots)
+            )
     return out
 
 
@@ -436,7 +447,6 @@ def evaluate_dir(
         "backend": "eager",
         "device": str(dev),
         "harness": {"name": HARNESS, "version": version},
-        "num_fewshot": num_fewshot,
         "limit": limit,
         "batch_size": batch_size,
         "env": environment(dev),
@@ -451,6 +461,7 @@ def evaluate_dir(
                 reason=dense_reason,
                 variant="dense",
                 tasks=names,
+                num_fewshot=num_fewshot,
                 **common,
             )
         )
@@ -475,6 +486,7 @@ def evaluate_dir(
                     value=s.value,
                     stderr=s.stderr,
                     n_samples=s.n_samples,
+                    num_fewshot=s.num_fewshot,
                     seconds=round(seconds, 3),
                     **common,
                 )
@@ -554,3 +566,62 @@ def plot_rows(rows: Sequence[dict], path: str | Path, *, metric: str = "acc") ->
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def default_out_dir(spec: str | Path) -> Path:
+    """Where rows and figures go by default: ``RUN/eval/`` beside an artifact or checkpoint
+    (never inside it), inside a run directory that holds artifacts, ``./eval`` for embedded."""
+    from dsnt_export.artifacts import MANIFEST_NAME
+
+    if str(spec).strip().lower().startswith("embedded"):
+        return Path("eval")
+    p = Path(spec).expanduser()
+    inside = (p / MANIFEST_NAME).is_file() or (p / "config.json").is_file()
+    return (p.parent if inside else p) / "eval"
+
+
+def write_outputs(rows: Sequence[dict], out_dir: str | Path) -> tuple[Path, list[Path]]:
+    """Append ``rows`` to ``out_dir/zero_shot.jsonl`` and draw ``zero_shot_<metric>.png`` per
+    metric present; returns (rows file, figures)."""
+    from dsnt_export.bench.timing import append_rows
+
+    out = Path(out_dir)
+    path = append_rows(out / "zero_shot.jsonl", rows)
+    figs = [plot_rows(rows, out / f"zero_shot_{m}.png", metric=m) for m in METRICS]
+    return path, [f for f in figs if f is not None]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A plain-text table: one line per task and metric, a column per variant (value ± stderr, %),
+    then the mean over tasks per metric and variant, and skipped rows with their reasons."""
+    ok = [r for r in rows if r.get("bench") == "zero_shot" and r.get("status") == "ok"]
+    variants = list(dict.fromkeys(r["variant"] for r in ok))
+    cell = {(r["task"], r["metric"], r["variant"]): r for r in ok}
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in ok))
+    lines = [f"{'task':<16} {'metric':<9}" + "".join(f" {v:>16}" for v in variants)]
+    for task, metric in keys:
+        vals = []
+        for v in variants:
+            r = cell.get((task, metric, v))
+            se = f" ± {100 * r['stderr']:.1f}" if r and r.get("stderr") is not None else ""
+            vals.append(f"{100 * r['value']:.1f}{se}" if r else "-")
+        lines.append(f"{task:<16} {metric:<9}" + "".join(f" {x:>16}" for x in vals))
+    for metric in dict.fromkeys(m for _, m in keys):
+        means = []
+        for v in variants:
+            xs = [cell[(t, m, v)]["value"] for t, m in keys if m == metric and (t, m, v) in cell]
+            means.append(f"{100 * sum(xs) / len(xs):.2f}" if xs else "-")
+        lines.append(f"{'mean':<16} {metric:<9}" + "".join(f" {x:>16}" for x in means))
+    if ok:
+        r = ok[0]
+        lines.append(
+            f"lm-eval {r['harness']['version']}, num_fewshot {r.get('num_fewshot')}, "
+            f"limit {r.get('limit')}, {r['runtime']} on {r['device']}"
+        )
+    lines += [
+        f"{r.get('variant', '-')}: {r['status']}: {r['reason']}" for r in rows if r.get("reason")
+    ]
+    return "\n".join(lines)

@@ -178,10 +178,18 @@ def test_evaluate_dir_dense_vs_sparse_rows_and_figure(tmp_path):
     docs = word_docs(24, min(cfg["vocab_size"], len(tiny_tokenizer())), seed=5)
     d = write_task(tmp_path / "tasks", docs)
 
-    rows = zs.evaluate_dir(tmp_path / "run", TASK, task_dir=d, device="cpu", limit=2)
-    # the manifest names "tiny-random-llama", which is nowhere: a skipped dense row says so
+    # the CLI; the manifest names "tiny-random-llama", which is nowhere: a skipped dense row
+    from dsnt_export.bench.timing import read_rows
+    from dsnt_export.cli import main
+
+    argv = ["eval", str(tmp_path / "run"), "--tasks", TASK, "--task-dir", str(d), "--limit", "2"]
+    assert main([*argv, "--device", "cpu", "--batch-size", "3"]) == 0
+    out = tmp_path / "run" / "eval"  # the default: RUN/eval, outside the hf/ artifact
+    rows = read_rows(out / "zero_shot.jsonl")
     assert [r["status"] for r in rows].count("skipped") == 1
     assert "--dense" in next(r["reason"] for r in rows if r["status"] == "skipped")
+    assert {r["n_samples"] for r in rows if r["status"] == "ok"} == {2}
+    assert (out / "zero_shot_acc.png").is_file() and (out / "zero_shot_acc_norm.png").is_file()
 
     rows = zs.evaluate_dir(
         tmp_path / "run", TASK, dense=dense, task_dir=d, device="cpu", batch_size=4
@@ -241,6 +249,52 @@ def test_missing_harness_and_generation_give_clear_errors(tiny, monkeypatch):
         zs.harness_version()
 
 
+#: a small general-knowledge multiple-choice task (question, right answer, wrong answers)
+FACTS = [
+    ("The capital of France is", "Paris", ["Rome", "Berlin", "Madrid"]),
+    ("Water freezes at zero degrees", "Celsius", ["Fahrenheit", "Kelvin"]),
+    ("The opposite of hot is", "cold", ["warm", "loud", "green"]),
+    ("A week has seven", "days", ["months", "years", "hours"]),
+    ("The sun rises in the", "east", ["west", "north", "south"]),
+    ("Python is a programming", "language", ["snake", "café", "river"]),
+    ("The largest planet in the solar system is", "Jupiter", ["Mars", "Venus", "Mercury"]),
+    ("Bees make", "honey", ["milk", "silk", "glass"]),
+    ("Two plus two equals", "four", ["five", "three", "ten"]),
+    ("The color of grass is", "green", ["blue", "red", "purple"]),
+    ("Ice is frozen", "water", ["sand", "iron", "wood"]),
+    ("The first month of the year is", "January", ["March", "October", "June"]),
+    ("A triangle has three", "sides", ["wheels", "legs", "colors"]),
+    ("Fish live in", "water", ["trees", "deserts", "clouds"]),
+    ("The Earth orbits the", "Sun", ["Moon", "Mars", "comet"]),
+    ("People read books in a", "library", ["garage", "bakery", "stadium"]),
+    ("The chemical symbol for gold is", "Au", ["Ag", "Fe", "Pb"]),
+    ("Cows drink", "water", ["oil", "ink", "paint"]),
+    ("A baby cat is called a", "kitten", ["puppy", "calf", "foal"]),
+    ("The boiling point of water at sea level is 100 degrees", "Celsius", ["Kelvin", "Rankine"]),
+    ("Shakespeare wrote", "Hamlet", ["Faust", "Don Quixote", "Ulysses"]),
+    ("The tallest animal is the", "giraffe", ["mouse", "penguin", "snail"]),
+    ("An apple is a kind of", "fruit", ["metal", "stone", "engine"]),
+    ("We see with our", "eyes", ["ears", "knees", "elbows"]),
+    ("Snow is usually", "white", ["black", "orange", "pink"]),
+    ("The number after nine is", "ten", ["eight", "seven", "two"]),
+    ("A doctor works in a", "hospital", ["volcano", "forest", "submarine"]),
+    ("The Pacific is an", "ocean", ["island", "desert", "mountain"]),
+    ("Birds can", "fly", ["swim backwards", "photosynthesize", "read"]),
+    ("Night follows", "day", ["winter", "lunch", "Tuesday"]),
+]
+
+
+def facts_docs(seed: int = 7) -> list[dict]:
+    """:data:`FACTS` as ``{question, choices, label}`` items, choices shuffled (seeded)."""
+    rng = random.Random(seed)
+    docs = []
+    for question, right, wrong in FACTS:
+        choices = [right, *wrong]
+        rng.shuffle(choices)
+        docs.append({"question": question, "choices": choices, "label": choices.index(right)})
+    return docs
+
+
 @pytest.mark.slow
 @pytest.mark.embedded
 def test_embedded_model_local_task_equals_direct_computation(tmp_path):
@@ -249,23 +303,11 @@ def test_embedded_model_local_task_equals_direct_computation(tmp_path):
 
     src = str(embedded_model_dir(progress=False))
     model, tok = load_model(src, torch.float32), load_tokenizer(src)
-    rng = random.Random(7)
-    facts = [
-        ("The capital of France is", ["Paris", "Rome", "Berlin", "Madrid"]),
-        ("Water freezes at zero degrees", ["Celsius", "Fahrenheit", "Kelvin"]),
-        ("The opposite of hot is", ["cold", "warm", "loud", "green"]),
-        ("A week has seven", ["days", "months", "years"]),
-        ("The sun rises in the", ["east", "west", "north", "south"]),
-        ("Python is a programming", ["language", "snake", "café"]),
-    ]
-    docs = []
-    for i in range(30):
-        q, choices = facts[i % len(facts)]
-        shuffled = choices[:]
-        rng.shuffle(shuffled)
-        docs.append({"question": q, "choices": shuffled, "label": shuffled.index(choices[0])})
+    docs = facts_docs()
     d = write_task(tmp_path / "tasks", docs, text="Question: {{question}}\nAnswer:")
     scorer = zs.LogLikelihoodScorer(model, tok, batch_size=8)
     scores, _ = zs.evaluate_model(scorer, [TASK], manager=zs.task_manager(d, [TASK]))
     docs_ctx = [{**x, "question": f"Question: {x['question']}\nAnswer:"} for x in docs]
     check_against_direct(scores, direct_scores(model, tok, docs_ctx), len(docs))
+    # a real model knows these: well above chance (~30 %)
+    assert next(s.value for s in scores if s.metric == "acc") > 0.6
