@@ -544,13 +544,13 @@ def plot_rows(rows: Sequence[dict], path: str | Path, *, metric: str = "acc") ->
             ys.append(100 * r["value"])
             es.append(100 * (r["stderr"] or 0.0))
         ax.bar(xs, ys, width, yerr=es, capsize=3, label=v)
-        for x, y in zip(xs, ys, strict=True):
-            ax.text(x, y + 1, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
+        for x, y, e in zip(xs, ys, es, strict=True):
+            ax.text(x, y + e + 1, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
     model = (ok[-1].get("model") or {}).get("pattern")
     limit = ok[0].get("limit")
     ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
     ax.set_ylabel(f"{metric} (%), ±1 stderr")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 110)
     ax.set_title(
         f"zero-shot {metric} per task (lm-eval {ok[0]['harness']['version']}"
         + (f", pattern {model}" if model else "")
