@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "logits graph for TensorRT and the prefill/decode KV-cache graphs (~7 min); none",
     )
     p.add_argument("--export-onnx", action="store_true", help="same as --onnx full")
+    p.add_argument(
+        "--tasks",
+        help="also zero-shot accuracy through lm-eval, dense vs sparse, into OUT/eval: "
+        "comma-separated lm-eval tasks or dsnot-paper (needs the lm-eval extra)",
+    )
+    p.add_argument("--tasks-limit", type=float, help="zero-shot: first N documents per task")
+    p.add_argument("--task-dir", help="zero-shot: directory of extra (local) lm-eval task YAML")
     p.add_argument("--no-export", action="store_true", help="same as --onnx none")
 
 
@@ -64,6 +71,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     for line in summary_lines(summary):
         print(line)
+    if args.tasks:
+        from pathlib import Path
+
+        from dsnt_export.evaluation import zero_shot
+
+        lim = args.tasks_limit
+        rows = zero_shot.evaluate_dir(
+            summary.out,
+            args.tasks,
+            device=args.device or "auto",
+            limit=lim if lim is None or lim < 1 else int(lim),
+            task_dir=args.task_dir,
+        )
+        path, _ = zero_shot.write_outputs(rows, Path(summary.out) / "eval")
+        print(zero_shot.format_table(rows) + f"\n  zero-shot rows and figures in {path.parent}")
     return 0 if summary.ok else 1
 
 
