@@ -169,6 +169,33 @@ def test_local_task_accuracy_equals_direct_computation(tiny, tmp_path):
     check_against_direct(scores, direct_scores(model, tok, docs[:10]), 10)
 
 
+def test_same_numbers_as_lm_evals_own_hf_model(tiny, tmp_path):
+    """lm-eval's HFLM wrapping the same model object gives the same accuracies as our LM."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok, vocab = tiny
+    docs = word_docs(16, vocab, seed=11)
+    manager = zs.task_manager(write_task(tmp_path / "tasks", docs), [TASK])
+    ours, _ = zs.evaluate_model(
+        zs.LogLikelihoodScorer(model, tok, batch_size=5), [TASK], manager=manager
+    )
+    tasks = zs.load_tasks([TASK], manager)
+    for task in tasks["tasks"].values():
+        task.set_config(key="num_fewshot", value=0)
+    from lm_eval.evaluator import evaluate
+
+    res = evaluate(
+        lm=HFLM(pretrained=model, tokenizer=tok, batch_size=4),
+        task_dict=tasks,
+        bootstrap_iters=0,
+        log_samples=False,
+    )
+    theirs = res["results"][TASK]
+    assert {s.metric: s.value for s in ours} == {
+        m: theirs[f"{m},none"] for m in ("acc", "acc_norm")
+    }
+
+
 def test_evaluate_dir_dense_vs_sparse_rows_and_figure(tmp_path):
     sparse = make_sparse_hf_dir(tmp_path / "run" / "hf", "llama", pattern="2:4", seed=0)
     cfg = json.loads((sparse / "config.json").read_text())
