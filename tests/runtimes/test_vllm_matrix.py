@@ -54,5 +54,6 @@ def test_cells_from_rows():
     assert t["onnxruntime"]["latency"] == "not yet"
     assert t["tensorrt"]["loads"].startswith("no (CI (CPU): loading failed")
     assert t["torch"]["sparse kernels used"] == "yes (H200)"
+    assert t["torch"]["perplexity parity with torch"] == "the reference"
     md = m.markdown(t).splitlines()
     assert md[0].startswith("| runtime | loads |") and len(md) == 2 + len(m.RUNTIMES)
