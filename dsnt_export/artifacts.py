@@ -47,14 +47,22 @@ SCHEMA_VERSION = 1
 
 
 def canonical_json(obj: Any) -> str:
+    """``obj`` as compact JSON with sorted keys (``","``/``":"`` separators, non-JSON values via
+    ``str``): the same text for equal dicts whatever their key order, the input of
+    :func:`config_hash`."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def config_hash(obj: Any) -> str:
+    """SHA-256 hex digest (64 lowercase characters) of :func:`canonical_json` of ``obj``: the
+    ``recipe_hash`` of manifests."""
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> dict:
+    """``{"bytes": size in bytes, "sha256": hex digest}`` of the file at ``path``, read in
+    ``chunk``-byte blocks (4 MiB by default) so large weight files are never held whole in memory.
+    Raises OSError (FileNotFoundError, ...) when the file cannot be read."""
     h = hashlib.sha256()
     n = 0
     with open(path, "rb") as f:
@@ -91,6 +99,9 @@ def new_manifest(kind: str, **fields: Any) -> dict:
 
 
 def hash_files(directory: str | os.PathLike, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict:
+    """:func:`file_digest` of every file below ``directory`` (recursively), keyed by its path
+    relative to it in sorted order, skipping file names in ``exclude`` (the manifest itself by
+    default): the ``files`` section of a manifest."""
     root = Path(directory)
     out = {}
     for p in sorted(root.rglob("*")):
@@ -102,6 +113,13 @@ def hash_files(directory: str | os.PathLike, exclude: tuple[str, ...] = (MANIFES
 def write_manifest(
     directory: str | os.PathLike, manifest: dict, *, with_file_hashes: bool = True
 ) -> Path:
+    """Write ``manifest`` as ``directory/dsnt_manifest.json`` atomically (a temporary file then
+    ``os.replace``) and return its path.
+
+    With ``with_file_hashes`` (the default) its ``files`` key is replaced by :func:`hash_files` of
+    the directory as it is now, so write the manifest after every other file. ``manifest`` itself is
+    not modified. Raises OSError when the directory is missing or not writable.
+    """
     d = Path(directory)
     if with_file_hashes:
         manifest = dict(manifest, files=hash_files(d))

@@ -78,6 +78,12 @@ def _load(name: str):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``dsnt-export`` argument parser: global flags and one sub-parser per :data:`COMMANDS`.
+
+    Every subcommand is listed (its help text); the options of a subcommand are added only when
+    ``only`` is None or its name, so ``main`` imports just the module of the command being run. A
+    command whose module is absent from this installation keeps a bare sub-parser.
+    """
     parser = argparse.ArgumentParser(
         prog="dsnt-export",
         description="DSnoT N:M sparsification of LLMs, mask checks, runtime export and benchmarks.",

@@ -230,6 +230,9 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def tokens_hash(tokens: torch.Tensor) -> str:
+    """SHA-256 hex digest of the token ids of ``tokens`` (any shape, any integer dtype; cast to
+    int64, C order): two token tensors hash equal exactly when they hold the same ids in the same
+    order and total size. Recorded with calibration and evaluation data in manifests."""
     return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 

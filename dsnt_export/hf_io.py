@@ -176,6 +176,9 @@ def resolve_dtype(name: str, device: torch.device, source: torch.dtype | None) -
 
 
 def source_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a model config declares (``config.dtype``, else ``config.torch_dtype``; a torch
+    dtype or one of ``"float32"``/``"float16"``/``"bfloat16"``); None when it declares none or
+    another one."""
     d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(d, str):
         return _DTYPES.get(d)
@@ -183,6 +186,16 @@ def source_dtype(config: Any) -> torch.dtype | None:
 
 
 def load_config(source: str):
+    """The transformers config of ``source`` (a checkpoint directory or hub id), checked before any
+    weight is read.
+
+    A local ``config.json`` is read first, so an unsupported ``model_type`` or a quantized
+    checkpoint is refused even where transformers lacks the class; stale sparsity metadata is
+    cleaned off the returned config. Raises ArtifactError for an unreadable or invalid config.json
+    of a directory, UnsupportedModelError for a model type without an adapter,
+    QuantizedCheckpointError for a quantized checkpoint, UserInputError for a hub id that cannot be
+    fetched or that transformers refuses (all exit code 2 in the CLI).
+    """
     import transformers as T
 
     from dsnt_export.config_metadata import clean_loaded_config, refuse_quantized

@@ -393,6 +393,11 @@ class RunState:
         return self.evaluate and self.recipe.eval is not None
 
 
+def _always(st: RunState) -> bool:
+    """Whether a stage applies to ``st``: the default, always (True)."""
+    return True
+
+
 @dataclass(frozen=True)
 class Stage:
     """One named step of :func:`run_recipe`: ``run(state)`` when ``applies(state)``; its wall
@@ -400,7 +405,7 @@ class Stage:
 
     name: str
     run: Callable[[RunState], None]
-    applies: Callable[[RunState], bool] = lambda st: True
+    applies: Callable[[RunState], bool] = _always
     timed: bool = True
 
 

@@ -114,6 +114,16 @@ def engine_entry(
     inspector: dict | None,
     build_s: float,
 ) -> dict[str, Any]:
+    """The report entry of one built engine: which target layers TensorRT found 2:4-eligible and
+    which it picked a sparse tactic for, per HF parameter.
+
+    ``file``: the engine file; ``flags``: the builder flags it was built with; ``log_text``: the
+    builder's verbose log (:func:`parse_sparsity_log`); ``weights``: ``{param: {"node": ONNX
+    initializer/node name, ...}}`` of the export; ``inspector``: the engine inspector JSON or None;
+    ``build_s``: build wall time in seconds. Returns a JSON-ready dict with ``params`` ``{param:
+    {"node", "eligible", "picked"}}`` and the counts ``n_targets``/``n_eligible``/``n_picked``.
+    Raises KeyError when a ``weights`` record has no ``"node"``.
+    """
     parsed = parse_sparsity_log(log_text)
     per_param = map_layers_to_params(parsed, weights)
     return {

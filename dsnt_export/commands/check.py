@@ -18,6 +18,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``check``'s arguments (PATH, --pattern, --json, --junit, --require-sparse-tactics) to
+    its sub-parser, whose description becomes this module's docstring."""
     parser.description = __doc__.split("\n\n", 1)[1]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -45,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the artifact at ``args.path`` (:func:`converters.checkers.check_path`); print the
+    summary (stdout when it holds, stderr otherwise) or the JSON report, write the JUnit XML if
+    asked. Returns the report's exit code: 0 every check holds, 1 a violation, 2 unreadable or bad
+    input; a UserInputError raised on the way is exit code 2 in the CLI."""
     from converters.checkers import check_path
 
     report = check_path(

