@@ -287,9 +287,7 @@ def _unstructured_swaps(w, keep, g, Hfin, Hd, max_cycles: int):
     return w, keep, int(swaps), cycles
 
 
-@register_refiner(
-    "hessian-swap", HessianSwapConfig, record_refine="dsnot", record_criterion="hessian"
-)
+@register_refiner("hessian-swap", HessianSwapConfig, record_refine="hessian-swap")
 def refine_layer(
     reference: torch.Tensor,
     weight: torch.Tensor,

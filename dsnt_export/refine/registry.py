@@ -100,14 +100,17 @@ class Refiner:
     default config). ``refine``: the function (module docstring for the signature).
     ``record_refine`` / ``record_criterion``: the values the per-layer record
     (:class:`~dsnt_export.sparsify.record.LayerRecord`) stores in its ``refine`` / ``criterion``
-    keys, kept as the run reports and manifests have always written them.
+    keys: the refiner's own name, and the swap criterion where the refiner has a choice of one
+    (DSnoT: ``mean``); None writes no ``criterion`` key. Manifests written before the
+    hessian-swap refiner had its own name label its layers ``refine: dsnot``, ``criterion:
+    hessian``; readers show them as they are.
     """
 
     name: str
     config_type: type
     refine: RefineFn
     record_refine: str
-    record_criterion: str
+    record_criterion: str | None = None
 
     def default_config(self) -> Any:
         """The refiner's default config (``config_type()``)."""
@@ -143,7 +146,7 @@ def config_from_json(cls: type, d: Mapping, what: str):
 
 
 def register_refiner(
-    name: str, config_type: type, *, record_refine: str, record_criterion: str
+    name: str, config_type: type, *, record_refine: str, record_criterion: str | None = None
 ) -> Callable[[RefineFn], RefineFn]:
     """Decorator registering ``fn`` as the refiner ``name`` configured by ``config_type``.
 

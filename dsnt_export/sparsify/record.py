@@ -11,8 +11,13 @@ always held, so the report writers and manifest readers are unchanged: per layer
     method, sparsity, zeros, check_ok, time_s
 
 Bracketed keys are absent (not null) when they do not apply; ``loss_before``/``loss_after`` also
-when the refiner computed no loss (DSnoT without its loss guard). ``refine`` is null for a layer
-that was not refined.
+when the refiner computed no loss (DSnoT without its loss guard), ``criterion`` when the refiner
+has no choice of criterion (hessian-swap). ``refine`` is null for a layer that was not refined.
+
+Labels: ``refine`` is the refiner's name (``hessian-swap``, ``dsnot``), ``method`` is
+``init+refine`` (e.g. ``sparsegpt+hessian-swap``), ``criterion`` is DSnoT's (``mean``). Records
+written before the hessian-swap refiner had its own name say ``refine: dsnot``, ``criterion:
+hessian``, ``method: sparsegpt+dsnot`` for its layers; they load and render unchanged.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class LayerRecord:
     inside the block), ``kind`` (its adapter group kind, e.g. "attention"), ``shape`` [out, in],
     ``numel``. Configuration: ``init`` (initial method), ``pattern`` (e.g. "2:4"), ``refine`` /
     ``criterion`` (the refiner's record labels, :class:`~dsnt_export.refine.registry.Refiner`;
-    None when not refined), ``method`` (``init`` or ``init+refine``). Refinement (None when not
+    None when not refined, ``criterion`` also for a refiner without one), ``method`` (``init`` or ``init+refine``). Refinement (None when not
     refined): ``err_before`` / ``err_after`` (mean |per-row error estimate|, docs/dsnot-spec.md section 2),
     ``loss_before`` / ``loss_after`` (exact layer loss where computed), ``swaps``, ``cycles``;
     ``refine_skipped`` (why a layer was not refined although refinement was configured).

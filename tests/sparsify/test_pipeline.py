@@ -141,9 +141,9 @@ def test_refine_exclude_and_exclude_are_recorded():
         if e["kind"] == "mlp":
             assert e["refine"] is None and "mlp" in e["refine_skipped"]
         else:
-            # the record labels runs have always written (refine "dsnot", criterion "hessian")
-            assert e["refine"] == "dsnot" and e["method"] == "wanda+dsnot"
-            assert e["criterion"] == "hessian"
+            # the refiner's own name, no criterion (older records said "dsnot" + "hessian")
+            assert e["refine"] == "hessian-swap" and e["method"] == "wanda+hessian-swap"
+            assert "criterion" not in e
 
 
 def test_batching_and_offload_do_not_change_the_result():
@@ -252,7 +252,7 @@ def test_default_refiner_lowers_every_layer_loss_and_logs_it(init, percdamp):
     assert sum(r.swaps for r in report.layers) > 0
     block0 = [e for e in _layers(report) if e["block"] == 0]
     for e in _layers(report):
-        assert e["criterion"] == "hessian" and e["loss_after"] <= e["loss_before"] * (1 + 1e-5)
+        assert e["refine"] == "hessian-swap" and e["loss_after"] <= e["loss_before"] * (1 + 1e-5)
         assert validate_mask(model.get_submodule(e["name"]).weight, "2:4").ok
     # block 0 sees the embeddings, whatever happened before: recompute its Hessians and losses
     ref = tiny_model("llama")
