@@ -13,8 +13,6 @@ import inspect
 import pkgutil
 from collections import defaultdict
 
-import pytest
-
 PACKAGES = ("dsnt_export", "converters")
 
 
@@ -109,12 +107,6 @@ def test_the_check_finds_an_undocumented_function(tmp_path, monkeypatch):
     assert missing == {"docprobe.mod": ["bare", "Thing.run"]}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="docstrings are being added module by module (issue 11 item 7); "
-    "86 public names without one at 22:20, 1 at 23:23 (dsnt_export.runtimes.vllm.dtype_name_of); "
-    "drop this mark once it passes",
-)
 def test_every_public_name_has_a_docstring():
     missing, errors = undocumented()
     count = sum(len(v) for v in missing.values())
