@@ -179,10 +179,6 @@ def checkpoint_dtype(target: Target) -> torch.dtype | None:
     """The dtype the checkpoint behind ``target`` declares in its config.json (``dtype`` or
     ``torch_dtype``): the sparse HF checkpoint's, else the dense reference's; None if neither
     says."""
-    from types import SimpleNamespace
-
-    from dsnt_export.hf_io import source_dtype
-
     for d in (target.hf_dir, target.dense):
         cfg = Path(d) / "config.json" if d is not None else None
         if cfg is None or not cfg.is_file():
@@ -191,16 +187,31 @@ def checkpoint_dtype(target: Target) -> torch.dtype | None:
             raw = json.loads(cfg.read_text())
         except (OSError, ValueError):
             continue
-        got = source_dtype(SimpleNamespace(dtype=raw.get("dtype") or raw.get("torch_dtype")))
+        got = config_dtype(raw) if isinstance(raw, dict) else None
         if got is not None:
             return got
     return None
 
 
-def compute_dtype(name: str, device: torch.device | str, target: Target) -> torch.dtype:
+def config_dtype(config: dict) -> torch.dtype | None:
+    """The dtype a ``config.json`` dict declares (``dtype``, else ``torch_dtype``: ``"float32"``,
+    ``"float16"`` or ``"bfloat16"``); None when it declares none or another one."""
+    from types import SimpleNamespace
+
+    from dsnt_export.hf_io import source_dtype
+
+    return source_dtype(SimpleNamespace(dtype=config.get("dtype") or config.get("torch_dtype")))
+
+
+def compute_dtype(
+    name: str, device: torch.device | str, target: Target | dict[str, Any]
+) -> torch.dtype:
     """The bench's compute dtype: ``name`` as given, or for ``"auto"`` the project's one policy
     (:func:`dsnt_export.hf_io.resolve_dtype`: float32 on CPU, the checkpoint's 16-bit dtype on
-    an accelerator). Raises UserInputError for an unknown name."""
+    an accelerator). The checkpoint is ``target``'s (:func:`checkpoint_dtype`), or ``target`` is
+    one checkpoint's ``config.json`` dict (:func:`config_dtype`; vLLM loads each variant from its
+    own directory). Raises UserInputError for an unknown name."""
     from dsnt_export.hf_io import resolve_dtype
 
-    return resolve_dtype(name, torch.device(device), checkpoint_dtype(target))
+    declared = config_dtype(target) if isinstance(target, dict) else checkpoint_dtype(target)
+    return resolve_dtype(name, torch.device(device), declared)

