@@ -10,6 +10,7 @@ prompt's KV cache (the prefill untimed) with fixed step tokens.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ def run(path, options: BenchOptions, *, sink=None) -> list[dict]:
     except RECOVERABLE as e:
         out.emit("skip", status="failed", reason=_why(e), model={"path": str(target.path)})
         return out.rows
+    _announce(options, sum(not isinstance(f, str) for _, f in pairs), tokens)
     for variant, factory in pairs:
         model = dict(target.info, path=str(target.dense if variant == "dense" else target.path))
         if variant == "dense":
@@ -101,6 +103,21 @@ def run(path, options: BenchOptions, *, sink=None) -> list[dict]:
         finally:
             engine.close()
     return out.rows
+
+
+def _announce(options: BenchOptions, n_variants: int, tokens) -> dict:
+    """Print (stderr) and log the work the bench is about to do, before anything is timed."""
+    from dsnt_export.bench import work_plan
+
+    n_windows = None
+    if tokens is not None:
+        n_windows = int(tokens.shape[-1]) // int(options.seqlen)
+        if options.max_windows is not None:
+            n_windows = min(n_windows, int(options.max_windows))
+    plan = work_plan(options, n_variants, n_windows)
+    print(plan["text"], file=sys.stderr, flush=True)
+    log.info("%s", plan["text"])
+    return plan
 
 
 def _eval_tokens(target: Target, options: BenchOptions):

@@ -8,7 +8,8 @@ key                meaning
 schema             ``"dsnt-export/bench-row"``
 schema_version     ``1``
 bench              what was measured: ``"latency"``, ``"perplexity"``, ``"zero_shot"``,
-                   ``"conversion"`` (torch sparse-kernel conversion per layer), ``"skip"``; the
+                   ``"conversion"`` (torch sparse-kernel conversion per layer), ``"engine"``
+                   (vLLM: the settings an engine was started with), ``"skip"``; the
                    GPU check adds
                    ``"dsnot_layer"``, ``"init_layer"``, ``"pipeline"``, ``"gemm"``,
                    ``"e2e_latency"``, ``"section"``
@@ -33,7 +34,7 @@ env                :func:`dsnt_export.bench.env.environment` of the machine
 position, cache built; ``"decode"``: ``decode_tokens`` single-token steps on the prompt's KV cache,
 fixed token ids, the prefill untimed); every timed repeat and warm-up of a point runs on a
 fresh random prompt (a repeated prompt may hit caches); ``prefill_note`` where the prefill was
-not a KV-cache prefill (e.g. ONNX Runtime on a logits-only artifact),  ``batch_size``, ``prompt_len``, ``decode_tokens`` (0 for
+not a KV-cache prefill (e.g. ONNX Runtime on a logits-only artifact), ``batch_size``, ``prompt_len``, ``decode_tokens`` (0 for
 prefill), ``timing`` (:class:`~dsnt_export.bench.timing.Timing` JSON: median/min/max/quartiles/
 stdev/samples in seconds, ``repeats``, ``warmup``), ``latency_ms`` (prefill: median ms per forward;
 decode: median ms per step, i.e. per generated token of each sequence), ``tokens_per_s``
@@ -54,6 +55,15 @@ add ``task``, ``task_version``, ``metric`` (``"acc"``, ``"acc_norm"``), ``value`
 ``conversion`` rows add ``layers`` (``[{"name", "shape", "converted", "backend", "reason"}]``),
 ``n_converted``, ``n_fallback`` and ``logits_max_abs_diff`` (semi-structured vs dense kernels on
 the same sparse weights).
+
+``engine`` rows (written by :mod:`dsnt_export.runtimes.vllm`, one per variant as soon as its
+``LLM`` has loaded, before any measurement) add ``settings`` (the keyword arguments ``vllm.LLM``
+got: ``model``, ``dtype``, ``enable_prefix_caching`` (always false: repeats must not hit cached
+KV blocks), ``max_model_len`` (the longest sequence the bench needs, capped by the model),
+``max_num_seqs``, ``kv_cache_memory_bytes``, ``seed``, ``enforce_eager``, plus
+``omp_threads_bind``: the ``VLLM_CPU_OMP_THREADS_BIND`` cores ``--threads`` chose, null when not
+given or not on CPU), ``dtype_requested`` (the dtype policy's choice), ``dtype_used`` (what vLLM's
+model config holds after loading; also the row's ``model.dtype``) and ``vllm`` (vLLM's version).
 
 Rows are self-contained (environment included) so files from several machines can be concatenated.
 """

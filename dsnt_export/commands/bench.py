@@ -1,14 +1,21 @@
 """``dsnt-export bench``: perplexity and latency of an artifact on a runtime, dense vs sparse.
 
     dsnt-export bench DIR --runtime torch|onnxruntime|tensorrt|vllm [--device cpu|cuda]
-        [--ppl] [--latency] [--dense DIR2] [--prompt-lengths 32,128,512] [--batch-sizes 1,4]
-        [--decode-tokens 32] [--repeats 5] [--out rows.jsonl]
+        [--ppl] [--latency] [--dense DIR2] [--prompt-lengths 128,256] [--batch-sizes 1,4]
+        [--decode-tokens 32] [--repeats 5] [--warmup 1] [--max-windows 64|all] [--out rows.jsonl]
 
 DIR is an artifact directory (HF checkpoint for torch/vllm, ONNX export for onnxruntime, TensorRT
 engines for tensorrt) or a run directory holding them. Rows are appended to ``--out`` as they
 are measured (default ``RUN/bench/rows.jsonl``: the run directory DIR, or the directory holding
 the artifact DIR, so an artifact's own files never change); a runtime or device that is absent gives rows with
 status "skipped" and the reason. Exit code 0 if every row is ok or skipped, 1 if any failed.
+
+Defaults depend on the device (:func:`dsnt_export.bench.default_grid`). On the CPU: perplexity on
+the first 64 windows x 256 tokens (the windows ``dsnt-export run`` evaluates), latency at batch
+1 and 4 x prompt 128 and 256, 32 decode steps, median of 5 after 1 warm-up: a few minutes on 2
+cores for the embedded SmolLM2-135M run. On an accelerator: every window, batch 1,4,16 x prompt
+128,512,2048, 64 decode steps, median of 10 after 2 warm-ups. The flags select bigger grids.
+The work is printed before anything runs; progress bars follow (``--no-progress`` hides them).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` flags (``--runtime`` choices come from the runtime registry)."""
     p.add_argument("dir", metavar="DIR", help="artifact or run directory")
+    from dsnt_export.bench import ACCELERATOR_GRID, CPU_GRID
     from dsnt_export.runtimes import runtime_names
 
     p.add_argument(
@@ -45,16 +53,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR2",
         help="dense reference (default: the source model named in the manifest)",
     )
-    p.add_argument("--prompt-lengths", default="32,128,512", help="comma list (default 32,128,512)")
-    p.add_argument("--batch-sizes", default="1,4", help="comma list (default 1,4)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    cpu, acc = CPU_GRID, ACCELERATOR_GRID
     p.add_argument(
-        "--repeats", type=int, default=5, help="timed runs per point (median, default 5)"
+        "--prompt-lengths",
+        default=None,
+        help=f"comma list (default: {_csv(cpu['prompt_lengths'])} on CPU, "
+        f"{_csv(acc['prompt_lengths'])} on an accelerator; e.g. 32,128,512 for a bigger grid)",
     )
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
+    p.add_argument(
+        "--batch-sizes",
+        default=None,
+        help=f"comma list (default: {_csv(cpu['batch_sizes'])} on CPU, "
+        f"{_csv(acc['batch_sizes'])} on an accelerator)",
+    )
+    p.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=None,
+        help=f"decode steps timed (default: {cpu['decode_tokens']} on CPU, "
+        f"{acc['decode_tokens']} on an accelerator)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed runs per point, median reported (default: {cpu['repeats']} on CPU, "
+        f"{acc['repeats']} on an accelerator)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"untimed warm-up runs per point (default: {cpu['warmup']} on CPU, "
+        f"{acc['warmup']} on an accelerator)",
+    )
     p.add_argument("--data", default="stdlib-docs", help="perplexity text (default stdlib-docs)")
     p.add_argument("--seqlen", type=int, default=256, help="perplexity window (default 256)")
-    p.add_argument("--max-windows", type=int, default=None, help="score only N windows")
+    p.add_argument(
+        "--max-windows",
+        type=_windows,
+        default="auto",
+        metavar="N|all",
+        help=f"score only the first N perplexity windows, or 'all' (default: {cpu['max_windows']} "
+        "on CPU, the windows `dsnt-export run` evaluates; all on an accelerator)",
+    )
     p.add_argument(
         "--no-sparse-kernels",
         action="store_true",
@@ -66,9 +108,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "cusparselt", "cutlass"),
         help="2:4 kernel backend for torch on CUDA (default: cuSPARSELt if present)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ORT)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (torch, ONNX Runtime and vLLM's CPU engine; default: the runtime's own)",
+    )
     p.add_argument("--out", default=None, help="JSON-lines file the rows are appended to")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _csv(xs) -> str:
+    return ",".join(str(x) for x in xs)
+
+
+def _windows(v: str) -> int | str | None:
+    """``--max-windows``: N, ``all`` (None) or ``auto`` (the device's default)."""
+    if v.strip().lower() in ("all", "auto"):
+        return None if v.strip().lower() == "all" else "auto"
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'all', got {v!r}"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {v!r}")
+    return n
 
 
 def default_rows_path(d: str) -> Path:

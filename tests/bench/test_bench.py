@@ -411,3 +411,118 @@ def test_tensorrt_variants_from_the_converter_report(tmp_path):
     assert set(got) == {"dense", "sparse-kernels"} and all(callable(f) for f in got.values())
     t.manifest = {"extra": {}}
     assert all("no TensorRT report" in f for f in dict(trt_rt.variants(t, opts)).values())
+
+
+# ------------------------------------------------------------------------- default grid (F3)
+
+
+def test_default_grid_on_cpu_is_small_and_recorded():
+    """CPU defaults: 2 batch sizes x 2 prompt lengths, 32 steps, 1 warm-up + 5 repeats, 64
+    perplexity windows; the resolved values (never None/"auto") are what the rows record."""
+    from dsnt_export.bench import CPU_GRID, default_grid, work_plan
+
+    o = BenchOptions(runtime="torch", ppl=True)
+    assert (o.batch_sizes, o.prompt_lengths) == ((1, 4), (128, 256))
+    assert (o.decode_tokens, o.repeats, o.warmup, o.max_windows) == (32, 5, 1, 64)
+    assert default_grid("cpu") == CPU_GRID and o.to_json()["max_windows"] == 64
+    plan = work_plan(o, n_variants=2, n_windows=64)
+    assert plan["latency_configs"] == 4
+    # per variant: 4 configs x 6 runs x (1 prefill + 1 prefill + 32 steps) + 64 windows
+    assert plan["forwards"] == 2 * (4 * 6 * 34 + 64)
+    prompt_tok = sum(b * n for b in (1, 4) for n in (128, 256))
+    decode_tok = sum(b * 32 for b in (1, 4) for _ in (128, 256))
+    assert plan["tokens"] == 2 * (6 * (2 * prompt_tok + decode_tok) + 64 * 256)
+    assert "64 windows x 256" in plan["text"] and "batch 1,4 x prompt 128,256" in plan["text"]
+    # the old CPU default (batch 1,4 x prompt 32,128,512) was more than 2x the tokens
+    old = BenchOptions(runtime="torch", ppl=True, prompt_lengths=(32, 128, 512), max_windows=None)
+    assert work_plan(old, 2, 205)["tokens"] > 2 * plan["tokens"]
+
+
+def test_default_grid_is_bigger_on_an_accelerator_and_flags_override_it():
+    from dsnt_export.bench import ACCELERATOR_GRID, work_plan
+
+    o = BenchOptions(runtime="torch", device="cuda", ppl=True)  # nothing is initialised
+    assert o.batch_sizes == ACCELERATOR_GRID["batch_sizes"] and o.max_windows is None
+    assert work_plan(o, 1, 10)["latency_configs"] == 9
+    o = BenchOptions(runtime="torch", prompt_lengths="32,512", repeats=3, max_windows=None)
+    assert (o.prompt_lengths, o.repeats, o.batch_sizes, o.max_windows) == (
+        (32, 512),
+        3,
+        (1, 4),
+        None,
+    )
+    with pytest.raises(UserInputError, match="max_windows"):
+        BenchOptions(runtime="torch", max_windows=0)
+
+
+def test_cli_help_documents_the_defaults_and_max_windows_all(capsys):
+    import argparse
+
+    from dsnt_export.commands.bench import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    helptext = " ".join(p.format_help().split())
+    for s in ("128,256 on CPU", "1,4 on CPU", "32 on CPU", "5 on CPU", "64", "vLLM"):
+        assert s in helptext, s
+    a = p.parse_args(["d", "--runtime", "torch", "--max-windows", "all"])
+    assert a.max_windows is None and a.prompt_lengths is None
+    assert p.parse_args(["d", "--runtime", "torch"]).max_windows == "auto"
+    with pytest.raises(SystemExit):
+        p.parse_args(["d", "--runtime", "torch", "--max-windows", "0"])
+
+
+def test_the_work_is_announced_before_the_first_row(tiny_dirs, capsys):
+    root, sparse, dense = tiny_dirs
+    printed_at_first_row = []
+
+    def sink(row):
+        if not printed_at_first_row:
+            printed_at_first_row.append(capsys.readouterr().err)
+
+    opts = BenchOptions(
+        runtime="torch",
+        ppl=True,
+        dense=str(dense),
+        seqlen=32,
+        max_windows=2,
+        ppl_data=f"file:{root / 'eval.txt'}",
+        **FAST,
+    )
+    run_bench(sparse, opts, sink=sink)
+    err = printed_at_first_row[0]
+    assert "bench plan: 2 variant(s)" in err and "perplexity on 2 windows x 32 tokens" in err
+    # 2 variants x (2 configs x 3 runs x (1 + 1 + 3) forwards + 2 windows)
+    assert f"= {2 * (2 * 3 * 5 + 2)} forward passes" in err
+
+
+def test_latency_progress_bar_counts_configs(tiny_dirs, monkeypatch):
+    """The latency loop drives a tqdm bar over the configs, disabled by progress=False."""
+    import tqdm.auto
+
+    from dsnt_export.bench.runner import latency_rows
+
+    seen = []
+    real = tqdm.auto.tqdm
+
+    def spy(*a, **k):
+        if str(k.get("desc", "")).endswith("latency"):  # not transformers' loading bars
+            seen.append((len(a[0]), k.get("disable")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    from dsnt_export.runtimes import runtime_module
+
+    _, sparse, _ = tiny_dirs
+    target = resolve_target(sparse, "torch")
+    for progress in (True, False):
+        opts = BenchOptions(runtime="torch", **{**FAST, "progress": progress})
+        (_, factory), *_ = [
+            p for p in runtime_module("torch").variants(target, opts) if p[0] == "sparse"
+        ]
+        eng = factory()
+        try:
+            list(latency_rows(eng, opts, 256))
+        finally:
+            eng.close()
+    assert seen == [(2, False), (2, True)]
