@@ -5,8 +5,9 @@ the mean accuracy of seven lm-eval tasks: :data:`PAPER_TASKS`, selectable as the
 ``dsnot-paper``. :func:`evaluate_dir` scores an HF checkpoint directory and the dense model its
 ``dsnt_manifest.json`` names (found as ``dsnt-export bench`` finds it) on the same tasks and returns
 rows of the bench row schema (``bench: "zero_shot"``, one row per model variant, task and metric:
-value with its standard error, the task version and the harness version); :func:`plot_rows` draws
-accuracy per task, dense vs sparse, with stderr bars.
+value with its standard error, the task version and the harness version). Their tables, figure and
+files (``plot_rows``, ``format_table``, ``write_outputs``) live in :mod:`dsnt_export.report.zero_shot`
+(re-exported here); the run report shows them.
 
 The model runs through :class:`LogLikelihoodScorer`, our own implementation of lm-eval's model
 interface (``lm_eval.api.model.LM``: ``loglikelihood`` and ``loglikelihood_rolling``) on an
@@ -43,6 +44,11 @@ from typing import Any
 import torch
 
 from dsnt_export.errors import UserInputError
+from dsnt_export.report.zero_shot import (  # noqa: F401  (moved to report/; old import path)
+    format_table,
+    plot_rows,
+    write_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -514,62 +520,6 @@ def _load_scorer(model_dir: Path, dev: torch.device, dtype: str, batch_size: int
     return scorer, str(dt).replace("torch.", "")
 
 
-# --------------------------------------------------------------------------- figure
-
-
-def plot_rows(rows: Sequence[dict], path: str | Path, *, metric: str = "acc") -> Path | None:
-    """Bar chart of ``metric`` per task, one bar per variant, with ±1 stderr bars, as PNG.
-
-    Returns ``path``, or None when no "ok" row of ``metric`` exists. Uses matplotlib's Agg backend.
-    """
-    ok = [r for r in rows if r.get("bench") == "zero_shot" and r.get("status") == "ok"]
-    ok = [r for r in ok if r.get("metric") == metric]
-    if not ok:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(r["task"] for r in ok))
-    variants = list(dict.fromkeys(r["variant"] for r in ok))
-    cell = {(r["variant"], r["task"]): r for r in ok}
-    width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(tasks) + 2), 3.6))
-    for k, v in enumerate(variants):
-        xs, ys, es = [], [], []
-        for j, t in enumerate(tasks):
-            r = cell.get((v, t))
-            if r is None:
-                continue
-            xs.append(j + (k - (len(variants) - 1) / 2) * width)
-            ys.append(100 * r["value"])
-            es.append(100 * (r["stderr"] or 0.0))
-        ax.bar(xs, ys, width, yerr=es, capsize=3, label=v)
-        for x, y, e in zip(xs, ys, es, strict=True):
-            ax.text(x, y + e + 1, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
-    model = (ok[-1].get("model") or {}).get("pattern")
-    limit = ok[0].get("limit")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
-    ax.set_ylabel(f"{metric} (%), ±1 stderr")
-    ax.set_ylim(0, 110)
-    ax.set_title(
-        f"zero-shot {metric} per task (lm-eval {ok[0]['harness']['version']}"
-        + (f", pattern {model}" if model else "")
-        + (f", first {limit} docs" if limit else "")
-        + ")",
-        fontsize=9,
-    )
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
 # --------------------------------------------------------------------------- outputs
 
 
@@ -583,47 +533,3 @@ def default_out_dir(spec: str | Path) -> Path:
     p = Path(spec).expanduser()
     inside = (p / MANIFEST_NAME).is_file() or (p / "config.json").is_file()
     return (p.parent if inside else p) / "eval"
-
-
-def write_outputs(rows: Sequence[dict], out_dir: str | Path) -> tuple[Path, list[Path]]:
-    """Append ``rows`` to ``out_dir/zero_shot.jsonl`` and draw ``zero_shot_<metric>.png`` per
-    metric present; returns (rows file, figures)."""
-    from dsnt_export.bench.timing import append_rows
-
-    out = Path(out_dir)
-    path = append_rows(out / "zero_shot.jsonl", rows)
-    figs = [plot_rows(rows, out / f"zero_shot_{m}.png", metric=m) for m in METRICS]
-    return path, [f for f in figs if f is not None]
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """A plain-text table: one line per task and metric, a column per variant (value ± stderr, %),
-    then the mean over tasks per metric and variant, and skipped rows with their reasons."""
-    ok = [r for r in rows if r.get("bench") == "zero_shot" and r.get("status") == "ok"]
-    variants = list(dict.fromkeys(r["variant"] for r in ok))
-    cell = {(r["task"], r["metric"], r["variant"]): r for r in ok}
-    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in ok))
-    lines = [f"{'task':<16} {'metric':<9}" + "".join(f" {v:>16}" for v in variants)]
-    for task, metric in keys:
-        vals = []
-        for v in variants:
-            r = cell.get((task, metric, v))
-            se = f" ± {100 * r['stderr']:.1f}" if r and r.get("stderr") is not None else ""
-            vals.append(f"{100 * r['value']:.1f}{se}" if r else "-")
-        lines.append(f"{task:<16} {metric:<9}" + "".join(f" {x:>16}" for x in vals))
-    for metric in dict.fromkeys(m for _, m in keys):
-        means = []
-        for v in variants:
-            xs = [cell[(t, m, v)]["value"] for t, m in keys if m == metric and (t, m, v) in cell]
-            means.append(f"{100 * sum(xs) / len(xs):.2f}" if xs else "-")
-        lines.append(f"{'mean':<16} {metric:<9}" + "".join(f" {x:>16}" for x in means))
-    if ok:
-        r = ok[0]
-        lines.append(
-            f"lm-eval {r['harness']['version']}, num_fewshot {r.get('num_fewshot')}, "
-            f"limit {r.get('limit')}, {r['runtime']} on {r['device']}"
-        )
-    lines += [
-        f"{r.get('variant', '-')}: {r['status']}: {r['reason']}" for r in rows if r.get("reason")
-    ]
-    return "\n".join(lines)

@@ -167,6 +167,7 @@ def render_markdown(rep: dict) -> str:
     if "layer_error" in figs:
         md.append(f"![per-layer DSnoT error]({figs['layer_error']})\n")
     md.append(table(rep["layers"], LAYER_COLS))
+    md += _zero_shot(rep, figs)
     for bench, rows in (rep.get("other") or {}).items():
         keys: list[str] = []
         for r in rows:
@@ -175,6 +176,25 @@ def render_markdown(rep: dict) -> str:
     md += ["## Skipped and failed\n", table(rep["skipped"], SKIP_COLS)]
     md += _environment(rep)
     return "\n".join(md)
+
+
+def _zero_shot(rep: dict, figs: dict) -> list[str]:
+    """The zero-shot section (lm-eval accuracy per task, dense vs sparse); empty without rows."""
+    from dsnt_export.report.zero_shot import ZS_COLS, markdown_rows
+
+    zs = rep.get("zero_shot") or []
+    if not zs:
+        return []
+    md = ["## Zero-shot accuracy (lm-eval)\n"]
+    if "zero_shot" in figs:
+        md.append(f"![zero-shot accuracy per task, dense vs sparse]({figs['zero_shot']})\n")
+    md.append(table(markdown_rows(zs), ZS_COLS))
+    e = next((x for x in zs if x.get("harness")), {})
+    md.append(
+        f"Value ± 1 stderr in percent; lm-eval {e.get('harness')}, "
+        f"limit {e.get('limit') or 'none'} docs per task.\n"
+    )
+    return md
 
 
 def _num(x: Any, nd: int = 2) -> str:

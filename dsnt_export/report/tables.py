@@ -9,6 +9,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from dsnt_export.report.zero_shot import zero_shot_table
+
 _NOISE = {
     "schema",
     "schema_version",
@@ -234,7 +236,7 @@ def skipped_table(rows: list[dict]) -> list[dict]:
 
 def other_tables(rows: list[dict]) -> dict[str, list[dict]]:
     """GPU check and other benchmark rows, by ``bench``, scalar columns only."""
-    known = {"perplexity", "latency", "layer", "skip"}
+    known = {"perplexity", "latency", "layer", "skip", "zero_shot"}
     out: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r.get("bench") in known or r.get("status", "ok") != "ok":
@@ -294,7 +296,7 @@ def build_report(rows: list[dict]) -> dict:
     """All tables of the report from ``rows`` (pure: no files).
 
     Returns ``{schema, schema_version, summary, environments, perplexity, latency, layers,
-    skipped, other}``; ``summary`` counts rows and points and gives the ranges of the perplexity
+    zero_shot, skipped, other}`` (``zero_shot``: :func:`~dsnt_export.report.zero_shot.zero_shot_table`); ``summary`` counts rows and points and gives the ranges of the perplexity
     increase (percent) and of the speedup against the dense model.
     """
     rows = [r for r in rows if isinstance(r, dict)]
@@ -309,6 +311,7 @@ def build_report(rows: list[dict]) -> dict:
         if "speedup_vs_dense" in v
     ]
     refined = [r for r in layers if r.get("err_before") is not None]
+    zs = zero_shot_table(rows)
     return {
         "schema": REPORT_SCHEMA,
         "schema_version": 1,
@@ -317,6 +320,7 @@ def build_report(rows: list[dict]) -> dict:
             "perplexity_points": len(ppl),
             "latency_points": len(lat),
             "layers": len(layers),
+            "zero_shot_points": sum(e["task"] != "mean" for e in zs),
             "ppl_increase_vs_dense_pct": [min(inc), max(inc)] if inc else None,
             "speedup_vs_dense": [min(sp), max(sp)] if sp else None,
             "layers_error_reduced": sum(r["err_after"] <= r["err_before"] for r in refined),
@@ -327,6 +331,7 @@ def build_report(rows: list[dict]) -> dict:
         "perplexity": ppl,
         "latency": lat,
         "layers": layers,
+        "zero_shot": zs,
         "skipped": skipped_table(rows),
         "other": other_tables(rows),
     }

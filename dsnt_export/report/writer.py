@@ -12,7 +12,8 @@ Files (each written in a temporary directory beside ``report/``, then renamed in
 * ``report.json`` (the tables of :func:`~dsnt_export.report.tables.build_report`), ``report.md`` (the
   same as Markdown, figures linked), ``perplexity.png`` (bar per method/pattern, dense as a
   reference line), ``latency.png`` (prefill and decode latency vs prompt length per runtime, dense
-  vs sparse), ``layer_error.png`` (per-layer DSnoT error before/after);
+  vs sparse), ``layer_error.png`` (per-layer refinement error before/after), ``zero_shot.png``
+  (lm-eval accuracy per task, dense vs sparse, +-1 stderr; from ``eval/zero_shot.jsonl`` rows);
 * ``dsnt_manifest.json`` of kind ``report`` listing those files' digests (and the run's
   ``source_model``, ``recipe``, ``pattern``, ``calibration`` and ``timings`` with a run summary).
 
@@ -36,6 +37,7 @@ FIGURES = {
     "perplexity": "perplexity.png",
     "latency": "latency.png",
     "layer_error": "layer_error.png",
+    "zero_shot": "zero_shot.png",
 }
 SUMMARY_FILES = (SUMMARY_NAME, "summary.md")
 # every file this module may write, in the order they are moved into place: report.json last
@@ -63,6 +65,7 @@ def write_report(
     """
     from dsnt_export.report import figures
     from dsnt_export.report.markdown import render_markdown, render_run_summary
+    from dsnt_export.report.zero_shot import plot_rows
 
     out = Path(out_dir)
     own_manifest = _own_manifest(out)
@@ -83,6 +86,7 @@ def write_report(
                 flat_latency(rep["latency"]), tmp / FIGURES["latency"]
             ),
             "layer_error": figures.layer_error_figure(rep["layers"], tmp / FIGURES["layer_error"]),
+            "zero_shot": plot_rows(rows, tmp / FIGURES["zero_shot"]),
         }
         rep["figures"] = {k: p.name for k, p in drawn.items() if p is not None}
         (tmp / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")

@@ -267,3 +267,59 @@ def test_run_summary_markdown_new_and_old_recipe_keys():
     del old["recipe"]["refine_options"]
     old["recipe"]["dsnot"] = {"preset": "default", "criterion": "hessian"}
     assert "refine `dsnot` (preset default, criterion hessian)" in render_run_summary(old)
+
+
+def _zs(variant, task, value, stderr, metric="acc"):
+    return make_row(
+        "zero_shot",
+        "zs",
+        runtime="torch",
+        device="cpu",
+        variant=variant,
+        model={"pattern": None if variant == "dense" else "2:4"},
+        task=task,
+        metric=metric,
+        value=value,
+        stderr=stderr,
+        n_samples=50,
+        limit=50,
+        num_fewshot=0,
+        harness={"name": "lm-eval", "version": "0.4.13"},
+    )
+
+
+def test_zero_shot_rows_in_the_run_report(tmp_path):
+    run = tmp_path / "run"
+    old = [_zs("dense", "boolq", 0.10, 0.01)]  # an earlier evaluation: the later row wins
+    rows = [
+        _zs("dense", "boolq", 0.62, 0.068),
+        _zs("sparse", "boolq", 0.58, 0.07),
+        _zs("dense", "arc_easy", 0.50, 0.07),
+        _zs("sparse", "arc_easy", 0.40, 0.069),
+        _zs("sparse", "arc_easy", 0.44, 0.07, metric="acc_norm"),
+    ]
+    append_rows(run / "eval" / "zero_shot.jsonl", old + rows)
+    assert main(["report", str(run)]) == 0
+    rep = json.loads((run / "report" / "report.json").read_text())
+    cells = {(e["task"], e["metric"]): e for e in rep["zero_shot"]}
+    assert cells[("boolq", "acc")]["dense"] == pytest.approx(62.0)
+    assert cells[("boolq", "acc")]["sparse_stderr"] == pytest.approx(7.0)
+    assert cells[("arc_easy", "acc")]["delta"] == pytest.approx(-10.0)
+    assert cells[("mean", "acc")]["sparse"] == pytest.approx(49.0)
+    assert cells[("arc_easy", "acc_norm")]["dense"] is None
+    assert rep["figures"]["zero_shot"] == "zero_shot.png"
+    assert (run / "report" / "zero_shot.png").read_bytes()[:8] == PNG_MAGIC
+    md = (run / "report" / "report.md").read_text()
+    assert "## Zero-shot accuracy (lm-eval)" in md and "(zero_shot.png)" in md
+    assert "| boolq | acc | 62.0 ± 6.8 | 58.0 ± 7.0 | -4.0 | 50 |" in md
+    assert "zero_shot" not in rep["other"]
+    man = json.loads((run / "report" / "dsnt_manifest.json").read_text())
+    assert "zero_shot.png" in man["files"]
+
+
+def test_zero_shot_outputs_moved_to_report():
+    from dsnt_export.evaluation import zero_shot as evaluation
+    from dsnt_export.report import zero_shot as report
+
+    assert evaluation.write_outputs is report.write_outputs  # the old import path still works
+    assert evaluation.METRICS == report.METRICS
