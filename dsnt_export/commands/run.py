@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         )
         path, _ = zero_shot.write_outputs(rows, Path(summary.out) / "eval")
         print(zero_shot.format_table(rows) + f"\n  zero-shot rows and figures in {path.parent}")
+        from dsnt_export.report import write_run_report
+
+        write_run_report(summary.out)  # the report, written before, now with the zero-shot table
     return 0 if summary.ok else 1
 
 
