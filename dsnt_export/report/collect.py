@@ -151,3 +151,28 @@ def rows_from_run_summary(summary: dict, source: str = "") -> list[dict]:
             )
         )
     return rows
+
+
+def run_versions(run_dir: str | Path) -> dict | None:
+    """The library versions a run was made with: the ``versions`` of its HF artifact's manifest
+    (else of any other artifact manifest under ``run_dir``, report/ excluded), with
+    ``dsnt-export`` filled from the manifest's ``tool`` where the distribution was not installed.
+    None when no manifest under ``run_dir`` records versions (manifests older than the field)."""
+    root = Path(run_dir)
+    found = []
+    for p in sorted(root.rglob(MANIFEST_NAME)):
+        if REPORT_DIRNAME in p.relative_to(root).parts[:1]:
+            continue
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and isinstance(m.get("versions"), dict):
+            found.append(m)
+    if not found:
+        return None
+    m = next((m for m in found if m.get("kind") == "hf"), found[0])
+    vers = dict(m["versions"])
+    if not vers.get("dsnt-export"):
+        vers["dsnt-export"] = (m.get("tool") or {}).get("version")
+    return vers

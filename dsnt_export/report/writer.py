@@ -8,7 +8,8 @@ Files (each written in a temporary directory beside ``report/``, then renamed in
 ``report.json`` last, so a reader that finds report.json finds the complete set):
 
 * ``summary.json`` and ``summary.md``: ``dsnt-export run``'s summary (only when a run summary is
-  given, or was written here earlier by this module);
+  given, or was written here earlier by this module), with the run's library ``versions`` (from
+  its artifact manifests) added where it has none;
 * ``report.json`` (the tables of :func:`~dsnt_export.report.tables.build_report`), ``report.md`` (the
   same as Markdown, figures linked), ``perplexity.png`` (bar per method/pattern, dense as a
   reference line), ``latency.png`` (prefill and decode latency vs prompt length per runtime, dense
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from dsnt_export.artifacts import MANIFEST_NAME, file_digest, new_manifest, write_manifest
 from dsnt_export.errors import UserInputError
-from dsnt_export.report.collect import REPORT_DIRNAME, SUMMARY_NAME, collect_rows
+from dsnt_export.report.collect import REPORT_DIRNAME, SUMMARY_NAME, collect_rows, run_versions
 from dsnt_export.report.tables import build_report, flat_latency
 
 FIGURES = {
@@ -54,9 +55,14 @@ def write_report(
     title: str = "dsnt-export run report",
     sources: list[str] | None = None,
     summary: dict | None = None,
+    versions: dict | None = None,
 ) -> dict:
     """Write the report of ``rows`` into ``out_dir``; returns the report dict (with ``figures``:
     the PNG files written, by name).
+
+    ``versions``: the run's library versions (``{distribution: version or None}``, e.g.
+    :func:`~dsnt_export.report.collect.run_versions`), stored as the report's and the summary's
+    ``versions`` (a summary's own are kept) and printed as their "Environment" line.
 
     ``summary``: ``dsnt-export run``'s summary dict, written as summary.json and summary.md; without
     it, a summary this module wrote into ``out_dir`` earlier is rewritten as it was. The manifest is
@@ -71,8 +77,11 @@ def write_report(
     own_manifest = _own_manifest(out)
     if summary is None and own_manifest is not None and SUMMARY_NAME in own_manifest["files"]:
         summary = json.loads((out / SUMMARY_NAME).read_text())  # ours: carried over unchanged
+    if summary is not None and versions and not summary.get("versions"):
+        summary = {**summary, "versions": versions}
     rep = build_report(rows)
     rep["title"] = title
+    rep["versions"] = versions or (summary or {}).get("versions")
     rep["sources"] = sorted(set(sources or [r.get("source") for r in rows if r.get("source")]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -153,4 +162,5 @@ def write_run_report(
         Path(out_dir) if out_dir else Path(run_dir) / REPORT_DIRNAME,
         title=f"dsnt-export run report: {name or Path(run_dir).name}",
         summary=summary,
+        versions=run_versions(run_dir),
     )

