@@ -123,6 +123,25 @@ class SparseSource:
         """``config.model_type`` (e.g. ``"llama"``), None if the config lacks it."""
         return self.config.get("model_type")
 
+    def manifest_fields(self) -> dict[str, Any]:
+        """What an export's manifest carries over from this source, as ``new_manifest`` keywords:
+        ``source_model`` (the source manifest's, else ``{"id": path, "model_type"}``), ``pattern``
+        (``Pattern.to_json()``), then from the source manifest (empty where it lacks them)
+        ``recipe``, ``calibration``, ``tensors`` (each entry copied, so the export may add to it)
+        and ``skipped``, and empty ``timings``."""
+        sm = self.manifest or {}
+        return {
+            "source_model": sm.get(
+                "source_model", {"id": str(self.path), "model_type": self.model_type}
+            ),
+            "pattern": self.pattern.to_json(),
+            "recipe": sm.get("recipe", {}),
+            "calibration": sm.get("calibration", {}),
+            "tensors": {k: dict(v) for k, v in sm.get("tensors", {}).items()},
+            "skipped": sm.get("skipped", []),
+            "timings": {},
+        }
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every stored tensor (CPU, stored dtype), legacy bitmask triples unpacked to weights.
 

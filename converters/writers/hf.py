@@ -233,20 +233,12 @@ class HfVllmConverter(Converter):
         options: dict,
     ) -> dict:
         sm = src.manifest or {}
-        tensors = {k: dict(v) for k, v in sm.get("tensors", {}).items()}
-        if not tensors:
-            tensors = {t: {"layout": "out_in"} for t in src.targets}
+        fields = src.manifest_fields()
+        if not fields["tensors"]:
+            fields["tensors"] = {t: {"layout": "out_in"} for t in src.targets}
         return new_manifest(
             "hf",
-            source_model=sm.get(
-                "source_model", {"id": str(src.path), "model_type": src.model_type}
-            ),
-            pattern=src.pattern.to_json(),
-            recipe=sm.get("recipe", {}),
-            calibration=sm.get("calibration", {}),
-            tensors=tensors,
-            skipped=sm.get("skipped", []),
-            timings={},
+            **fields,
             extra={
                 "export": {
                     "converter": self.name,

@@ -646,15 +646,7 @@ class OnnxConverter(Converter):
 
         return new_manifest(
             "onnx",
-            source_model=sm.get(
-                "source_model", {"id": str(src.path), "model_type": src.model_type}
-            ),
-            pattern=src.pattern.to_json(),
-            recipe=sm.get("recipe", {}),
-            calibration=sm.get("calibration", {}),
-            tensors={k: dict(v) for k, v in sm.get("tensors", {}).items()},
-            skipped=sm.get("skipped", []),
-            timings={},
+            **src.manifest_fields(),
             extra={
                 "graphs": graphs,
                 "export": {

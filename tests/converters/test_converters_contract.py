@@ -116,3 +116,24 @@ def test_logits_perplexity_matches_the_project_protocol():
     logp = torch.log_softmax(logits.double(), -1)[:, :-1]
     naive = math.exp(-float(logp.gather(-1, ids[:, 1:, None]).mean()))
     assert logits_perplexity(logits, ids) == pytest.approx(naive, rel=1e-6)
+
+
+def test_source_manifest_fields_carry_over_the_source_manifest():
+    """``SparseSource.manifest_fields``: the source manifest's keys (tensors copied, not shared),
+    and the fallbacks for a checkpoint without a manifest."""
+    from converters.common.source import SparseSource
+    from dsnt_export.patterns import parse_pattern
+
+    tensors = {"w": {"layout": "out_in", "sparsity": 0.5}}
+    sm = {"source_model": {"id": "m"}, "recipe": {"a": 1}, "tensors": tensors, "skipped": [1]}
+    src = SparseSource(Path("d"), {"model_type": "llama"}, sm, parse_pattern("2:4"), [], [], None)
+    got = src.manifest_fields()
+    assert got["source_model"] == {"id": "m"} and got["recipe"] == {"a": 1}
+    assert got["tensors"] == tensors and got["tensors"]["w"] is not tensors["w"]
+    assert got["skipped"] == [1] and got["calibration"] == {} and got["timings"] == {}
+    assert got["pattern"] == parse_pattern("2:4").to_json()
+    bare = SparseSource(
+        Path("d"), {"model_type": "llama"}, None, parse_pattern("2:4"), [], [], None
+    )
+    assert bare.manifest_fields()["source_model"] == {"id": "d", "model_type": "llama"}
+    assert bare.manifest_fields()["tensors"] == {} and bare.manifest_fields()["recipe"] == {}
