@@ -3,7 +3,8 @@
 - benchmark rows (:mod:`dsnt_export.bench.schema`): ``perplexity``, ``latency``, ``conversion``,
   ``skip`` and the GPU check's rows, read from every ``*.jsonl`` file of a run directory;
 - ``layer`` rows, one per pruned linear, taken from the run report that ``dsnt-export prune``
-  stores in an HF artifact's manifest (``extra.run_report.layers``: DSnoT error before/after);
+  stores in an HF artifact's manifest (``extra.run_report.layers``: error before/after
+  refinement; old labels of the hessian-swap refiner read as its own name, :func:`layer_method`);
 - ``perplexity`` rows (dense and sparse) from ``dsnt-export run``'s summary (``report/summary.json``).
 
 The tables are built by :mod:`dsnt_export.report.tables`, the files written by
@@ -28,6 +29,31 @@ SUMMARY_NAME = "summary.json"  # dsnt-export run's summary in report/
 # ------------------------------------------------------------------------------ collecting rows
 
 
+def layer_method(e: dict) -> str | None:
+    """A per-layer record's ``method``, with the hessian-swap refiner's old labels (``refine:
+    dsnot`` + ``criterion: hessian``, ``method: <init>+dsnot``, written before it had its own name)
+    read as ``<init>+hessian-swap``; other records' ``method`` as stored."""
+    m = e.get("method")
+    if e.get("refine") == "dsnot" and e.get("criterion") == "hessian" and isinstance(m, str):
+        return m.removesuffix("+dsnot") + "+hessian-swap"
+    return m
+
+
+def recipe_refiner(r: dict) -> str | None:
+    """The refiner a recipe dict names: ``refine``, except that an old summary's ``refine: dsnot``
+    with a ``dsnot:`` mapping (no ``refine_options``) is read as the refiner that mapping meant
+    (``criterion: hessian`` / preset ``default``: ``hessian-swap``)."""
+    name = r.get("refine")
+    if name == "dsnot" and isinstance(r.get("dsnot"), dict) and "refine_options" not in r:
+        from dsnt_export.refine.legacy import config_from_legacy
+
+        try:
+            name, _ = config_from_legacy(r["dsnot"], warn=False)
+        except UserInputError:
+            pass
+    return name
+
+
 def rows_from_manifest(manifest: dict, path: str | Path = "") -> list[dict]:
     """``layer`` rows from an HF artifact manifest's stored run report (empty if none)."""
     rep = (manifest.get("extra") or {}).get("run_report") or {}
@@ -47,7 +73,6 @@ def rows_from_manifest(manifest: dict, path: str | Path = "") -> list[dict]:
                         "block",
                         "linear",
                         "kind",
-                        "method",
                         "pattern",
                         "sparsity",
                         "err_before",
@@ -59,6 +84,7 @@ def rows_from_manifest(manifest: dict, path: str | Path = "") -> list[dict]:
                         "rel_recon_loss",
                     )
                 },
+                "method": layer_method(e),
                 "time_s": (e.get("time_s") or {}).get("total"),
             }
         )
@@ -117,7 +143,7 @@ def rows_from_run_summary(summary: dict, source: str = "") -> list[dict]:
     if not ppl or ppl.get("dense") is None:
         return []
     r = summary.get("recipe") or {}
-    method = method_label(r.get("init") or "?", r.get("refine"))
+    method = method_label(r.get("init") or "?", recipe_refiner(r))
     sm = summary.get("source_model") or {}
     common = {
         "runtime": "torch",

@@ -146,7 +146,8 @@ def latency_figure(lat: list[dict], path: Path) -> Path | None:
 
 
 def layer_error_figure(layers: list[dict], path: Path) -> Path | None:
-    """Per-layer DSnoT reconstruction error before vs after refinement, and their ratio."""
+    """Per-layer reconstruction error before vs after refinement (hessian-swap, DSnoT, ...), and
+    their ratio; the title names the methods (e.g. ``sparsegpt+hessian-swap``)."""
     rows = [r for r in layers if r.get("err_before") is not None and r.get("err_after") is not None]
     if not rows:
         return None
@@ -157,8 +158,8 @@ def layer_error_figure(layers: list[dict], path: Path) -> Path | None:
     x = list(range(len(rows)))
     before = [r["err_before"] for r in rows]
     after = [r["err_after"] for r in rows]
-    ax.plot(x, before, marker=".", color="#c44e52", label="before DSnoT (initial mask)")
-    ax.plot(x, after, marker=".", color="#55a868", label="after DSnoT")
+    ax.plot(x, before, marker=".", color="#c44e52", label="before refinement (initial mask)")
+    ax.plot(x, after, marker=".", color="#55a868", label="after refinement")
     if min(before + after) > 0:
         ax.set_yscale("log")
     ax.set_ylabel("mean |reconstruction error|\nper output row (sum over tokens)", fontsize=8)
@@ -177,6 +178,6 @@ def layer_error_figure(layers: list[dict], path: Path) -> Path | None:
     )
     meth = sorted({r.get("method") or "?" for r in rows})
     ax.set_title(
-        f"DSnoT per-layer error before/after ({', '.join(meth)}, pattern {rows[0].get('pattern')})"
+        f"per-layer error before/after refinement ({', '.join(meth)}, pattern {rows[0].get('pattern')})"
     )
     return _save(fig, path)

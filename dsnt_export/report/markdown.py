@@ -109,7 +109,7 @@ def _summary(rep: dict) -> list[str]:
         )
     if s.get("layers_refined"):
         md.append(
-            f"- DSnoT lowered the reconstruction error of {s['layers_error_reduced']} of "
+            f"- refinement lowered the reconstruction error of {s['layers_error_reduced']} of "
             f"{s['layers_refined']} refined layers."
         )
     return [*md, ""]
@@ -178,7 +178,7 @@ def _environment(rep: dict) -> list[str]:
 
 
 def render_markdown(rep: dict) -> str:
-    """report.md: summary, perplexity, latency, per-layer DSnoT, other benches, skipped rows and
+    """report.md: summary, perplexity, latency, per-layer refinement, other benches, skipped rows and
     environments of ``rep`` (:func:`~dsnt_export.report.tables.build_report`), figures linked."""
     figs = rep.get("figures") or {}
     md = _summary(rep)
@@ -187,9 +187,9 @@ def render_markdown(rep: dict) -> str:
         md.append(f"![perplexity per method and pattern]({figs['perplexity']})\n")
     md.append(table(rep["perplexity"], PPL_COLS))
     md += _latency(rep, figs)
-    md.append("## DSnoT per layer\n")
+    md.append("## Refinement per layer\n")
     if "layer_error" in figs:
-        md.append(f"![per-layer DSnoT error]({figs['layer_error']})\n")
+        md.append(f"![per-layer refinement error]({figs['layer_error']})\n")
     md.append(table(rep["layers"], LAYER_COLS))
     md += _zero_shot(rep, figs)
     for bench, rows in (rep.get("other") or {}).items():
@@ -257,7 +257,7 @@ def render_run_summary(summary: dict) -> str:
     ]
     if s.get("mean_abs_err_before") is not None:
         lines.append(
-            f"- DSnoT mean |reconstruction error| per row: {s['mean_abs_err_before']:.4g} -> "
+            f"- refinement ({r['refine']}) mean |reconstruction error| per row: {s['mean_abs_err_before']:.4g} -> "
             f"{s['mean_abs_err_after']:.4g} ({s['swaps']} swaps)"
         )
     if ev:

@@ -369,3 +369,23 @@ def test_run_versions_in_summary_and_report(tmp_path):
     assert json.loads((run / "report" / "report.json").read_text())["versions"] == got
     assert main(["report", str(run)]) == 0  # rewritten from the carried-over summary: still there
     assert f"Environment: {line}\n" in (run / "report" / "summary.md").read_text()
+
+
+def test_old_hessian_swap_labels_read_as_its_own_name():
+    from dsnt_export.report.collect import rows_from_run_summary
+
+    base = {"name": "l", "block": 0, "linear": "q", "pattern": "2:4", "err_before": 2.0}
+    old = {**base, "refine": "dsnot", "criterion": "hessian", "method": "sparsegpt+dsnot"}
+    new = {**base, "refine": "hessian-swap", "method": "sparsegpt+hessian-swap"}
+    dsnot = {**base, "refine": "dsnot", "criterion": "mean", "method": "wanda+dsnot"}
+    man = new_manifest("hf", extra={"run_report": {"layers": [old, new, dsnot]}})
+    got = [r["method"] for r in rows_from_manifest(man)]
+    assert got == ["sparsegpt+hessian-swap", "sparsegpt+hessian-swap", "wanda+dsnot"]
+    ppl = {"dense": 20.0, "sparse": 30.0, "seqlen": 8, "n_windows": 1}
+    for dsnot_map, want in (
+        ({"preset": "default", "criterion": "hessian"}, "sparsegpt+hessian-swap"),
+        ({"preset": "official"}, "sparsegpt+dsnot"),
+    ):
+        r = {"init": "sparsegpt", "refine": "dsnot", "dsnot": dsnot_map, "pattern": "2:4"}
+        rows = rows_from_run_summary({"recipe": r, "perplexity": ppl})
+        assert rows[-1]["model"]["method"] == want
