@@ -251,3 +251,46 @@ def make_sparse_hf_dir(
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
     write_manifest(path, sparse_manifest(model, masks, pattern, arch=arch))
     return path
+
+
+def write_eval_text(path: Path, *, words: int = 400, step: int = 7) -> Path:
+    """Write a plain-text evaluation corpus of ``words`` words ``w4`` .. ``w253`` to ``path``.
+
+    Every word is in :func:`tiny_tokenizer`'s vocabulary; ``step`` picks the (deterministic) word
+    order. Benchmarks read it as ``ppl_data=f"file:{path}"``. Returns ``path``.
+    """
+    path = Path(path)
+    path.write_text(" ".join(f"w{(i * step) % 250 + 4}" for i in range(words)))
+    return path
+
+
+def make_dense_and_sparse_dirs(root: Path, arch: str = "llama") -> tuple[Path, Path]:
+    """Write what a dense-vs-sparse benchmark needs under ``root``; return ``(sparse, dense)``.
+
+    ``root/run/hf``: a sparse checkpoint (:func:`make_sparse_hf_dir`); ``root/dense``: a dense
+    random model of the same config (drawn with seed 0) with a tokenizer; ``root/eval.txt``: an
+    evaluation corpus (:func:`write_eval_text`).
+    """
+    import transformers as T
+
+    root = Path(root)
+    sparse = make_sparse_hf_dir(root / "run" / "hf", arch)
+    torch.manual_seed(0)
+    dense = root / "dense"
+    T.AutoModelForCausalLM.from_config(tiny_config(arch)).save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    write_eval_text(root / "eval.txt")
+    return sparse, dense
+
+
+def dense_vs_sparse_options(runtime: str, dense, eval_txt: Path, **kw):
+    """``BenchOptions`` that measure latency and perplexity of a sparse artifact against ``dense``.
+
+    Perplexity runs on the corpus ``eval_txt`` (see :func:`write_eval_text`); ``kw`` (seqlen,
+    max_windows, the latency grid, threads, ...) goes to ``BenchOptions`` as given.
+    """
+    from dsnt_export.bench import BenchOptions
+
+    return BenchOptions(
+        runtime=runtime, ppl=True, dense=str(dense), ppl_data=f"file:{eval_txt}", **kw
+    )

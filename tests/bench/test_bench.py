@@ -3,10 +3,8 @@ models, skips with reasons, artifact resolution, and benchmarks/gpu_check.py --s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -27,8 +25,14 @@ from dsnt_export.bench.timing import (
 )
 from dsnt_export.cli import main
 from dsnt_export.errors import ArtifactError, UserInputError
+from tests._scripts import load_script
 from tests.runtimes.toy_onnx import toy_onnx_artifact, toy_perplexity
-from tests.tiny_models import make_sparse_hf_dir, tiny_config, tiny_tokenizer
+from tests.tiny_models import (
+    dense_vs_sparse_options,
+    make_dense_and_sparse_dirs,
+    tiny_tokenizer,
+    write_eval_text,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = dict(prompt_lengths=(8,), batch_sizes=(1, 2), decode_tokens=3, repeats=2, progress=False)
@@ -122,16 +126,8 @@ def test_options_validated():
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    import transformers as T
-
     root = tmp_path_factory.mktemp("bench")
-    sparse = make_sparse_hf_dir(root / "run" / "hf", "llama")
-    torch.manual_seed(0)
-    dense = root / "dense"
-    T.AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(dense)
-    tiny_tokenizer().save_pretrained(dense)
-    text = " ".join(f"w{(i * 7) % 250 + 4}" for i in range(400))
-    (root / "eval.txt").write_text(text)
+    sparse, dense = make_dense_and_sparse_dirs(root)
     return root, sparse, dense
 
 
@@ -148,14 +144,8 @@ def _check_latency_row(r):
 def test_torch_dense_vs_sparse_rows(tiny_dirs):
     root, sparse, dense = tiny_dirs
     seen = []
-    opts = BenchOptions(
-        runtime="torch",
-        ppl=True,
-        dense=str(dense),
-        seqlen=32,
-        max_windows=3,
-        ppl_data=f"file:{root / 'eval.txt'}",
-        **FAST,
+    opts = dense_vs_sparse_options(
+        "torch", dense, root / "eval.txt", seqlen=32, max_windows=3, **FAST
     )
     rows = run_bench(sparse, opts, sink=seen.append)
     assert seen == rows
@@ -269,17 +259,9 @@ def test_semi_structured_conversion_matches_dense_on_gpu():
 def test_onnxruntime_latency_and_perplexity_on_toy_graphs(tmp_path):
     art, emb, head = toy_onnx_artifact(tmp_path / "onnx", 0)
     dense, demb, dhead = toy_onnx_artifact(tmp_path / "dense_onnx", 1)
-    text = " ".join(f"w{(i * 13) % 250 + 4}" for i in range(300))
-    (tmp_path / "eval.txt").write_text(text)
-    opts = BenchOptions(
-        runtime="onnxruntime",
-        ppl=True,
-        dense=str(dense),
-        seqlen=16,
-        max_windows=4,
-        ppl_data=f"file:{tmp_path / 'eval.txt'}",
-        threads=1,
-        **FAST,
+    corpus = write_eval_text(tmp_path / "eval.txt", words=300, step=13)
+    opts = dense_vs_sparse_options(
+        "onnxruntime", dense, corpus, seqlen=16, max_windows=4, threads=1, **FAST
     )
     rows = run_bench(art, opts)
     assert all(row_problems(r) == [] for r in rows) and all(r["status"] == "ok" for r in rows)
@@ -351,10 +333,7 @@ def test_resolve_target_in_a_run_dir(tiny_dirs, tmp_path):
 
 
 def test_gpu_check_smoke(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks/gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", mod)
-    spec.loader.exec_module(mod)
+    mod = load_script("gpu_check", monkeypatch)
     out = tmp_path / "gc.jsonl"
     rc = mod.main(["--smoke", "--out", str(out), "--device", "cpu"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -15,7 +15,12 @@ from dsnt_export.errors import ArtifactError, UserInputError
 from dsnt_export.evaluation.perplexity import perplexity, windows_perplexity
 from dsnt_export.runtimes.base import Engine, Step, teacher_forced_logits
 from tests.runtimes.toy_onnx import toy_onnx_artifact, toy_perplexity
-from tests.tiny_models import make_sparse_hf_dir, tiny_model
+from tests.tiny_models import (
+    dense_vs_sparse_options,
+    make_sparse_hf_dir,
+    tiny_model,
+    write_eval_text,
+)
 
 FAST = dict(prompt_lengths=(8,), batch_sizes=(1,), decode_tokens=2, repeats=2, progress=False)
 
@@ -188,18 +193,8 @@ def test_a_new_runtime_is_one_module_and_one_registry_line(tmp_path, monkeypatch
     monkeypatch.setattr("dsnt_export.runtimes.base.RUNTIMES", dict(RUNTIMES))
     register_runtime("echo", "echo_runtime", "hf")
     src = make_sparse_hf_dir(tmp_path / "hf", "llama")
-    text = " ".join(f"w{(i * 7) % 250 + 4}" for i in range(200))
-    (tmp_path / "eval.txt").write_text(text)
-    opts = BenchOptions(
-        runtime="echo",
-        dense=str(src),
-        ppl=True,
-        seqlen=16,
-        max_windows=2,
-        ppl_data=f"file:{tmp_path / 'eval.txt'}",
-        warmup=1,
-        **FAST,
-    )
+    corpus = write_eval_text(tmp_path / "eval.txt", words=200)
+    opts = dense_vs_sparse_options("echo", src, corpus, seqlen=16, max_windows=2, warmup=1, **FAST)
     rows = run_bench(src, opts)
     assert all(r["status"] == "ok" and row_problems(r) == [] for r in rows), rows
     assert {r["model"]["dtype"] for r in rows} == {"float64"}  # the engine's, never "auto"
@@ -251,18 +246,9 @@ def test_onnx_logits_only_artifact_times_prefill_on_the_logits_graph(tmp_path):
     pytest.importorskip("onnxruntime")
     art, emb, head = toy_onnx_artifact(tmp_path / "onnx", 0, kinds=("logits",))
     dense, _, _ = toy_onnx_artifact(tmp_path / "dense", 1, kinds=("logits",))
-    text = " ".join(f"w{(i * 13) % 250 + 4}" for i in range(300))
-    (tmp_path / "eval.txt").write_text(text)
-    opts = BenchOptions(
-        runtime="onnxruntime",
-        ppl=True,
-        latency=True,
-        dense=str(dense),
-        seqlen=16,
-        max_windows=2,
-        ppl_data=f"file:{tmp_path / 'eval.txt'}",
-        threads=1,
-        **FAST,
+    corpus = write_eval_text(tmp_path / "eval.txt", words=300, step=13)
+    opts = dense_vs_sparse_options(
+        "onnxruntime", dense, corpus, latency=True, seqlen=16, max_windows=2, threads=1, **FAST
     )
     rows = run_bench(art, opts)
     assert not [r for r in rows if r["status"] == "failed"], rows

@@ -23,7 +23,7 @@ import torch
 from dsnt_export.bench import BenchOptions, run_bench
 from dsnt_export.cli import main
 from dsnt_export.runtimes import vllm as rt
-from tests.tiny_models import VOCAB, make_sparse_hf_dir, tiny_config, tiny_tokenizer
+from tests.tiny_models import VOCAB, make_dense_and_sparse_dirs, make_sparse_hf_dir
 
 REFUSAL = "Sparsity support has been removed from compressed-tensors"
 
@@ -90,15 +90,8 @@ def fake_vllm(monkeypatch):
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    import transformers as T
-
     root = tmp_path_factory.mktemp("vllm")
-    sparse = make_sparse_hf_dir(root / "run" / "hf", "llama")
-    torch.manual_seed(0)
-    dense = root / "dense"
-    T.AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(dense)
-    tiny_tokenizer().save_pretrained(dense)
-    (root / "eval.txt").write_text(" ".join(f"w{(i * 7) % 250 + 4}" for i in range(400)))
+    sparse, dense = make_dense_and_sparse_dirs(root)
     refused = make_sparse_hf_dir(
         root / "refused" / "hf",
         "llama",
