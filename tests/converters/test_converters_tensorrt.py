@@ -234,23 +234,7 @@ def test_export_without_tensorrt_from_hf_source(tmp_path):
     HAVE_TRT, reason="tensorrt is installed: the missing-dependency path cannot run"
 )
 def test_export_without_tensorrt_runs_onnx_side_check(tmp_path):
-    onnx_dir = tmp_path / "onnx"
-    hf = _graph(onnx_dir / "float16" / "model.onnx")
-    graph = {
-        "kind": "logits",
-        "dtype": "float16",
-        "files": ["float16/model.onnx"],
-        "weights": WEIGHTS,
-    }
-    write_manifest(
-        onnx_dir,
-        new_manifest(
-            "onnx",
-            pattern=parse_pattern("2:4").to_json(),
-            tensors=_tensors(hf),
-            extra={"graphs": {"float16/model.onnx": graph}},
-        ),
-    )
+    onnx_dir = _fake_onnx_export(tmp_path / "onnx", reference=False)
     with pytest.raises(TensorRTUnavailable) as ei:
         get_converter("tensorrt").export(onnx_dir, tmp_path / "trt")
     msg = str(ei.value)
@@ -351,9 +335,9 @@ def _fake_tensorrt(picked: bool = True):
     return trt
 
 
-def _fake_onnx_export(onnx_dir: Path) -> Path:
-    from converters.reference import save_reference
-
+def _fake_onnx_export(onnx_dir: Path, reference: bool = True) -> Path:
+    """A one-graph float16 ONNX export of the 2:4 toy weights with its manifest; with
+    ``reference``, also its config.json and a saved reference input (what the build checks)."""
     hf = _graph(onnx_dir / "float16" / "model.onnx")
     graph = {
         "kind": "logits",
@@ -361,8 +345,11 @@ def _fake_onnx_export(onnx_dir: Path) -> Path:
         "files": ["float16/model.onnx"],
         "weights": WEIGHTS,
     }
-    (onnx_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
-    save_reference(onnx_dir, {"input_ids": np.zeros((1, 4), np.int64)})
+    if reference:
+        from converters.reference import save_reference
+
+        (onnx_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+        save_reference(onnx_dir, {"input_ids": np.zeros((1, 4), np.int64)})
     write_manifest(
         onnx_dir,
         new_manifest(

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests._scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def qt():
-    spec = importlib.util.spec_from_file_location(
-        "quality_table", ROOT / "benchmarks" / "quality_table.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("quality_table")
 
 
 def _row(config, pattern, calib="stdlib-docs", n=32, docs=30.0, code=20.0):

@@ -3,21 +3,12 @@ saying where it was verified (or "not yet")."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from dsnt_export.bench.schema import make_row
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests._scripts import load_script
 
 
 def _matrix():
-    spec = importlib.util.spec_from_file_location(
-        "runtime_matrix", ROOT / "benchmarks" / "runtime_matrix.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("runtime_matrix")
 
 
 def _ppl(rt, variant, ppl, **kw):
