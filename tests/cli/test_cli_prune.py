@@ -311,7 +311,10 @@ def test_run_recipe_is_a_library_call(ckpt, text_file, tmp_path, capsys):
     assert capsys.readouterr().out == ""
     assert isinstance(s, RunSummary) and s.ok and s.out == out and s.perplexity is None
     on_disk = json.loads((out / "report" / "summary.json").read_text())
-    assert list(on_disk) == list(RunSummary.JSON_KEYS)
+    # the report writer adds the run's library versions (its hf/ manifest's) to the summary
+    assert list(on_disk) == [*RunSummary.JSON_KEYS, "versions"]
+    hf_versions = json.loads((out / "hf" / MANIFEST_NAME).read_text())["versions"]
+    assert on_disk.pop("versions").items() >= {k: v for k, v in hf_versions.items() if v}.items()
     assert on_disk == json.loads(json.dumps(s.to_json(), default=str))
     assert "eval_data" not in s.timings and list(s.timings)[-1] == "total"
     man = json.loads((out / "report" / MANIFEST_NAME).read_text())
