@@ -287,10 +287,9 @@ def dense_vs_sparse_options(runtime: str, dense, eval_txt: Path, **kw):
     """``BenchOptions`` that measure latency and perplexity of a sparse artifact against ``dense``.
 
     Perplexity runs on the corpus ``eval_txt`` (see :func:`write_eval_text`); ``kw`` (seqlen,
-    max_windows, the latency grid, threads, ...) goes to ``BenchOptions`` as given.
+    max_windows, the latency grid, threads, ...; ``ppl=False`` too) goes to ``BenchOptions``.
     """
     from dsnt_export.bench import BenchOptions
 
-    return BenchOptions(
-        runtime=runtime, ppl=True, dense=str(dense), ppl_data=f"file:{eval_txt}", **kw
-    )
+    base = {"runtime": runtime, "ppl": True, "dense": str(dense), "ppl_data": f"file:{eval_txt}"}
+    return BenchOptions(**{**base, **kw})

@@ -459,14 +459,8 @@ def test_the_work_is_announced_before_the_first_row(tiny_dirs, capsys):
         if not printed_at_first_row:
             printed_at_first_row.append(capsys.readouterr().err)
 
-    opts = BenchOptions(
-        runtime="torch",
-        ppl=True,
-        dense=str(dense),
-        seqlen=32,
-        max_windows=2,
-        ppl_data=f"file:{root / 'eval.txt'}",
-        **FAST,
+    opts = dense_vs_sparse_options(
+        "torch", dense, root / "eval.txt", seqlen=32, max_windows=2, **FAST
     )
     run_bench(sparse, opts, sink=sink)
     err = printed_at_first_row[0]

@@ -148,6 +148,21 @@ def _tensors(hf: dict[str, np.ndarray]) -> dict:
     }
 
 
+def _write_toy_manifest(root: Path, kind: str, hf: dict, graph_file: str, **extra) -> None:
+    """Write ``root``'s manifest of ``kind`` for the 2:4 toy weights ``hf`` in the one float16
+    logits graph ``graph_file``; ``extra`` adds manifest fields (e.g. ``report``)."""
+    graph = {"kind": "logits", "dtype": "float16", "files": [graph_file], "weights": WEIGHTS}
+    write_manifest(
+        root,
+        new_manifest(
+            kind,
+            pattern=parse_pattern("2:4").to_json(),
+            tensors=_tensors(hf),
+            extra={**extra, "graphs": {graph_file: graph}},
+        ),
+    )
+
+
 def make_trt_artifact(root: Path, log: str = TRTEXEC_LOG) -> Path:
     hf = _graph(root / "onnx" / "model.onnx")
     for kind in ("sparse", "dense"):
@@ -165,16 +180,7 @@ def make_trt_artifact(root: Path, log: str = TRTEXEC_LOG) -> Path:
             "engines": engines,
         },
     )
-    graph = {"kind": "logits", "dtype": "float16", "files": ["onnx/model.onnx"], "weights": WEIGHTS}
-    write_manifest(
-        root,
-        new_manifest(
-            "tensorrt",
-            pattern=parse_pattern("2:4").to_json(),
-            tensors=_tensors(hf),
-            extra={"report": REPORT_NAME, "graphs": {"onnx/model.onnx": graph}},
-        ),
-    )
+    _write_toy_manifest(root, "tensorrt", hf, "onnx/model.onnx", report=REPORT_NAME)
     return root
 
 
@@ -339,26 +345,12 @@ def _fake_onnx_export(onnx_dir: Path, reference: bool = True) -> Path:
     """A one-graph float16 ONNX export of the 2:4 toy weights with its manifest; with
     ``reference``, also its config.json and a saved reference input (what the build checks)."""
     hf = _graph(onnx_dir / "float16" / "model.onnx")
-    graph = {
-        "kind": "logits",
-        "dtype": "float16",
-        "files": ["float16/model.onnx"],
-        "weights": WEIGHTS,
-    }
     if reference:
         from converters.reference import save_reference
 
         (onnx_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
         save_reference(onnx_dir, {"input_ids": np.zeros((1, 4), np.int64)})
-    write_manifest(
-        onnx_dir,
-        new_manifest(
-            "onnx",
-            pattern=parse_pattern("2:4").to_json(),
-            tensors=_tensors(hf),
-            extra={"graphs": {"float16/model.onnx": graph}},
-        ),
-    )
+    _write_toy_manifest(onnx_dir, "onnx", hf, "float16/model.onnx")
     return onnx_dir
 
 

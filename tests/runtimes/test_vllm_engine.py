@@ -23,7 +23,12 @@ import torch
 from dsnt_export.bench import BenchOptions, run_bench
 from dsnt_export.cli import main
 from dsnt_export.runtimes import vllm as rt
-from tests.tiny_models import VOCAB, make_dense_and_sparse_dirs, make_sparse_hf_dir
+from tests.tiny_models import (
+    VOCAB,
+    dense_vs_sparse_options,
+    make_dense_and_sparse_dirs,
+    make_sparse_hf_dir,
+)
 
 REFUSAL = "Sparsity support has been removed from compressed-tensors"
 
@@ -102,12 +107,8 @@ def dirs(tmp_path_factory):
 
 def _opts(root, dense, **kw):
     base = dict(
-        runtime="vllm",
-        ppl=True,
-        dense=str(dense),
         seqlen=32,
         max_windows=3,
-        ppl_data=f"file:{root / 'eval.txt'}",
         prompt_lengths=(8, 16),
         batch_sizes=(1, 2),
         decode_tokens=3,
@@ -115,7 +116,7 @@ def _opts(root, dense, **kw):
         warmup=1,
         progress=False,
     )
-    return BenchOptions(**{**base, **kw})
+    return dense_vs_sparse_options("vllm", dense, root / "eval.txt", **{**base, **kw})
 
 
 # ------------------------------------------------------------------------------ availability
