@@ -184,4 +184,10 @@ def _zero_shot(args: argparse.Namespace) -> int:
     path, figs = zero_shot.write_outputs(rows, args.out or zero_shot.default_out_dir(args.dir))
     print(json.dumps(rows, indent=2, default=str) if args.json else zero_shot.format_table(rows))
     print(f"rows appended to {path}; figures: {', '.join(map(str, figs))}", file=sys.stderr)
+    run = path.parent.parent
+    if (run / "report" / "report.json").is_file():  # a run directory with a report: refresh it
+        from dsnt_export.report import write_run_report
+
+        write_run_report(run)
+        print(f"report with the zero-shot table: {run / 'report' / 'report.md'}", file=sys.stderr)
     return 0
