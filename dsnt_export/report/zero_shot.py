@@ -109,7 +109,7 @@ def plot_rows(rows: Sequence[dict], path: str | Path, *, metric: str = "acc") ->
     variants = list(dict.fromkeys(r["variant"] for r in ok))
     cell = {(r["variant"], r["task"]): r for r in ok}
     width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(tasks) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 3.6))
     for k, v in enumerate(variants):
         xs, ys, es = [], [], []
         for j, t in enumerate(tasks):
