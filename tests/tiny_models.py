@@ -98,13 +98,14 @@ def tiny_model(
     seed: int = 0,
     vocab: int = SMALL_VOCAB,
     max_positions: int = SMALL_VOCAB,
+    std: float = 0.2,
     **kw,
 ):
     """A random tiny causal LM of ``arch`` in eval mode, float32, on CPU.
 
-    Every 2-D parameter is drawn from N(0, 0.2²) after seeding ``torch.manual_seed(seed)``, so
-    activations and statistics are not all tiny and two calls with the same arguments give the
-    same weights. ``kw`` goes to :func:`tiny_config`.
+    Every 2-D parameter is drawn from N(0, ``std``²) (0.2 by default) after seeding
+    ``torch.manual_seed(seed)``, so activations and statistics are not all tiny and two calls with
+    the same arguments give the same weights. ``kw`` goes to :func:`tiny_config`.
     """
     import transformers as T
 
@@ -114,7 +115,7 @@ def tiny_model(
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, std)
     return model.eval()
 
 

@@ -12,30 +12,16 @@ import torch.nn.functional as F
 
 from dsnt_export.errors import NonFiniteError, ShapeError, UserInputError
 from dsnt_export.evaluation.perplexity import make_windows, perplexity
+from tests.tiny_models import tiny_model
 
 VOCAB = 256
 
 
 def tiny_llama(seed: int = 0, vocab: int = VOCAB):
-    import transformers as T
-
-    torch.manual_seed(seed)
-    cfg = T.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+    """A tiny random Llama (hidden 32, MLP 64, 2 layers, weights N(0, 0.3²)) in eval mode."""
+    return tiny_model(
+        "llama", seed=seed, vocab=vocab, max_positions=256, hidden=32, inter=64, std=0.3
     )
-    model = T.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def naive_ppl(model, tokens: torch.Tensor, seqlen: int, max_windows=None) -> tuple[float, int]:
