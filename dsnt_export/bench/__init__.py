@@ -137,7 +137,8 @@ def work_plan(options: BenchOptions, n_variants: int, n_windows: int | None = No
     off). Returns ``{"latency_configs", "forwards", "tokens", "text"}``: every forward pass
     (warm-ups included: each prefill point runs ``warmup + repeats`` prompts, each decode point
     ``warmup + repeats`` x (an untimed prefill + ``decode_tokens`` steps)) and every token they
-    process, summed over the variants; ``text`` is the one-line summary the CLI prints first.
+    process, summed over the variants, an upper bound where an engine cannot decode (e.g. ONNX
+    Runtime on a logits-only artifact); ``text`` is the one-line summary the CLI prints first.
     """
     runs = options.warmup + options.repeats
     k = options.decode_tokens
@@ -161,8 +162,8 @@ def work_plan(options: BenchOptions, n_variants: int, n_windows: int | None = No
             f"{options.repeats} after {options.warmup} warm-up"
         )
     text = (
-        f"bench plan: {n_variants} variant(s) x ({'; '.join(parts)}) = {fwd} forward passes, "
-        f"{tok} tokens"
+        f"bench plan: {n_variants} variant(s) x ({'; '.join(parts)}) = up to {fwd} forward "
+        f"passes, {tok} tokens (decode counted as planned: a runtime without decode skips it)"
     )
     return {"latency_configs": len(cfgs), "forwards": fwd, "tokens": tok, "text": text}
 
