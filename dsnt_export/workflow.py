@@ -467,10 +467,13 @@ def _stage_reference_outputs(st: RunState) -> None:
     perplexity of any runtime against them."""
     from converters.common.source import read_source
     from converters.reference import compute_reference, save_reference
+    from dsnt_export.artifacts import read_manifest, write_manifest
 
     hf = st.dir / "hf"
     model = read_source(hf).load_model().float().eval()
     save_reference(hf, compute_reference(model))
+    # the manifest lists (and hashes) every file of the artifact: re-list them with the new one
+    write_manifest(hf, read_manifest(hf))
 
 
 def _stage_sparse_ppl(st: RunState) -> None:

@@ -255,6 +255,9 @@ def test_run_onnx_levels(ckpt, text_file, tmp_path, flags, graphs):
     args += ["--no-eval", "--device", "cpu", "--out", str(out), "--no-progress", *flags]
     assert main(args) == 0
     s = json.loads((out / "report" / "summary.json").read_text())
+    # every file run writes into hf/ (dsnt_reference.npz included) is listed in its manifest
+    assert s["exports"]["check"]["hf"]["findings"] == [], s["exports"]["check"]["hf"]
+    assert "dsnt_reference.npz" in json.loads((out / "hf" / MANIFEST_NAME).read_text())["files"]
     if graphs is None:
         assert "skipped" in s["exports"]["onnx"] and not (out / "onnx").exists()
         assert set(s["exports"]["check"]) == {"hf"}
