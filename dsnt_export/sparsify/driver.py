@@ -49,7 +49,7 @@ from dsnt_export.stats import ActivationStats
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerRecord", "SparsifyConfig", "SparsifyReport", "sparsify"]
+__all__ = ["LayerRecord", "SparsifyConfig", "SparsifyReport", "sparsify", "sparsify_block"]
 
 
 @dataclass(frozen=True)
@@ -205,17 +205,15 @@ def sparsify(
     )
     report.timings["capture_s"] = time.perf_counter() - t0
     inputs = cap.inputs
-    groups = batches(inputs, config.batch_size)
     blocks = plan.adapter.get_blocks(model)
     bar = _progress(len(blocks), progress)
     try:
         for i, block in enumerate(blocks):
             tb = time.perf_counter()
-            runner = _BlockRunner(block, inputs, cap.block_kwargs[i], groups, dev, store)
             targets = plan.for_block(i)
-            with _on_device(block, dev):
-                entries = _sparsify_block(runner, plan, targets, config)
-                inputs = runner.run_outputs()
+            entries, inputs = sparsify_block(
+                block, inputs, cap.block_kwargs[i], plan, targets, config, device=dev, store=store
+            )
             report.layers.extend(entries)
             report.timings[f"block_{i}_s"] = time.perf_counter() - tb
             _log_block(i, entries, report.timings)
@@ -226,6 +224,35 @@ def sparsify(
     report.timings["total_s"] = time.perf_counter() - t_start
     logger.info("sparsify done: %s", report.summary())
     return report
+
+
+def sparsify_block(
+    block: nn.Module,
+    inputs: list[torch.Tensor],
+    block_kwargs: dict[int, dict[str, Any]],
+    plan: Plan,
+    targets: list[LinearTarget],
+    config: SparsifyConfig,
+    *,
+    device: torch.device | None,
+    store: torch.device | None = None,
+) -> tuple[list[LayerRecord], list[torch.Tensor]]:
+    """Calibrate, prune and refine one decoder block in place; return its records and outputs.
+
+    The unit of work of :func:`sparsify` (and of any driver that brings blocks in one at a time,
+    e.g. from disk). ``inputs``: the block's inputs, one ``[1, T, H]`` tensor per calibration
+    sample; ``block_kwargs``: ``{seq_len: kwargs}`` the model calls this block with
+    (:class:`~dsnt_export.sparsify.capture.Captured`); ``targets``: ``plan.for_block(i)``.
+    The block moves to ``device`` for the duration (None: stays where it is) and back. Returns
+    ``(records, outputs)``: one :class:`LayerRecord` per target and the PRUNED block's outputs,
+    the next block's inputs (on ``store`` when given, else on the compute device).
+    """
+    groups = batches(inputs, config.batch_size)
+    runner = _BlockRunner(block, inputs, block_kwargs, groups, device, store)
+    with _on_device(block, device):
+        entries = _sparsify_block(runner, plan, targets, config)
+        outputs = runner.run_outputs()
+    return entries, outputs
 
 
 @contextlib.contextmanager
