@@ -146,23 +146,34 @@ def latency_figure(lat: list[dict], path: Path) -> Path | None:
 
 
 def layer_error_figure(layers: list[dict], path: Path) -> Path | None:
-    """Per-layer reconstruction error before vs after refinement (hessian-swap, DSnoT, ...), and
-    their ratio; the title names the methods (e.g. ``sparsegpt+hessian-swap``)."""
-    rows = [r for r in layers if r.get("err_before") is not None and r.get("err_after") is not None]
+    """Per-layer refinement objective before vs after refinement (hessian-swap, DSnoT, ...) and
+    their ratio; the title names the methods (e.g. ``sparsegpt+hessian-swap``). The objective is
+    the exact layer loss dᵀHd where every refined layer records it, else DSnoT's mean
+    |reconstruction error| estimate (:func:`~dsnt_export.report.tables.refinement_outcome`)."""
+    from dsnt_export.report.tables import refinement_outcome
+
+    rows = [r for r in layers if refinement_outcome(r) is not None]
     if not rows:
         return None
+    exact = all(r.get("loss_before") is not None for r in rows)
+    if exact:
+        before = [float(r["loss_before"]) for r in rows]
+        after = [float(r["loss_after"]) for r in rows]
+        ylabel = "exact layer loss dᵀHd\n(calibration inputs)"
+    else:
+        before = [float(r["err_before"]) for r in rows]
+        after = [float(r["err_after"]) for r in rows]
+        ylabel = "mean |reconstruction error|\nper output row (sum over tokens)"
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(
         2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
     )
     x = list(range(len(rows)))
-    before = [r["err_before"] for r in rows]
-    after = [r["err_after"] for r in rows]
     ax.plot(x, before, marker=".", color="#c44e52", label="before refinement (initial mask)")
     ax.plot(x, after, marker=".", color="#55a868", label="after refinement")
     if min(before + after) > 0:
         ax.set_yscale("log")
-    ax.set_ylabel("mean |reconstruction error|\nper output row (sum over tokens)", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     ratio = [a / b if b else float("nan") for a, b in zip(after, before, strict=True)]
@@ -178,6 +189,6 @@ def layer_error_figure(layers: list[dict], path: Path) -> Path | None:
     )
     meth = sorted({r.get("method") or "?" for r in rows})
     ax.set_title(
-        f"per-layer error before/after refinement ({', '.join(meth)}, pattern {rows[0].get('pattern')})"
+        f"per-layer {'loss' if exact else 'error'} before/after refinement ({', '.join(meth)}, pattern {rows[0].get('pattern')})"
     )
     return _save(fig, path)

@@ -68,11 +68,29 @@ LAYER_COLS = [
     ("method", "method"),
     ("pattern", "pattern"),
     ("sparsity", "sparsity"),
+    ("loss_before", "loss before"),
+    ("loss_after", "loss after"),
+    ("loss_ratio", "after/before"),
+    ("rel_recon_loss", "rel. loss vs dense"),
+    ("swaps", "swaps"),
+]
+#: the columns of layers without the exact loss (DSnoT's own criterion, older manifests)
+LAYER_ERR_COLS = [
+    ("name", "layer"),
+    ("method", "method"),
+    ("pattern", "pattern"),
+    ("sparsity", "sparsity"),
     ("err_before", "err before"),
     ("err_after", "err after"),
     ("swaps", "swaps"),
-    ("time_s", "s"),
 ]
+LAYER_NOTE = (
+    "Loss = the layer's exact reconstruction loss dᵀHd of the pruned weights against the dense "
+    "ones on the calibration inputs (H = 2/n XᵀX, with the refiner's dampening), before and after "
+    "the refinement: what the swaps minimise, so it never rises. Rel. loss vs dense = "
+    "‖XWᵀ − XW′ᵀ‖² / ‖XWᵀ‖² of the saved weights (undamped). Layers without the exact loss "
+    "(DSnoT's own criterion, older runs) show DSnoT's mean |reconstruction error| estimate.\n"
+)
 SKIP_COLS = [
     ("runtime", "runtime"),
     ("variant", "variant"),
@@ -92,27 +110,45 @@ LATENCY_NOTE = (
 
 def _summary(rep: dict) -> list[str]:
     s = rep["summary"]
-    md = [
-        f"# {rep.get('title', 'dsnt-export run report')}\n",
-        f"{s['rows']} rows; {s['perplexity_points']} perplexity points, "
-        f"{s['latency_points']} latency points, {s['layers']} pruned layers; "
-        f"{s['skipped_or_failed']} rows skipped or failed (see the last section).\n",
+    md = [f"# {rep.get('title', 'dsnt-export run report')}\n"]
+    what = [
+        _count(s["perplexity_points"], "perplexity measurement"),
+        _count(s["latency_points"], "latency measurement"),
+        _count(s["layers"], "pruned linear layer"),
     ]
-    if s.get("ppl_increase_vs_dense_pct"):
-        lo, hi = s["ppl_increase_vs_dense_pct"]
-        md.append(f"- Perplexity vs dense: {lo:+.2f}% to {hi:+.2f}%.")
-    if s.get("speedup_vs_dense"):
-        lo, hi = s["speedup_vs_dense"]
+    if s.get("zero_shot_points"):
+        what.append(_count(s["zero_shot_points"], "zero-shot score"))
+    md.append("This report holds " + ", ".join(what) + ".")
+    if s.get("skipped_or_failed"):
         md.append(
-            f"- Latency speedup vs dense (dense time / variant time; >1 is faster): "
-            f"{lo:.2f}x to {hi:.2f}x."
+            f"{_count(s['skipped_or_failed'], 'measurement')} skipped or failed: see "
+            "“Skipped and failed”."
+        )
+    md.append("")
+    if s.get("ppl_increase_vs_dense_pct"):
+        md.append(f"- Perplexity vs dense: {_span(s['ppl_increase_vs_dense_pct'], '{:+.2f}%')}.")
+    if s.get("speedup_vs_dense"):
+        md.append(
+            "- Latency speedup vs dense (dense time / variant time; >1 is faster): "
+            f"{_span(s['speedup_vs_dense'], '{:.2f}x')}."
         )
     if s.get("layers_refined"):
+        what = "exact layer loss" if s.get("layers_loss_recorded") else "reconstruction error"
         md.append(
-            f"- refinement lowered the reconstruction error of {s['layers_error_reduced']} of "
+            f"- The refinement lowered (or kept) the {what} of {s['layers_error_reduced']} of "
             f"{s['layers_refined']} refined layers."
         )
     return [*md, ""]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _span(lo_hi: list[float], fmt: str) -> str:
+    """``lo to hi`` with ``fmt``, or the one value when both ends print the same."""
+    lo, hi = (fmt.format(v) for v in lo_hi)
+    return lo if lo == hi else f"{lo} to {hi}"
 
 
 def _latency(rep: dict, figs: dict) -> list[str]:
@@ -128,6 +164,13 @@ def _latency(rep: dict, figs: dict) -> list[str]:
         ("prompt_len", "prompt"),
     ]
     rows = _latency_rows(rep["latency"])
+    if not rows:
+        return [
+            "## Latency\n",
+            "No latency was measured for this run. `dsnt-export bench RUN --latency` (add "
+            "`--runtime onnxruntime` or `vllm` for those runtimes) measures it and rewrites this "
+            "report.\n",
+        ]
     for name in ("dense", "sparse", "sparse-kernels"):
         if any(f"{name}_ms" in r for r in rows):
             cols.append((f"{name}_ms", f"{name} ms"))
@@ -187,10 +230,7 @@ def render_markdown(rep: dict) -> str:
         md.append(f"![perplexity per method and pattern]({figs['perplexity']})\n")
     md.append(table(rep["perplexity"], PPL_COLS))
     md += _latency(rep, figs)
-    md.append("## Refinement per layer\n")
-    if "layer_error" in figs:
-        md.append(f"![per-layer refinement error]({figs['layer_error']})\n")
-    md.append(table(rep["layers"], LAYER_COLS))
+    md += _layers(rep, figs)
     md += _zero_shot(rep, figs)
     for bench, rows in (rep.get("other") or {}).items():
         keys: list[str] = []
@@ -200,6 +240,23 @@ def render_markdown(rep: dict) -> str:
     md += ["## Skipped and failed\n", table(rep["skipped"], SKIP_COLS)]
     md += _environment(rep)
     return "\n".join(md)
+
+
+def _layers(rep: dict, figs: dict) -> list[str]:
+    """The per-layer section: exact-loss columns where recorded, DSnoT's estimate elsewhere."""
+    layers = rep["layers"]
+    if not layers:
+        return []
+    md = ["## Refinement per layer\n", LAYER_NOTE]
+    if "layer_error" in figs:
+        md.append(f"![per-layer refinement loss]({figs['layer_error']})\n")
+    with_loss = [r for r in layers if r.get("loss_before") is not None]
+    without = [r for r in layers if r.get("loss_before") is None]
+    if with_loss:
+        md.append(table(with_loss, LAYER_COLS))
+    if without:
+        md.append(table(without, LAYER_ERR_COLS))
+    return md
 
 
 def _zero_shot(rep: dict, figs: dict) -> list[str]:

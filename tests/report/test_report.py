@@ -389,3 +389,60 @@ def test_old_hessian_swap_labels_read_as_its_own_name():
         r = {"init": "sparsegpt", "refine": "dsnot", "dsnot": dsnot_map, "pattern": "2:4"}
         rows = rows_from_run_summary({"recipe": r, "perplexity": ppl})
         assert rows[-1]["model"]["method"] == want
+
+
+def test_report_reads_like_prose_and_shows_the_exact_loss(tmp_path):
+    """One-value ranges print once, a run without latency says how to get it, and refined layers
+    are judged by the loss the refiner minimises (loss_before/after), not DSnoT's error estimate."""
+    from dsnt_export.report.markdown import render_markdown
+
+    layers = [
+        {
+            "name": f"model.layers.0.mlp.{n}",
+            "block": 0,
+            "linear": f"mlp.{n}",
+            "method": "sparsegpt+hessian-swap",
+            "pattern": "2:4",
+            "sparsity": 0.5,
+            # the error estimate rises on the second layer, the exact loss falls on both
+            "err_before": 0.3,
+            "err_after": 0.2 if i == 0 else 0.4,
+            "loss_before": 8.0,
+            "loss_after": 6.0 if i == 0 else 7.0,
+            "rel_recon_loss": 0.1,
+            "swaps": 3,
+        }
+        for i, n in enumerate(("up_proj", "down_proj"))
+    ]
+    man = new_manifest("hf", extra={"run_report": {"layers": layers}})
+    rows = rows_from_manifest(man, "hf")
+    for variant, ppl in (("dense", 20.0), ("sparse", 30.0)):
+        rows.append(
+            make_row(
+                "perplexity",
+                "r",
+                variant=variant,
+                model={"method": "sparsegpt+hessian-swap", "pattern": "2:4"},
+                ppl=ppl,
+                seqlen=8,
+                n_windows=2,
+            )
+        )
+    rep = build_report(rows)
+    s = rep["summary"]
+    assert s["layers_refined"] == 2 and s["layers_error_reduced"] == 2
+    assert [r["loss_ratio"] for r in rep["layers"]] == [pytest.approx(0.75), pytest.approx(0.875)]
+    md = render_markdown(rep)
+    assert "Perplexity vs dense: +50.00%." in md  # not "+50.00% to +50.00%"
+    assert " rows;" not in md and "2 pruned linear layers" in md
+    assert "No latency was measured" in md and "--latency" in md
+    assert "| loss before | loss after | after/before |" in md
+    assert "exact layer loss of 2 of 2" in md
+    # an old manifest without the loss: DSnoT's estimate, named as such
+    for r in layers:
+        del r["loss_before"], r["loss_after"]
+    old = build_report(
+        rows_from_manifest(new_manifest("hf", extra={"run_report": {"layers": layers}}))
+    )
+    assert old["summary"]["layers_error_reduced"] == 1
+    assert "| err before | err after |" in render_markdown(old)
