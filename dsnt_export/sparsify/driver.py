@@ -204,6 +204,8 @@ def sparsify(
         skipped=list(plan.skipped),
     )
     report.timings["capture_s"] = time.perf_counter() - t0
+    for k in _STAGE_KEYS:
+        report.timings[k] = 0.0
     inputs = cap.inputs
     blocks = plan.adapter.get_blocks(model)
     bar = _progress(len(blocks), progress)
@@ -212,7 +214,15 @@ def sparsify(
             tb = time.perf_counter()
             targets = plan.for_block(i)
             entries, inputs = sparsify_block(
-                block, inputs, cap.block_kwargs[i], plan, targets, config, device=dev, store=store
+                block,
+                inputs,
+                cap.block_kwargs[i],
+                plan,
+                targets,
+                config,
+                device=dev,
+                store=store,
+                timings=report.timings,
             )
             report.layers.extend(entries)
             report.timings[f"block_{i}_s"] = time.perf_counter() - tb
@@ -236,6 +246,7 @@ def sparsify_block(
     *,
     device: torch.device | None,
     store: torch.device | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[list[LayerRecord], list[torch.Tensor]]:
     """Calibrate, prune and refine one decoder block in place; return its records and outputs.
 
@@ -246,13 +257,35 @@ def sparsify_block(
     The block moves to ``device`` for the duration (None: stays where it is) and back. Returns
     ``(records, outputs)``: one :class:`LayerRecord` per target and the PRUNED block's outputs,
     the next block's inputs (on ``store`` when given, else on the compute device).
+    ``timings``: when given, the block's stage times (seconds) are ADDED to its keys
+    ``stats_s`` (dense statistics forwards incl. Hessian accumulation), ``init_s`` (initial
+    masks incl. SparseGPT), ``refine_s`` and ``rerun_s`` (pruned re-run), created at 0 if absent.
     """
+    tm = timings if timings is not None else {}
     groups = batches(inputs, config.batch_size)
     runner = _BlockRunner(block, inputs, block_kwargs, groups, device, store)
     with _on_device(block, device):
-        entries = _sparsify_block(runner, plan, targets, config)
+        entries = _sparsify_block(runner, plan, targets, config, tm)
+        t0 = _now(device)
         outputs = runner.run_outputs()
+        _add(tm, "rerun_s", _now(device) - t0)
     return entries, outputs
+
+
+#: the stage totals :func:`sparsify` puts in ``report.timings`` (seconds), besides ``capture_s``,
+#: ``total_s`` and the per-block ``block_{i}_s``
+_STAGE_KEYS = ("stats_s", "init_s", "refine_s", "rerun_s")
+
+
+def _add(timings: dict[str, float], key: str, seconds: float) -> None:
+    timings[key] = timings.get(key, 0.0) + seconds
+
+
+def _now(device: torch.device | None) -> float:
+    """perf_counter after the device's queued work (one sync per stage, not per step)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @contextlib.contextmanager
@@ -270,14 +303,23 @@ def _on_device(block: nn.Module, dev: torch.device | None) -> Iterator[None]:
 
 
 def _sparsify_block(
-    runner: _BlockRunner, plan: Plan, targets: list[LinearTarget], config: SparsifyConfig
+    runner: _BlockRunner,
+    plan: Plan,
+    targets: list[LinearTarget],
+    config: SparsifyConfig,
+    timings: dict[str, float],
 ) -> list[LayerRecord]:
     """Statistics, then prune + refine, stage by stage (one stage unless ``sequential``)."""
     records = []
     for stage in _stages(plan, targets, config.sequential):
+        t0 = _now(runner.device)
         stats = runner.collect(stage, plan, hessian=config.needs_hessian)
+        _add(timings, "stats_s", _now(runner.device) - t0)
         for t in stage:
-            records.append(_prune_one(runner.block, t, stats[t.group], config))
+            rec = _prune_one(runner.block, t, stats[t.group], config)
+            _add(timings, "init_s", rec.time_s["init"])
+            _add(timings, "refine_s", rec.time_s["refine"])
+            records.append(rec)
         for st in stats.values():
             st.free_hessian()
     return records

@@ -111,7 +111,10 @@ def _mean(xs) -> float | None:
 class SparsifyReport:
     """A sparsification run's report: the driver's config and calibration, one
     :class:`LayerRecord` per targeted linear (``layers``), the modules left alone with the reason
-    (``skipped``: ``{"name", "reason"}`` dicts) and wall-clock ``timings`` (seconds)."""
+    (``skipped``: ``{"name", "reason"}`` dicts) and wall-clock ``timings`` (seconds): stage totals
+    ``capture_s`` (block-0 inputs), ``stats_s`` (dense statistics forwards incl. the Hessian),
+    ``init_s`` (initial masks incl. SparseGPT), ``refine_s``, ``rerun_s`` (pruned re-run),
+    ``total_s``, and one ``block_{i}_s`` per decoder block."""
 
     model_type: str
     pattern: str

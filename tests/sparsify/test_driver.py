@@ -267,3 +267,16 @@ def test_default_refiner_lowers_every_layer_loss_and_logs_it(init, percdamp):
         H = H + cfg.refine_config.percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0])
         d = dense[e["name"] + ".weight"] - model.get_submodule(e["name"]).weight.detach()
         assert float(((d @ H) * d).sum()) == pytest.approx(e["loss_after"], rel=1e-3), e["name"]
+
+
+def test_report_timings_split_the_run_by_stage():
+    # capture, dense statistics, initial masks, refinement, pruned re-run: totals in seconds,
+    # the per-block keys beside them; the stages fit inside the blocks' wall time
+    model = tiny_model("llama")
+    cfg = SparsifyConfig(pattern="2:4", init="sparsegpt", refine=SWAP)
+    t = sparsify(model, calib_ids(), cfg, progress=False).timings
+    stages = ("capture_s", "stats_s", "init_s", "refine_s", "rerun_s", "total_s")
+    assert all(isinstance(t[k], float) and t[k] > 0 for k in stages), t
+    blocks = [t[f"block_{i}_s"] for i in range(model.config.num_hidden_layers)]
+    assert sum(t[k] for k in ("stats_s", "init_s", "refine_s", "rerun_s")) <= sum(blocks)
+    assert t["capture_s"] + sum(blocks) <= t["total_s"]
