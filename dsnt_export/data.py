@@ -4,6 +4,8 @@ Sources (a name, optionally followed by ``:NSAMPLESxSEQLEN``, e.g. ``c4:128x2048
 
 ``stdlib-docs``  docstrings of the running interpreter's standard library (read at run time)
 ``stdlib-code``  the source code of the same modules
+``stdlib-topics`` evaluation only: the language reference / library manual prose shipped for
+                 ``help()`` (``pydoc_data/topics.py``), never calibrated or tuned on
 ``c4``           allenai/c4, English shards the reference uses (needs ``datasets`` and network)
 ``wikitext2``    wikitext-2-raw-v1 (needs ``datasets`` and network)
 ``file:PATH``    a local UTF-8 ``.txt`` file (one text) or ``.jsonl`` file (a ``"text"`` per line);
@@ -36,12 +38,12 @@ from typing import Any
 import torch
 
 from dsnt_export.errors import DataSourceError, MissingDependencyError, UserInputError, require
-from dsnt_export.stdlib_corpus import STDLIB_SOURCES, stdlib_part
+from dsnt_export.stdlib_corpus import STDLIB_SOURCES, TOPICS_SOURCE, stdlib_part, topics_part
 
 logger = logging.getLogger(__name__)
 
 HUB_SOURCES = ("c4", "wikitext2")
-KNOWN_SOURCES = STDLIB_SOURCES + HUB_SOURCES
+KNOWN_SOURCES = STDLIB_SOURCES + (TOPICS_SOURCE,) + HUB_SOURCES
 OFFLINE_ALTERNATIVES = (
     "offline alternatives: 'stdlib-docs' (docstrings of the Python standard library), "
     "'stdlib-code' (its source code), or a local file 'file:PATH.txt' (plain text) / "
@@ -104,6 +106,14 @@ def stdlib_corpus(kind: str, part: str, root: str | os.PathLike | None = None) -
     """The calibration or evaluation part of ``stdlib-docs`` / ``stdlib-code``."""
     documents, info = stdlib_part(kind, part, root)
     return Corpus(kind, part, documents, info=info)
+
+
+def topics_corpus(part: str, root: str | os.PathLike | None = None) -> Corpus:
+    """The evaluation-only ``stdlib-topics`` text (:func:`dsnt_export.stdlib_corpus.topics_part`).
+
+    Raises :class:`DataSourceError` for the calibration part or when the file is missing."""
+    documents, info = topics_part(part, root)
+    return Corpus(TOPICS_SOURCE, part, documents, info=info)
 
 
 def _load_hub(source: str, purpose: str, **kwargs: Any):
@@ -192,6 +202,8 @@ def load_corpus(source: str, part: str) -> Corpus:
     key = name.lower().replace("-", "").replace("_", "")
     if name in STDLIB_SOURCES:
         return stdlib_corpus(name, part)
+    if name == TOPICS_SOURCE:
+        return topics_corpus(part)
     if key in ("c4", "wikitext2"):
         return hub_corpus(key, part)
     if name.startswith("file:"):

@@ -13,6 +13,13 @@ versions, so descriptions record the version and a hash of the text.
 Parsing the whole library with :mod:`ast` takes several seconds, so the extracted docstrings are
 kept in the user cache (``stdlib-docs-<python>-<hash>.json``), validated per file by size and
 modification time; a cache that cannot be written is skipped.
+
+``stdlib-topics`` is a third, evaluation-only text: the English prose of the Python language
+reference and library manual that every CPython installation ships for ``help()``
+(``pydoc_data/topics.py``, a generated dict of topic name -> text). The two sources above skip
+``pydoc_data`` entirely, so no calibration window can come from it; and because nothing reads it for
+calibration (asking for its calibration part raises), no hyper-parameter can be tuned on it by
+accident: it is the held-out text for quality claims (issue 16).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from dsnt_export.errors import DataSourceError, UserInputError
 logger = logging.getLogger(__name__)
 
 STDLIB_SOURCES = ("stdlib-docs", "stdlib-code")
+TOPICS_SOURCE = "stdlib-topics"
+TOPICS_FILE = "pydoc_data/topics.py"
 EVAL_PERCENT = 10
 _SKIP_DIRS = frozenset(
     {
@@ -207,6 +216,74 @@ def stdlib_part(kind: str, part: str, root: str | os.PathLike | None = None) -> 
     info = {
         "python": sys.version.split()[0],
         "stdlib_dir": str(root),
+        "n_documents": len(docs),
+        "corpus_sha256": h.hexdigest(),
+    }
+    return [t for _, t in docs], info
+
+
+def topics_documents(root: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(topic name, text) of ``pydoc_data/topics.py`` under ``root``, sorted by topic name.
+
+    The file is parsed with :mod:`ast` (never imported or executed) and its ``topics = {...}``
+    literal evaluated with :func:`ast.literal_eval`. ``root`` defaults to :func:`stdlib_dir`.
+    Raises :class:`~dsnt_export.errors.DataSourceError` if the file is missing, unreadable or has
+    no ``topics`` dict of strings (some distributions strip ``pydoc_data``).
+    """
+    root = Path(root) if root is not None else stdlib_dir()
+    path = root / TOPICS_FILE
+    how_to_fix = (
+        "use stdlib-docs, stdlib-code or a local file 'file:PATH' as evaluation text instead"
+    )
+    src = read_source(path) if path.is_file() else None
+    if src is None:
+        raise DataSourceError(
+            f"the pydoc topics file {path} is missing or unreadable; {how_to_fix}"
+        )
+    try:
+        tree = ast.parse(src)
+    except (SyntaxError, ValueError) as e:
+        raise DataSourceError(f"cannot parse {path} ({e}); {how_to_fix}") from e
+    topics = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "topics" for t in node.targets
+        ):
+            try:
+                topics = ast.literal_eval(node.value)
+            except ValueError:
+                topics = None
+    if not isinstance(topics, dict) or not topics:
+        raise DataSourceError(f"{path} holds no 'topics' dict literal; {how_to_fix}")
+    docs = sorted((str(k), v) for k, v in topics.items() if isinstance(v, str) and v.strip())
+    if not docs:
+        raise DataSourceError(f"{path} holds no topic text; {how_to_fix}")
+    return docs
+
+
+def topics_part(part: str, root: str | os.PathLike | None = None) -> tuple[list, dict]:
+    """The evaluation text of ``stdlib-topics``: one string per topic (sorted by name), and info.
+
+    ``part`` must be ``"evaluation"``: the source is evaluation-only, so that it stays a text on
+    which nothing was calibrated or tuned. Returns ``(texts, info)`` with ``info`` as in
+    :func:`stdlib_part` plus ``"file"``. Raises :class:`~dsnt_export.errors.DataSourceError` for the
+    calibration part or a missing file (:func:`topics_documents`).
+    """
+    if part != "evaluation":
+        raise DataSourceError(
+            f"{TOPICS_SOURCE} is an evaluation-only text (the held-out text of quality claims) and "
+            f"has no {part} part; calibrate on stdlib-docs, stdlib-code, c4, wikitext2 or a local "
+            "file instead"
+        )
+    root = Path(root) if root is not None else stdlib_dir()
+    docs = topics_documents(root)
+    h = hashlib.sha256()
+    for name, text in docs:
+        h.update(name.encode() + b"\0" + text.encode("utf-8", "surrogatepass") + b"\0")
+    info = {
+        "python": sys.version.split()[0],
+        "stdlib_dir": str(root),
+        "file": TOPICS_FILE,
         "n_documents": len(docs),
         "corpus_sha256": h.hexdigest(),
     }
