@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import importlib
 import logging
 import os
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     stage = args.command
+    if getattr(args, "no_progress", False) or getattr(args, "progress", True) is False:
+        quiet_progress_bars()
     try:
         mod = _load(stage)
         if mod is None:
@@ -154,6 +157,37 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_VIOLATION
     except Exception as e:
         return _report_unexpected(e, stage, argv, debug)
+
+
+def quiet_progress_bars() -> None:
+    """Hide every progress bar of this process: ours (tqdm), and those of the libraries we drive
+    (transformers' shard loading, huggingface_hub downloads, datasets, lm-eval's tqdm), for
+    ``--no-progress``. Environment variables for libraries not imported yet (tqdm reads
+    ``TQDM_DISABLE`` when it is imported), each library's own switch for those already imported."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    switches = (
+        ("transformers", "utils.logging.disable_progress_bar"),
+        ("huggingface_hub", "utils.disable_progress_bars"),
+        ("datasets", "utils.logging.disable_progress_bar"),
+    )
+    tq = sys.modules.get("tqdm.std")
+    if tq is not None and not getattr(tq.tqdm, "_dsnt_quiet", False):
+        # imported before the environment variable was set: default ``disable`` to True (a bar
+        # that passes ``disable`` itself, as ours do, keeps its own choice)
+        tq.tqdm.__init__ = functools.partialmethod(tq.tqdm.__init__, disable=True)
+        tq.tqdm._dsnt_quiet = True
+    for lib, path in switches:
+        obj = sys.modules.get(lib)
+        if obj is None:
+            continue
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            obj()
+        except Exception:  # noqa: BLE001 - a library without the switch keeps its bars
+            logging.getLogger(__name__).debug("no progress switch %s.%s", lib, path)
 
 
 def _debug_traceback(e: BaseException, debug: bool) -> None:
