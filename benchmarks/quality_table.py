@@ -18,15 +18,35 @@ The row labels ``+dsnot(default)`` / ``+dsnot(mean)`` predate the refiner's own 
 (they key the README's tables): ``(default)`` is hessian-swap, ``(mean)`` is DSnoT's ``guarded``.
 ``--figure`` draws perplexity against the pattern for every configuration, one panel per evaluation
 domain.
+
+Calibration draws (issue 16): ``--draws K`` (default 5) prunes every configuration once per draw
+``d`` = 0..K-1, on the windows the sampler gives with seed ``d`` (the same windows for every
+configuration of that draw), and evaluates each model on THREE held-out texts: docstrings, source
+code, and ``stdlib-topics`` (the reference-manual prose of ``pydoc_data``, used for no calibration and
+no hyper-parameter choice). Each row carries its ``draw``. ``--markdown`` then also prints, per
+(calibration domain, pattern, windows), each configuration's perplexity as mean ± std over draws
+(sample standard deviation, n-1) with min..max, and its change against SparseGPT alone as
+mean ± std (min..max) of the per-draw PAIRED relative differences (same windows). A change is
+marked a gain (bold, "gain") only when every draw improved (max < 0) and the mean improvement is
+larger than the std of the differences. The README's older single-draw tables read draw 0 only.
+
+The peer (``llmcompressor-sparsegpt``: llm-compressor's ``oneshot`` + ``SparseGPTModifier`` on the
+same windows, ``shuffle_calibration_samples=False``) runs through ``benchmarks/bench_pipeline.py``'s
+peer child in ``--peer-python`` (default: this interpreter, when it can import llmcompressor); its
+pruned weights are evaluated here by the same float32 evaluation as every other row.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
+import math
 import sys
+import tempfile
 import time
+from dataclasses import make_dataclass
 from pathlib import Path
 
 import torch
@@ -48,6 +68,18 @@ CONFIGS = {
     "sparsegpt+dsnot(default)": ("sparsegpt", "dsnot", "default", ()),
 }
 DOMAINS = ("stdlib-docs", "stdlib-code")
+#: every model is evaluated on these (the third is used for no calibration and no choice)
+EVAL_TEXTS = (*DOMAINS, "stdlib-topics")
+#: peer configurations (llm-compressor, run in --peer-python through bench_pipeline's peer child)
+PEERS = {"llmcompressor-sparsegpt": "sparsegpt"}
+#: experimental candidates of issue 16 (not a recipe option): hessian-swap then the re-fit of
+#: dsnt_export/refine/refit.py; registered as a refiner only inside this script
+EXPERIMENTAL = {
+    "sparsegpt+swap+refit(0.1)": ("sparsegpt", "swap-refit", 0.03, 0.1),
+    "sparsegpt+swap+refit(0.3)": ("sparsegpt", "swap-refit", 0.03, 0.3),
+    "sparsegpt+swap+refit(1.0)": ("sparsegpt", "swap-refit", 0.03, 1.0),
+    "sparsegpt+refit(0.1)": ("sparsegpt", "swap-refit", None, 0.1),
+}
 PRESETS = {
     "official": DSnoTConfig.official,
     "default": HessianSwapConfig,
@@ -88,11 +120,13 @@ def canonical(rows: list[dict], calib: str, nsamples: int = 32) -> dict[tuple[st
     """``{(config, pattern): row}`` of the standard configurations calibrated on ``calib``.
 
     A sweep row whose dampening is the default's counts as ``+dsnot(default)``; a later row
-    replaces an earlier one of the same cell.
+    replaces an earlier one of the same cell. Only draw 0 (or rows without a draw) counts.
     """
     damp = HessianSwapConfig().percdamp
     out = {}
     for r in rows:
+        if r.get("draw") not in (None, 0):
+            continue
         if r.get("calib") != calib or (r.get("calibration") or {}).get("nsamples") != nsamples:
             continue
         name = r["config"]
@@ -103,7 +137,7 @@ def canonical(rows: list[dict], calib: str, nsamples: int = 32) -> dict[tuple[st
     return out
 
 
-DOMAIN_LABEL = {"stdlib-docs": "docstrings", "stdlib-code": "code"}
+DOMAIN_LABEL = {"stdlib-docs": "docstrings", "stdlib-code": "code", "stdlib-topics": "manual"}
 
 
 def _label(name: str) -> str:
@@ -253,20 +287,246 @@ def figure(rows: list[dict], path: Path, calib: str = "stdlib-docs") -> Path:
     return path
 
 
+# ------------------------------------------------------------------ calibration draws (issue 16)
+
+
+def spread(values: list[float]) -> dict:
+    """``{"n", "mean", "std", "min", "max"}`` of ``values`` (floats); ``std`` is the sample
+    standard deviation (divisor n-1), None for fewer than two values. Raises ``ValueError`` for
+    an empty list."""
+    if not values:
+        raise ValueError("spread of no values")
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def is_gain(st: dict) -> bool:
+    """A change (in %, negative = better) counts as a gain only when measured on at least two
+    draws, every draw improved (``max < 0``) and ``-mean > std``."""
+    return st["n"] >= 2 and st["max"] < 0 and -st["mean"] > st["std"]
+
+
+def draw_groups(rows: list[dict]) -> dict[tuple, dict[str, dict[int, dict]]]:
+    """``{(calib, pattern, nsamples): {config: {draw: row}}}`` of the rows that carry a draw and
+    evaluated successfully; a later row replaces an earlier one of the same cell."""
+    out: dict = {}
+    for r in rows:
+        if r.get("draw") is None or r.get("status", "ok") != "ok" or not r.get("eval"):
+            continue
+        key = (r["calib"], r["pattern"], (r.get("calibration") or {}).get("nsamples"))
+        out.setdefault(key, {}).setdefault(r["config"], {})[int(r["draw"])] = r
+    return out
+
+
+def paired_changes(by_draw: dict[int, dict], base: dict[int, dict], text: str) -> list[float]:
+    """Per-draw change of perplexity on ``text`` against ``base`` of the SAME draw, in percent
+    (``(ppl / ppl_base - 1) * 100``), for the draws both have, in draw order."""
+    out = []
+    for d in sorted(set(by_draw) & set(base)):
+        a, b = by_draw[d]["eval"].get(text), base[d]["eval"].get(text)
+        if a is not None and b is not None:
+            out.append((a["ppl"] / b["ppl"] - 1) * 100)
+    return out
+
+
+def _ppl_cell(st: dict) -> str:
+    if st["n"] == 1:
+        return f"{st['mean']:.2f} (1 draw)"
+    return f"{st['mean']:.2f} ± {st['std']:.2f} ({st['min']:.2f}..{st['max']:.2f})"
+
+
+def _change_cell(st: dict) -> str:
+    if st["n"] == 1:
+        return f"{st['mean']:+.1f} % (1 draw)"
+    t = f"{st['mean']:+.1f} ± {st['std']:.1f} % ({st['min']:+.1f}..{st['max']:+.1f})"
+    return f"**{t} gain**" if is_gain(st) else t
+
+
+def draws_markdown(rows: list[dict], base: str = "sparsegpt") -> str:
+    """One table per (calibration domain, pattern, windows) with draws: rows = configurations,
+    per evaluation text the perplexity mean ± std (min..max) over draws and the change against
+    ``base`` (SparseGPT alone) as mean ± std (min..max) of the per-draw paired differences."""
+    dense = next((r for r in rows if r["config"] == "dense"), None)
+    out = []
+    for (calib, pattern, nsamples), cells in draw_groups(rows).items():
+        texts = [
+            t for t in EVAL_TEXTS if any(t in r["eval"] for c in cells.values() for r in c.values())
+        ]
+        seqlen = next(iter(next(iter(cells.values())).values()))["calibration"].get("seqlen")
+        draws = sorted({d for c in cells.values() for d in c})
+        out.append(
+            f"\n**{_pattern_label(pattern)}, calibrated on {DOMAIN_LABEL.get(calib, calib)} "
+            f"({nsamples} x {seqlen} windows), draws {draws}**: perplexity mean ± std over draws "
+            f"(min..max); change vs SparseGPT alone = mean ± std (min..max) of the per-draw paired "
+            "differences; **gain** only if every draw improved and the mean exceeds the std.\n"
+        )
+        head = [f"ppl {DOMAIN_LABEL.get(t, t)}" for t in texts]
+        head += [f"vs SparseGPT {DOMAIN_LABEL.get(t, t)}" for t in texts]
+        out.append("| configuration | draws | " + " | ".join(head) + " |")
+        out.append("|---|---|" + "---|" * len(head))
+        if dense is not None:
+            vals = [f"{dense['eval'][t]['ppl']:.2f}" if t in dense["eval"] else "—" for t in texts]
+            out.append("| dense | — | " + " | ".join(vals + [""] * len(texts)) + " |")
+        for name, by_draw in cells.items():
+            ppl = []
+            for t in texts:
+                v = [r["eval"][t]["ppl"] for _, r in sorted(by_draw.items()) if t in r["eval"]]
+                ppl.append(_ppl_cell(spread(v)) if v else "—")
+            ch = []
+            for t in texts:
+                if name == base or base not in cells:
+                    ch.append("")
+                    continue
+                v = paired_changes(by_draw, cells[base], t)
+                ch.append(_change_cell(spread(v)) if v else "—")
+            out.append(f"| {name} | {len(by_draw)} | " + " | ".join(ppl + ch) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _bench_pipeline():
+    """benchmarks/bench_pipeline.py as a module (its peer child is the one llm-compressor call)."""
+    path = Path(__file__).resolve().with_name("bench_pipeline.py")
+    spec = importlib.util.spec_from_file_location("bench_pipeline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def peer_available(peer_python: str | None) -> tuple[bool, str]:
+    """Whether the peer can run: ``peer_python`` given (checked when it runs), or llmcompressor
+    importable in this interpreter; and the reason when not."""
+    if peer_python:
+        return True, ""
+    if importlib.util.find_spec("llmcompressor") is not None:
+        return True, ""
+    return False, "llmcompressor is not importable here and no --peer-python was given"
+
+
+def run_peer(
+    method: str, ids: torch.Tensor, pattern: str, *, peer_python: str | None, threads, tmp: Path
+) -> tuple[dict | None, dict]:
+    """llm-compressor's ``method`` (only "sparsegpt" so far) on the windows ``ids`` [n, seqlen].
+
+    Returns (the pruned state dict or None, info with ``status`` ok/skipped/failed, ``reason``,
+    ``seconds`` and the peer's versions). The call itself is bench_pipeline's peer child.
+    """
+    from dsnt_export.embedded import embedded_model_dir
+    from dsnt_export.patterns import NM, parse_pattern
+
+    if method != "sparsegpt":
+        return None, {"status": "skipped", "reason": f"no peer call for {method} yet"}
+    try:
+        bp = _bench_pipeline()
+    except (OSError, ImportError) as e:
+        return None, {"status": "skipped", "reason": f"benchmarks/bench_pipeline.py: {e}"}
+    p = parse_pattern(pattern)
+    torch.save(ids, tmp / "ids.pt")
+    job = {
+        "kind": "peer",
+        "config": f"llmcompressor-{method}",
+        "ids": str(tmp / "ids.pt"),
+        "model_path": str(embedded_model_dir()),
+        "dtype": "float32",
+        "nm": f"{p.n}:{p.m}" if isinstance(p, NM) else None,
+        "sparsity": getattr(p, "sparsity", 0.5),
+        "blocksize": SparsifyConfig.sparsegpt_blocksize,
+        "percdamp": SparsifyConfig.sparsegpt_percdamp,
+        "state_out": str(tmp / "peer_state.pt"),
+        "device": "cpu",
+        "threads": threads,
+        "progress": False,
+    }
+    res = bp.run_child(peer_python or sys.executable, job, tmp, verbose=False, timeout=None)
+    if res.get("status", "ok") != "ok":
+        return None, res
+    state = torch.load(job["state_out"], weights_only=True)
+    return state, {"status": "ok", **{k: res.get(k) for k in ("seconds", "method", "peer")}}
+
+
+def _swap_refit_json(self) -> dict:
+    return {f: getattr(self, f) for f in ("percdamp", "refit_percdamp", "max_cycles")}
+
+
+#: Experimental refiner config of issue 16 (this script only): hessian-swap with ``percdamp``
+#: (None: no swaps), then the exact least-squares re-fit of the kept weights with ridge
+#: ``refit_percdamp`` (:func:`dsnt_export.refine.refit.refit_exact`). Built with make_dataclass
+#: (real type objects, not string annotations) so that loading this script by path works.
+SwapRefitConfig = make_dataclass(
+    "SwapRefitConfig",
+    [("percdamp", object, 0.03), ("refit_percdamp", float, 0.1), ("max_cycles", int, 50)],
+    frozen=True,
+    namespace={
+        "needs_hessian": property(lambda self: True),
+        "to_json": _swap_refit_json,
+        "from_json": classmethod(lambda cls, d: cls(**d)),
+    },
+)
+
+
+def register_experimental() -> None:
+    """Register the ``swap-refit`` refiner (idempotent; this script's experiments only)."""
+    from dsnt_export.refine.hessian_swap import refine_layer
+    from dsnt_export.refine.refit import refit_exact
+    from dsnt_export.refine.registry import (
+        RefineOutcome,
+        RefineSummary,
+        refiner_names,
+        register_refiner,
+    )
+
+    if "swap-refit" in refiner_names():
+        return
+
+    @register_refiner("swap-refit", SwapRefitConfig, record_refine="swap-refit")
+    def _swap_refit(reference, weight, keep, stats, pattern, config, *, metric=None, name=None):
+        swaps = cycles = 0
+        if config.percdamp is not None:
+            out = refine_layer(
+                reference,
+                weight,
+                keep,
+                stats,
+                pattern,
+                HessianSwapConfig(max_cycles=config.max_cycles, percdamp=config.percdamp),
+            )
+            weight, keep = out.weight, out.keep
+            swaps, cycles = out.summary.swaps, out.summary.cycles
+        w, info = refit_exact(
+            weight, keep, reference, stats.hessian, percdamp=config.refit_percdamp
+        )
+        return RefineOutcome(
+            w, keep, RefineSummary(0.0, 0.0, swaps, cycles, info.loss_before, info.loss_after)
+        )
+
+
 def main(argv=None) -> int:
+    """Prune and evaluate every requested configuration per draw, or print/draw from a rows file."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    known = [*CONFIGS, *PEERS, *EXPERIMENTAL]
     ap.add_argument("--patterns", default="2:4")
     ap.add_argument("--calib", default="stdlib-docs", help="comma list of calibration domains")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
+    ap.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma list of {known} (default: every configuration of CONFIGS, plus the peer "
+        "when it can run)",
+    )
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--draws", type=int, default=5, help="calibration draws: sampler seeds 0..K-1")
+    ap.add_argument(
+        "--first-draw", type=int, default=0, help="start at this seed (resume a run; default 0)"
+    )
+    ap.add_argument("--peer-python", default=None, help="interpreter with llmcompressor")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/quality.jsonl")
     ap.add_argument(
-        "--markdown", metavar="ROWS", help="only print the Markdown table of a rows file"
+        "--markdown", metavar="ROWS", help="only print the Markdown tables of a rows file"
     )
     ap.add_argument(
         "--figure",
@@ -286,14 +546,30 @@ def main(argv=None) -> int:
         ]
         print(summary_markdown(rows))
         print(markdown(rows))
+        if any(r.get("draw") is not None for r in rows):
+            print(draws_markdown(rows))
         return 0
+    if args.draws < 1 or args.first_draw < 0:
+        ap.error(f"--draws must be >= 1 and --first-draw >= 0, got {args.draws}, {args.first_draw}")
+    peer_ok, peer_why = peer_available(args.peer_python)
+    if args.configs is None:
+        names = list(CONFIGS) + (list(PEERS) if peer_ok else [])
+        if not peer_ok:
+            print(f"peer skipped: {peer_why}", flush=True)
+    else:
+        names = args.configs.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        ap.error(f"unknown configuration(s) {unknown}; known: {known}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if any(n in EXPERIMENTAL for n in names):
+        register_experimental()
     from dsnt_export.data import get_calibration, get_eval_tokens
 
     dense_model, tok = load_embedded()
     evals = {
-        d: get_eval_tokens(d, tok, max_tokens=args.eval_windows * args.seqlen) for d in DOMAINS
+        d: get_eval_tokens(d, tok, max_tokens=args.eval_windows * args.seqlen) for d in EVAL_TEXTS
     }
 
     def evaluate(model) -> dict:
@@ -312,16 +588,13 @@ def main(argv=None) -> int:
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(
-            json.dumps({k: row[k] for k in ("config", "pattern", "calib")}),
-            {d: round(v["ppl"], 2) for d, v in row["eval"].items()},
+            json.dumps({k: row.get(k) for k in ("config", "pattern", "calib", "draw")}),
+            {d: round(v["ppl"], 2) for d, v in (row.get("eval") or {}).items()},
             f"{row['prune_s']:.0f}s",
+            row.get("reason") or "",
             flush=True,
         )
 
-    names = args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        ap.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
     if "dense" in names:
         emit(
             dict(
@@ -329,41 +602,72 @@ def main(argv=None) -> int:
             )
         )
     for calib in args.calib.split(","):
-        ids, cdesc = get_calibration(calib, tok, args.nsamples, args.seqlen, seed=0)
-        for pattern in args.patterns.split(","):
-            for name in names:
-                if CONFIGS.get(name) is None:
-                    continue
-                init, _, preset, refine_exclude = CONFIGS[name]
-                refiner = PRESETS[preset]() if preset else None
-                cfg = SparsifyConfig(
-                    pattern=pattern,
-                    init=init,
-                    refine=refiner if refiner is not None else "none",
-                    refine_exclude=refine_exclude,
-                )
-                model = copy.deepcopy(dense_model)
-                t0 = time.perf_counter()
-                rep = sparsify(model, ids, cfg, device="cpu", progress=False)
-                prune_s = time.perf_counter() - t0
-                emit(
-                    dict(
+        for draw in range(args.first_draw, args.first_draw + args.draws):
+            ids, cdesc = get_calibration(calib, tok, args.nsamples, args.seqlen, seed=draw)
+            for pattern in args.patterns.split(","):
+                for name in names:
+                    common = dict(
                         config=name,
                         pattern=pattern,
                         calib=calib,
-                        prune_s=prune_s,
+                        draw=draw,
                         calibration=cdesc,
-                        sparsify=rep.summary(),
-                        refine=cfg.refine,
-                        refine_config=cfg.to_json()["refine_config"],
-                        refine_exclude=list(refine_exclude),
-                        eval=evaluate(model),
                         torch=torch.__version__,
                         threads=torch.get_num_threads(),
                     )
-                )
-                del model
+                    if name in PEERS:
+                        t0 = time.perf_counter()
+                        with tempfile.TemporaryDirectory(prefix="quality-peer-") as tmp:
+                            state, info = run_peer(
+                                PEERS[name],
+                                ids,
+                                pattern,
+                                peer_python=args.peer_python,
+                                threads=args.threads,
+                                tmp=Path(tmp),
+                            )
+                        prune_s = time.perf_counter() - t0
+                        row = dict(common, prune_s=info.get("seconds") or prune_s, peer=info)
+                        row["status"], row["reason"] = info.get("status"), info.get("reason")
+                        if state is not None:
+                            model = copy.deepcopy(dense_model)
+                            model.load_state_dict(state, strict=False)
+                            row["eval"] = evaluate(model)
+                            del model
+                        emit(row)
+                        continue
+                    if CONFIGS.get(name, ()) is None:
+                        continue
+                    if name in EXPERIMENTAL:
+                        init, _, damp, ridge = EXPERIMENTAL[name]
+                        refiner, refine_exclude = SwapRefitConfig(damp, ridge), ()
+                    else:
+                        init, _, preset, refine_exclude = CONFIGS[name]
+                        refiner = PRESETS[preset]() if preset else None
+                    cfg = SparsifyConfig(
+                        pattern=pattern,
+                        init=init,
+                        refine=refiner if refiner is not None else "none",
+                        refine_exclude=refine_exclude,
+                    )
+                    model = copy.deepcopy(dense_model)
+                    t0 = time.perf_counter()
+                    rep = sparsify(model, ids, cfg, device="cpu", progress=False)
+                    prune_s = time.perf_counter() - t0
+                    emit(
+                        dict(
+                            common,
+                            prune_s=prune_s,
+                            sparsify=rep.summary(),
+                            refine=cfg.refine,
+                            refine_config=cfg.to_json()["refine_config"],
+                            refine_exclude=list(refine_exclude),
+                            eval=evaluate(model),
+                        )
+                    )
+                    del model
     print(markdown(rows))
+    print(draws_markdown(rows))
     return 0
 
 
