@@ -13,9 +13,13 @@ layers    per layer at the same shapes, 2:4 and unstructured 0.5, on synthetic L
           activations (2048 tokens): Wanda initial mask, DSnoT (official preset; default preset
           with its loss guard), SparseGPT; plus the whole-model projection (x 32 blocks) next to
           the published numbers (DSnoT ~5 s, Wanda ~3.4 s, SparseGPT ~145 s for LLaMA-7B).
-pipeline  dsnt_export.sparsify.driver.sparsify on a randomly initialised LLaMA-7B-shaped model (hidden
-          4096, MLP 11008, 32 heads, vocab 32000, --blocks blocks) with 128 x 2048 random
-          calibration tokens: time, per-block time, peak memory; wanda+dsnot and sparsegpt+dsnot.
+pipeline  benchmarks/bench_pipeline.py's side by side on a randomly initialised LLaMA-7B-shaped
+          model (hidden 4096, MLP 11008, 32 heads, vocab 32000, --blocks blocks, default 2: the
+          32-block time is projected) with 128 x 2048 random calibration tokens: the floor (two
+          plain block passes, median of 3) and the prune split by stage (capture, statistics,
+          initial mask, refinement, re-run) for SparseGPT alone, wanda+dsnot (official) and the
+          default sparsegpt+hessian-swap; ratio to the floor, peak host RSS and device memory
+          (in this process, reset before each). Skipped on a CPU unless --smoke.
 e2e       that model's latency: dense (before pruning), sparse (2:4 zeros, dense kernels) and
           sparse-kernels (2:4 linears as semi-structured tensors), prefill and decode.
 
@@ -337,43 +341,91 @@ def build_model(ctx: Ctx, blocks: int):
 
 
 def section_pipeline(ctx: Ctx, blocks: int) -> None:
-    from dsnt_export.refine import DSnoTConfig, HessianSwapConfig
-    from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
+    """The prune side by side with its floor (benchmarks/bench_pipeline.py's measurements, in this
+    process): two plain block passes, then SparseGPT alone, Wanda + DSnoT (official) and the
+    default SparseGPT + hessian-swap, each split by stage, with peak host (RSS) and device memory
+    and the ratio to the floor. LLaMA-7B-shaped (``blocks`` blocks) on a GPU; tiny in --smoke;
+    skipped on a CPU without --smoke (a 7B-shaped block on 2 cores would not fit the budget)."""
+    import bench_pipeline as bp
 
-    n, t = (2, 32) if ctx.smoke else (128, 2048)
-    runs = [("wanda", DSnoTConfig.official()), ("sparsegpt", HessianSwapConfig())]
-    for init, dcfg in runs:
-        if ctx.left() < 90:
-            return ctx.skip("pipeline", "time budget exhausted", init=init)
-        model = build_model(ctx, blocks)
-        if init == "wanda":
-            e2e(ctx, model, "dense")
-        ids = torch.randint(
-            0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(0)
+    from dsnt_export.refine import DSnoTConfig, HessianSwapConfig
+    from dsnt_export.sparsify.driver import SparsifyConfig
+
+    if not ctx.cuda and not ctx.smoke:
+        return ctx.skip(
+            "pipeline",
+            f"LLaMA-7B-shaped blocks on {ctx.device} would not fit the time budget; "
+            "run on a CUDA GPU (or --smoke for tiny shapes)",
+            config="all",
         )
-        cfg = SparsifyConfig(pattern="2:4", init=init, refine=dcfg)
-        with PeakMemory(ctx.device) as pm:
-            rep = sparsify(model, ids, cfg, device=ctx.device, progress=False)
+    n, t = (2, 32) if ctx.smoke else (128, 2048)
+    ids = torch.randint(
+        0, 256 if ctx.smoke else 32000, (n, t), generator=torch.Generator().manual_seed(0)
+    )
+    common = dict(
+        blocks=blocks,
+        calib=[n, t],
+        model="random LLaMA-7B-shaped" if not ctx.smoke else "tiny llama",
+    )
+    model = build_model(ctx, blocks)
+    e2e(ctx, model, "dense")
+    with PeakMemory("cpu") as host, PeakMemory(ctx.device) as dev:
+        fl = bp.floor_passes(
+            model, ids, device=ctx.device, batch_size=8, repeats=1 if ctx.smoke else 3
+        )
+    floor_s = fl["seconds"]
+    ctx.emit(
+        "pipeline",
+        config="floor",
+        method="dense (no pruning)",
+        **common,
+        **fl,
+        stages={"capture_s": fl["capture_s"], "total_s": fl["seconds"]},
+        peak_host_bytes=host.peak_bytes,
+        peak_host_kind=host.kind,
+        peak_device_bytes=dev.peak_bytes if ctx.cuda else None,
+    )
+    runs = [
+        ("sparsegpt", "sparsegpt", "none"),
+        ("wanda+dsnot", "wanda", DSnoTConfig.official()),
+        ("default", "sparsegpt", HessianSwapConfig()),
+    ]
+    for i, (config, init, refine) in enumerate(runs):
+        if ctx.left() < 90:
+            return ctx.skip("pipeline", "time budget exhausted", config=config, init=init)
+        if i:
+            model = build_model(ctx, blocks)
+        cfg = SparsifyConfig(pattern="2:4", init=init, refine=refine)
+        with PeakMemory("cpu") as host, PeakMemory(ctx.device) as dev:
+            rep, stages = bp.prune_stages(model, ids, cfg, device=ctx.device)
         s = rep.summary()
-        per_block = [v for k, v in rep.timings.items() if k.startswith("block_")]
+        per_block = [
+            v for k, v in rep.timings.items() if k.startswith("block_") and k.endswith("_s")
+        ]
         ctx.emit(
             "pipeline",
+            config=config,
+            method=init if cfg.refine == "none" else f"{init}+{cfg.refine}",
             init=init,
-            refine="dsnot",
-            dsnot_preset=getattr(dcfg, "preset", "default"),
-            blocks=blocks,
-            calib=[n, t],
-            seconds=rep.timings["total_s"],
+            refine=cfg.refine,
+            dsnot_preset=getattr(cfg.refine_config, "preset", None),
+            **common,
+            seconds=stages["total_s"],
+            stages=stages,
+            ratio_to_floor=stages["total_s"] / floor_s if floor_s else None,
             capture_s=rep.timings["capture_s"],
             block_s=per_block,
-            projected_32_blocks_s=32 * sum(per_block) / len(per_block),
+            projected_32_blocks_s=32 * sum(per_block) / max(1, len(per_block)),
             linears=s["n_linears"],
             sparsity=s["sparsity"],
             all_checks_ok=s["all_checks_ok"],
             swaps=s["swaps"],
             err_before=s["mean_abs_err_before"],
             err_after=s["mean_abs_err_after"],
-            **pm.to_json(),
+            peak_host_bytes=host.peak_bytes,
+            peak_host_kind=host.kind,
+            peak_device_bytes=dev.peak_bytes if ctx.cuda else None,
+            **dev.to_json(),
         )
         if init == "wanda":
             e2e(ctx, model, "sparse")
@@ -477,20 +529,26 @@ def summary(ctx: Ctx) -> str:
                 f"  {b:<15} {r['shape']} {r['pattern']:<16} "
                 f"{r.get('preset') or r.get('method')}: {r['seconds']:.3f} s"
             )
-        elif b in ("projection", "pipeline"):
-            keys = (
-                ("pattern", "projected_s", "published_s")
-                if b == "projection"
-                else (
-                    "init",
-                    "seconds",
-                    "projected_32_blocks_s",
-                    "peak_mem_bytes",
-                    "err_before",
-                    "err_after",
+        elif b == "projection":
+            keys = ("pattern", "projected_s", "published_s")
+            lines.append(f"  {b}: " + ", ".join(f"{k}={r.get(k)}" for k in keys))
+        elif b == "pipeline":
+            st = r.get("stages") or {}
+            parts = ", ".join(
+                f"{k[:-2]} {v:.1f}" for k, v in st.items() if k.endswith("_s") and v is not None
+            )
+            ratio = r.get("ratio_to_floor")
+            lines.append(
+                f"  pipeline {r['config']:<12} {r['seconds']:.1f} s"
+                + (f" ({ratio:.2f}x floor)" if ratio else "")
+                + f" [{parts}] host {(r.get('peak_host_bytes') or 0) / 2**30:.1f} GiB"
+                + f", device {(r.get('peak_device_bytes') or 0) / 2**30:.1f} GiB"
+                + (
+                    f", projected 32 blocks {r['projected_32_blocks_s']:.0f} s"
+                    if "projected_32_blocks_s" in r
+                    else ""
                 )
             )
-            lines.append(f"  {b}: " + ", ".join(f"{k}={r.get(k)}" for k in keys))
         elif b == "latency":
             lines.append(
                 f"  e2e {r['variant']:<14} b={r['batch_size']} L={r['prompt_len']} "
