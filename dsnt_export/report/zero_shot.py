@@ -6,7 +6,9 @@ which ``dsnt-export run --tasks`` / ``dsnt-export eval RUN --tasks`` append to
 ``RUN/eval/zero_shot.jsonl`` (:func:`write_outputs`, with one figure per metric beside it). The run
 report (:mod:`dsnt_export.report.writer`) reads them back with every other ``*.jsonl`` row:
 :func:`zero_shot_table` is its per-task table (dense vs sparse), :func:`plot_rows` its figure.
-When a file holds several evaluations of the same variant, task and metric, the last row wins.
+When a file holds several evaluations of the same runtime, variant, task and metric, the last row
+wins; evaluations on different runtimes (``eval --runtime torch`` then ``--runtime vllm``) are kept
+side by side, one table block and one group of bars per runtime.
 """
 
 from __future__ import annotations
@@ -23,32 +25,49 @@ def _ok(rows: Sequence[dict]) -> list[dict]:
     return [r for r in rows if r.get("bench") == "zero_shot" and r.get("status") == "ok"]
 
 
+def _rt(r: dict) -> str:
+    """The runtime a zero-shot row was scored on (rows written before runtimes: torch)."""
+    return r.get("runtime") or "torch"
+
+
+def _label(r: dict, runtimes: Sequence[str]) -> str:
+    """The row's variant, with its runtime when the rows hold more than one runtime."""
+    return r["variant"] if len(runtimes) < 2 else f"{r['variant']} [{_rt(r)}]"
+
+
 def zero_shot_table(rows: Sequence[dict]) -> list[dict]:
-    """One entry per task and metric of the ok ``zero_shot`` rows: ``task``, ``metric``, ``dense``
-    / ``sparse`` (value, %), ``dense_stderr`` / ``sparse_stderr`` (%), ``delta`` (sparse - dense,
-    points), ``n_samples``, ``limit``, ``harness`` (lm-eval version); then one ``mean`` entry per
-    metric (mean over the tasks each variant has). Values of a missing variant are None."""
+    """One entry per runtime, task and metric of the ok ``zero_shot`` rows: ``runtime``, ``task``,
+    ``metric``, ``dense`` / ``sparse`` (value, %), ``dense_stderr`` / ``sparse_stderr`` (%),
+    ``delta`` (sparse - dense, points), ``n_samples``, ``limit``, ``harness`` (lm-eval version);
+    then one ``mean`` entry per runtime and metric (mean over the tasks each variant has). Values
+    of a missing variant are None."""
     ok = _ok(rows)
-    cell = {(r["task"], r["metric"], r.get("variant")): r for r in ok}
-    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in ok))
+    cell = {(_rt(r), r["task"], r["metric"], r.get("variant")): r for r in ok}
+    keys = list(dict.fromkeys((_rt(r), r["task"], r["metric"]) for r in ok))
     out = []
-    for task, metric in keys:
-        e: dict = {"task": task, "metric": metric}
+    for rt, task, metric in keys:
+        e: dict = {"runtime": rt, "task": task, "metric": metric}
         for v in ("dense", "sparse"):
-            r = cell.get((task, metric, v))
+            r = cell.get((rt, task, metric, v))
             e[v] = None if r is None else 100 * r["value"]
             se = None if r is None else r.get("stderr")
             e[f"{v}_stderr"] = None if se is None else 100 * se
-        any_r = cell.get((task, metric, "sparse")) or cell.get((task, metric, "dense")) or {}
+        any_r = (
+            cell.get((rt, task, metric, "sparse")) or cell.get((rt, task, metric, "dense")) or {}
+        )
         e["delta"] = None if None in (e["dense"], e["sparse"]) else e["sparse"] - e["dense"]
         e["n_samples"] = any_r.get("n_samples")
         e["limit"] = any_r.get("limit")
         e["harness"] = (any_r.get("harness") or {}).get("version")
         out.append(e)
-    for metric in dict.fromkeys(m for _, m in keys):
-        e = {"task": "mean", "metric": metric}
+    for rt, metric in dict.fromkeys((rt, m) for rt, _, m in keys):
+        e = {"runtime": rt, "task": "mean", "metric": metric}
         for v in ("dense", "sparse"):
-            xs = [x[v] for x in out if x["metric"] == metric and x[v] is not None]
+            xs = [
+                x[v]
+                for x in out
+                if x["runtime"] == rt and x["metric"] == metric and x[v] is not None
+            ]
             e[v] = sum(xs) / len(xs) if xs else None
             e[f"{v}_stderr"] = None
         e["delta"] = None if None in (e["dense"], e["sparse"]) else e["sparse"] - e["dense"]
@@ -67,6 +86,7 @@ def markdown_rows(table: Sequence[dict]) -> list[dict]:
     "value ± stderr" (%), ``delta`` in points (for :data:`ZS_COLS`)."""
     return [
         {
+            "runtime": e.get("runtime", "torch"),
             "task": e["task"],
             "metric": e["metric"],
             "dense": _pm(e["dense"], e["dense_stderr"]),
@@ -80,6 +100,7 @@ def markdown_rows(table: Sequence[dict]) -> list[dict]:
 
 # the Markdown columns of the report's zero-shot table (key, header)
 ZS_COLS = [
+    ("runtime", "runtime"),
     ("task", "task"),
     ("metric", "metric"),
     ("dense", "dense (%)"),
@@ -106,8 +127,9 @@ def plot_rows(rows: Sequence[dict], path: str | Path, *, metric: str = "acc") ->
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in ok))
-    variants = list(dict.fromkeys(r["variant"] for r in ok))
-    cell = {(r["variant"], r["task"]): r for r in ok}
+    runtimes = list(dict.fromkeys(_rt(r) for r in ok))
+    variants = list(dict.fromkeys(_label(r, runtimes) for r in ok))
+    cell = {(_label(r, runtimes), r["task"]): r for r in ok}
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 3.6))
     for k, v in enumerate(variants):
@@ -162,23 +184,25 @@ def format_table(rows: Sequence[dict]) -> str:
     """A plain-text table: one line per task and metric, a column per variant (value ± stderr, %),
     then the mean over tasks per metric and variant, and skipped rows with their reasons."""
     ok = _ok(rows)
-    variants = list(dict.fromkeys(r["variant"] for r in ok))
-    cell = {(r["task"], r["metric"], r["variant"]): r for r in ok}
+    runtimes = list(dict.fromkeys(_rt(r) for r in ok))
+    variants = list(dict.fromkeys(_label(r, runtimes) for r in ok))
+    cell = {(r["task"], r["metric"], _label(r, runtimes)): r for r in ok}
     keys = list(dict.fromkeys((r["task"], r["metric"]) for r in ok))
-    lines = [f"{'task':<16} {'metric':<9}" + "".join(f" {v:>16}" for v in variants)]
+    width = max([16] + [len(v) for v in variants])
+    lines = [f"{'task':<16} {'metric':<9}" + "".join(f" {v:>{width}}" for v in variants)]
     for task, metric in keys:
         vals = []
         for v in variants:
             r = cell.get((task, metric, v))
             se = f" ± {100 * r['stderr']:.1f}" if r and r.get("stderr") is not None else ""
             vals.append(f"{100 * r['value']:.1f}{se}" if r else "-")
-        lines.append(f"{task:<16} {metric:<9}" + "".join(f" {x:>16}" for x in vals))
+        lines.append(f"{task:<16} {metric:<9}" + "".join(f" {x:>{width}}" for x in vals))
     for metric in dict.fromkeys(m for _, m in keys):
         means = []
         for v in variants:
             xs = [cell[(t, m, v)]["value"] for t, m in keys if m == metric and (t, m, v) in cell]
             means.append(f"{100 * sum(xs) / len(xs):.2f}" if xs else "-")
-        lines.append(f"{'mean':<16} {metric:<9}" + "".join(f" {x:>16}" for x in means))
+        lines.append(f"{'mean':<16} {metric:<9}" + "".join(f" {x:>{width}}" for x in means))
     if ok:
         r = ok[0]
         lines.append(

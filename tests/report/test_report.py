@@ -311,10 +311,30 @@ def test_zero_shot_rows_in_the_run_report(tmp_path):
     assert (run / "report" / "zero_shot.png").read_bytes()[:8] == PNG_MAGIC
     md = (run / "report" / "report.md").read_text()
     assert "## Zero-shot accuracy (lm-eval)" in md and "(zero_shot.png)" in md
-    assert "| boolq | acc | 62.0 ± 6.8 | 58.0 ± 7.0 | -4.0 | 50 |" in md
+    assert "| torch | boolq | acc | 62.0 ± 6.8 | 58.0 ± 7.0 | -4.0 | 50 |" in md
     assert "zero_shot" not in rep["other"]
     man = json.loads((run / "report" / "dsnt_manifest.json").read_text())
     assert "zero_shot.png" in man["files"]
+
+
+def test_zero_shot_on_two_runtimes_kept_side_by_side():
+    """`eval --runtime torch` then `--runtime vllm` into one RUN/eval: both in the table, the
+    later evaluation of the same runtime still wins."""
+    from dsnt_export.report.zero_shot import format_table, zero_shot_table
+
+    torch_rows = [_zs("dense", "boolq", 0.62, 0.068), _zs("sparse", "boolq", 0.58, 0.07)]
+    vllm_rows = [
+        {**_zs(v, "boolq", x, 0.07), "runtime": "vllm"}
+        for v, x in (("dense", 0.62), ("sparse", 0.56))
+    ]
+    stale_vllm = {**_zs("sparse", "boolq", 0.10, 0.07), "runtime": "vllm"}
+    table = zero_shot_table([stale_vllm, *torch_rows, *vllm_rows])
+    cells = {(e["runtime"], e["task"], e["metric"]): e for e in table}
+    assert cells[("torch", "boolq", "acc")]["sparse"] == pytest.approx(58.0)
+    assert cells[("vllm", "boolq", "acc")]["sparse"] == pytest.approx(56.0)
+    assert cells[("vllm", "mean", "acc")]["delta"] == pytest.approx(-6.0)
+    text = format_table([*torch_rows, *vllm_rows])
+    assert "sparse [vllm]" in text and "dense [torch]" in text
 
 
 def test_zero_shot_outputs_moved_to_report():
