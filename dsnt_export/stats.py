@@ -1,7 +1,10 @@
 """Per-input-channel activation statistics of one linear layer (docs/dsnot-spec.md section 1).
 
-Accumulated exactly as the reference code does (float32, same update order, one ``update`` per
-calibration sample or batch), so that masks computed from them match the reference bit for bit:
+Two accumulation modes, the same quantities up to float32 rounding:
+
+``accumulate="reference"``: exactly as the reference code does (float32, same update order, one
+``update`` per calibration sample or batch), so that masks computed from them match the reference
+bit for bit (the DSnoT reference-parity path):
 
     b = number of samples in the update, n = samples seen so far
     sq_sum *= n / (n + b); sum *= n / (n + b); n += b
@@ -9,22 +12,75 @@ calibration sample or batch), so that masks computed from them match the referen
     sum    += sum_t x_j / n                 (T * E[x_j], mean over samples)
     var     = (var * ntok + var_b * ntok_b) / (ntok + ntok_b)   (token-weighted mean of per-call
                                                                  population variances)
+    H      *= n / (n + b); H += 2/n X^T X   (optional SparseGPT Hessian, same running mean)
 
-Optionally also the SparseGPT Hessian ``H = 2/n * sum X^T X`` (same running-mean update).
+``accumulate="sum"`` (the driver's fast path): plain sums over all tokens, scaled once when read.
+One update takes a whole batch ``[B, T, in]``; the Hessian is ONE ``X^T X`` over the batch's
+tokens (only the upper block triangle is multiplied for wide inputs, :func:`add_xtx`, and the lower
+one mirrored when read), and nothing is rescaled per sample:
+
+    sq_sum = sum_tokens x_j^2 / n           sum = sum_tokens x_j / n        H = 2/n sum X^T X
+    var    = sum_samples T_s var_s(x_j) / ntokens  (the same token-weighted mean of per-SAMPLE
+                                                    population variances, whatever the batching)
+
+Both keep the per-sample definitions (``n`` counts samples), so they agree to float32 rounding.
 Non-finite values are detected when the statistics are read (no host sync per update).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 
-from dsnt_export.errors import EmptyStatisticsError, NonFiniteError, ShapeError
+from dsnt_export.errors import EmptyStatisticsError, NonFiniteError, ShapeError, UserInputError
+
+ACCUMULATE = ("reference", "sum")
+
+
+def add_xtx(out: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0) -> None:
+    """``out += alpha * x^T x`` on the UPPER block triangle of ``out`` only (in place).
+
+    ``x``: ``[tokens, in]`` float32; ``out``: ``[in, in]`` float32, same device. For ``in >= 512``
+    the columns are cut into 4 chunks and only the diagonal and upper off-diagonal blocks are
+    multiplied (5/8 of the full product's work, BLAS ``syrk`` style); the blocks below the diagonal
+    are left untouched, :func:`mirror_upper` fills them. Narrower inputs get one full product
+    (chunk bounds: :func:`xtx_bounds`).
+    """
+    bounds = xtx_bounds(x.shape[1])
+    if len(bounds) == 2:
+        out.addmm_(x.t(), x, alpha=alpha)
+        return
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
+        out[lo:hi, lo:].addmm_(x[:, lo:hi].t(), x[:, lo:], alpha=alpha)
+
+
+def xtx_bounds(n: int) -> list[int]:
+    """Chunk bounds :func:`add_xtx` uses for ``n`` input channels (``[0, n]``: one product)."""
+    k = 4 if n >= 512 else 1
+    return [round(i * n / k) for i in range(k + 1)]
+
+
+def mirror_upper(h: torch.Tensor) -> None:
+    """Copy the upper off-diagonal blocks of ``h`` (filled by :func:`add_xtx`) below the diagonal."""
+    bounds = xtx_bounds(h.shape[0])
+    for i in range(1, len(bounds) - 1):
+        lo, hi = bounds[i - 1], bounds[i]
+        h[hi:, lo:hi] = h[lo:hi, hi:].t()
 
 
 class ActivationStats:
-    """Running statistics of the inputs ``x[..., in_features]`` of one linear layer."""
+    """Running statistics of the inputs ``x[..., in_features]`` of one linear layer.
+
+    ``in_features``: positive int; ``device``: where the float32 statistics live (default CPU);
+    ``hessian``: also accumulate ``H = 2/n X^T X`` [in, in]; ``name``: the layer, for messages;
+    ``accumulate``: ``"reference"`` (the reference code's running means, bit for bit) or ``"sum"``
+    (one product per batch, scaled when read; module docstring); ``variance``: also accumulate
+    ``var`` (DSnoT's grow score reads it; ``"sum"`` mode only, the reference mode always does).
+    Raises ``ShapeError`` for a bad ``in_features``, ``UserInputError`` for a bad ``accumulate``.
+    """
 
     def __init__(
         self,
@@ -33,12 +89,20 @@ class ActivationStats:
         *,
         hessian: bool = False,
         name: str | None = None,
+        accumulate: str = "reference",
+        variance: bool = True,
     ):
         if not isinstance(in_features, int) or in_features <= 0:
             raise ShapeError(f"in_features must be a positive int, got {in_features!r}")
+        if accumulate not in ACCUMULATE:
+            raise UserInputError(
+                f"accumulate must be one of {list(ACCUMULATE)}, got {accumulate!r}"
+            )
         self.in_features = in_features
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.name = name
+        self.accumulate = accumulate
+        self.variance = variance or accumulate == "reference"
         self.nsamples = 0
         self.ntokens = 0
         self._sq_sum = torch.zeros(in_features, dtype=torch.float32, device=self.device)
@@ -50,6 +114,12 @@ class ActivationStats:
             if hessian
             else None
         )
+        # "sum" mode: _sq_sum, _sum hold plain sums, _var sum_s T_s var_s; _H holds
+        # _h_scale * sum X^T X, its blocks below the diagonal only valid right after a read
+        self._h_scale = 1.0
+        self._h_mirrored = True
+        self._h_checked = False
+        self._memo: dict = {}
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -76,6 +146,7 @@ class ActivationStats:
         st.nsamples, st.ntokens = int(nsamples), int(ntokens)
         if hessian is not None:
             st._H = torch.as_tensor(hessian).float().clone()
+            st._h_checked = False
         return st
 
     # ------------------------------------------------------------------ accumulation
@@ -99,6 +170,9 @@ class ActivationStats:
             x = x.unsqueeze(0)
         elif x.dim() > 3:
             x = x.reshape(-1, x.shape[-2], x.shape[-1])
+        if self.accumulate == "sum":
+            self._update_sum(x)
+            return
         b = x.shape[0]
         # Same layout and op order as the reference: [in, tokens] view, then float32.
         inp = x.reshape(-1, x.shape[-1]).t().to(torch.float32)
@@ -124,6 +198,24 @@ class ActivationStats:
         if self._H is not None:
             xs = math.sqrt(2 / self.nsamples) * inp
             self._H += xs.matmul(xs.t())
+        self._h_checked = False
+        self._memo.clear()
+
+    def _update_sum(self, x: torch.Tensor) -> None:
+        """``"sum"`` mode: plain sums of a batch ``[B, T, in]`` (module docstring)."""
+        b, t = x.shape[0], x.shape[1]
+        flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        self._sum += flat.sum(dim=0)
+        self._sq_sum += torch.linalg.vector_norm(flat, dim=0).square_()
+        if self.variance:  # per-sample population variances, weighted by their T tokens
+            self._var += torch.var(flat.reshape(b, t, -1), dim=1, unbiased=False).sum(dim=0) * t
+        if self._H is not None:  # the blocks below the diagonal are refreshed when read
+            add_xtx(self._H, flat, alpha=self._h_scale)
+            self._h_mirrored = False
+        self.nsamples += b
+        self.ntokens += b * t
+        self._h_checked = False
+        self._memo.clear()
 
     # ------------------------------------------------------------------ read access
     def _where(self) -> str:
@@ -135,7 +227,8 @@ class ActivationStats:
                 f"{self._where()}no calibration data was seen, so '{what}' is undefined; "
                 "run the layer on at least one calibration sample (check that the forward hook fired)"
             )
-        if not bool(torch.isfinite(t).all()):
+        # one reduction (a finite sum means finite entries), the elementwise check only otherwise
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             bad = (~torch.isfinite(t)).nonzero()
             raise NonFiniteError(
                 f"{self._where()}statistic '{what}' has {bad.shape[0]} non-finite entries (first at "
@@ -144,24 +237,39 @@ class ActivationStats:
             )
         return t
 
+    def _per(self, t: torch.Tensor, count: int) -> torch.Tensor:
+        """A "sum" mode plain sum divided by ``count`` (the stored tensor itself otherwise)."""
+        if self.accumulate == "reference" or count == 0:
+            return t
+        return t / count
+
     @property
     def sq_sum(self) -> torch.Tensor:
-        """a_j: mean over samples of sum_t x_j^2 (Wanda's squared column norm)."""
-        return self._checked(self._sq_sum, "sq_sum")
+        """a_j: mean over samples of sum_t x_j^2 (Wanda's squared column norm), float32 [in]."""
+        return self._checked(self._per(self._sq_sum, self.nsamples), "sq_sum")
 
     @property
     def sum(self) -> torch.Tensor:
-        """s_j: mean over samples of sum_t x_j (T * E[x_j])."""
-        return self._checked(self._sum, "sum")
+        """s_j: mean over samples of sum_t x_j (T * E[x_j]), float32 [in]."""
+        return self._checked(self._per(self._sum, self.nsamples), "sum")
 
     @property
     def var(self) -> torch.Tensor:
-        """v_j: token-weighted mean of per-update population variances."""
-        return self._checked(self._var, "var")
+        """v_j: token-weighted mean of per-update (``"sum"`` mode: per-sample) population
+        variances, float32 [in]. Raises ``EmptyStatisticsError`` when not accumulated
+        (``variance=False``)."""
+        if not self.variance:
+            raise EmptyStatisticsError(
+                f"{self._where()}the variance was not accumulated; create "
+                "ActivationStats(..., variance=True)"
+            )
+        return self._checked(self._per(self._var, self.ntokens), "var")
 
     @property
     def mean(self) -> torch.Tensor:
         """Token-weighted mean of per-update channel means (float32 [in])."""
+        if self.accumulate == "sum":
+            return self._checked(self._per(self._sum, self.ntokens), "mean")
         return self._checked(self._mean, "mean")
 
     @property
@@ -176,14 +284,37 @@ class ActivationStats:
             raise EmptyStatisticsError(
                 f"{self._where()}no Hessian was accumulated; create ActivationStats(..., hessian=True)"
             )
-        return self._checked(self._H, "hessian")
+        if self.accumulate == "sum" and self.nsamples:
+            scale = 2 / self.nsamples
+            if self._h_scale != scale:  # once per read after updates: 2/n times the sum
+                self._H.mul_(scale / self._h_scale)
+                self._h_scale = scale
+            if not self._h_mirrored:
+                mirror_upper(self._H)
+                self._h_mirrored = True
+        if not self._h_checked:  # checked once per accumulated state, not on every read
+            self._checked(self._H, "hessian")
+            self._h_checked = True
+        return self._H
 
     def free_hessian(self) -> None:
-        """Drop the Hessian (the driver frees it once a stage's linears are pruned)."""
+        """Drop the Hessian and what :meth:`memo` derived from it (the driver frees it once a
+        stage's linears are pruned)."""
         self._H = None
+        self._h_scale = 1.0
+        self._memo.clear()
+
+    def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per accumulated state and ``key`` (e.g. SparseGPT's factor of
+        the Hessian, shared by the linears that read the same input); forgotten on ``update`` and
+        :meth:`free_hessian`."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def __repr__(self) -> str:
         return (
             f"ActivationStats(in_features={self.in_features}, nsamples={self.nsamples}, "
-            f"ntokens={self.ntokens}, hessian={self._H is not None}, name={self.name!r})"
+            f"ntokens={self.ntokens}, hessian={self._H is not None}, "
+            f"accumulate={self.accumulate!r}, name={self.name!r})"
         )

@@ -231,7 +231,7 @@ register_initial("wanda")(_metric_pruner("wanda"))
 @register_initial("sparsegpt", needs_hessian=True)
 def _sparsegpt(weight, stats, pattern, *, name=None, options=None) -> InitialResult:
     """SparseGPT's mask and OBS update; ``options``: a ``SparseGPTConfig`` (None = defaults)."""
-    from dsnt_export.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
+    from dsnt_export.methods.sparsegpt import SparseGPTConfig, sparsegpt_factor, sparsegpt_prune
 
     opts = options if options is not None else SparseGPTConfig()
     _check_weight(weight, stats, name)
@@ -244,6 +244,10 @@ def _sparsegpt(weight, stats, pattern, *, name=None, options=None) -> InitialRes
         blocksize=opts.blocksize,
         percdamp=opts.percdamp,
         return_pruned_values=True,
+        factor=stats.memo(
+            ("sparsegpt_factor", opts.percdamp, weight.device),
+            lambda: sparsegpt_factor(stats.hessian, opts.percdamp, device=weight.device),
+        ),
     )
     dense = torch.where(keep, new_w, pruned_vals)
     return InitialResult(dense, keep, wanda_metric(dense, stats), "sparsegpt")

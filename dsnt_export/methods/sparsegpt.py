@@ -41,7 +41,7 @@ from dsnt_export.refine.loss import dampening
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseGPTConfig", "sparsegpt_prune", "inverse_hessian_factor"]
+__all__ = ["SparseGPTConfig", "inverse_hessian_factor", "sparsegpt_factor", "sparsegpt_prune"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     device: torch.device | str | None = None,
     return_pruned_values: bool = False,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prune ``weight`` [out, in] to ``pattern`` with SparseGPT's OBS update.
 
@@ -73,7 +74,8 @@ def sparsegpt_prune(
     ``hessian`` is ``2/n X^T X`` [in, in] of the layer's inputs (``ActivationStats.hessian``); it is
     not modified. Work happens in float32 on ``device`` (default: ``weight.device``). Returns the
     updated weight (``weight``'s dtype and device, exact zeros where pruned) and the keep mask
-    (bool [out, in], True = kept).
+    (bool [out, in], True = kept). ``factor``: :func:`sparsegpt_factor` of this ``hessian`` and
+    ``percdamp`` on ``device``, when already computed (linears reading the same input share it).
     """
     pattern = parse_pattern(pattern)
     _validate(weight, hessian, pattern, blocksize, percdamp)
@@ -83,12 +85,8 @@ def sparsegpt_prune(
     # Work on a float32 copy of W^T [in, out]: a column of W is then a contiguous row, which makes
     # the per-column rank-1 updates (the hot loop) several times faster on CPU.
     Wt = torch.empty(cols, rows, dtype=torch.float32, device=dev).copy_(weight.detach().t())
-    H = hessian.detach().to(device=dev, dtype=torch.float32, copy=True)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0  # advanced indexing on both axes: only the diagonal entries
+    U, dead = factor if factor is not None else sparsegpt_factor(hessian, percdamp, device=dev)
     Wt[dead] = 0.0
-    U = inverse_hessian_factor(H, percdamp)
-    del H
 
     prune = torch.zeros(cols, rows, dtype=torch.bool, device=dev)
     loss = torch.zeros(rows, dtype=torch.float32, device=dev)
@@ -130,6 +128,20 @@ def sparsegpt_prune(
     return out, keep
 
 
+def sparsegpt_factor(
+    hessian: torch.Tensor, percdamp: float = 0.01, *, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: SparseGPT's :func:`inverse_hessian_factor` of ``hessian`` [in, in] after
+    setting the diagonal of dead input channels (``H_jj == 0``, bool [in] ``dead``) to 1, as the
+    reference code does; float32 on ``device`` (default: the Hessian's). Depends only on the
+    Hessian and ``percdamp``, so linears that read the same input share it."""
+    dev = torch.device(device) if device is not None else hessian.device
+    H = hessian.detach().to(device=dev, dtype=torch.float32, copy=True)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0  # advanced indexing on both axes: only the diagonal entries
+    return inverse_hessian_factor(H, percdamp), dead
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + percdamp * mean(diag H) * I)^-1`` (float32).
 
@@ -147,7 +159,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tor
         L, info = torch.linalg.cholesky_ex(Hf + dampening(Hf, damp) * eye)
         if int(info) == 0:
             U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-            if bool(torch.isfinite(U).all()):
+            if bool(torch.isfinite(U.sum())) or bool(torch.isfinite(U).all()):
                 return U
         if attempt == 0:
             logger.warning(
@@ -176,11 +188,15 @@ def _prune_block(Wt1: torch.Tensor, U1: torch.Tensor, pattern: Pattern, prune1: 
     d = torch.diagonal(U1)
     err1 = torch.empty_like(Wt1)
     nm = isinstance(pattern, NM)
+    if nm:
+        d2 = d.square()
+        ar = torch.arange(pattern.m, device=Wt1.device)
+        earlier = (ar[:, None] < ar[None, :])[:, :, None]
     for i in range(count):
         if nm and i % pattern.m == 0:
             j = i + pattern.m
-            sal = Wt1[i:j].square() / d[i:j, None].square()
-            prune1[i:j] = _smallest_per_row(sal.t(), pattern.n_prune).t()
+            sal = Wt1[i:j].square().div_(d2[i:j, None])
+            prune1[i:j] = _smallest_per_column(sal, pattern.n_prune, earlier)
         e = torch.mul(Wt1[i], prune1[i], out=err1[i]).div_(d[i])
         # Turns column i into w - (w - q) = q (up to rounding) and updates the block's later columns.
         Wt1[i:].addmm_(U1[i, i:, None], e[None, :], alpha=-1.0)
@@ -193,6 +209,16 @@ def _smallest_per_row(sal: torch.Tensor, n: int) -> torch.Tensor:
     """Bool mask of the ``n`` smallest entries of each row; ties go to the lower column index."""
     idx = torch.argsort(sal, dim=1, stable=True)[:, :n]
     return torch.zeros_like(sal, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def _smallest_per_column(sal: torch.Tensor, n: int, earlier: torch.Tensor) -> torch.Tensor:
+    """Bool mask [m, out] of the ``n`` smallest of each column of ``sal`` [m, out] (ties go to the
+    lower row index): an entry is pruned when fewer than ``n`` entries come before it in the
+    stable order. ``earlier`` [m, m, 1]: ``a < b``. Same mask as :func:`_smallest_per_row` on the
+    transpose, without a sort (a few broadcast comparisons on the small ``m``)."""
+    a, b = sal[:, None, :], sal[None, :, :]  # [a, b, out]: does a come before b?
+    before = torch.where(earlier, a <= b, a < b)
+    return before.sum(dim=0) < n
 
 
 def _smallest_in_tile(Wt1: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:
@@ -246,6 +272,8 @@ def _validate(
     for name, t in (("weight", weight), ("hessian", hessian)):
         if not t.is_floating_point():
             raise UserInputError(f"SparseGPT: {name} must be floating point, got {t.dtype}")
+        if bool(torch.isfinite(t.sum())):  # one reduction; the elementwise check only on failure
+            continue
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             n_bad = int((~finite).sum())

@@ -135,6 +135,11 @@ class DSnoTConfig:
         )
 
     @property
+    def needs_variance(self) -> bool:
+        """True: DSnoT's grow score divides by ``ActivationStats.var`` (spec section 1)."""
+        return True
+
+    @property
     def needs_hessian(self) -> bool:
         """True when the loss guard is on (it reads ``ActivationStats.hessian``)."""
         return self.loss_guard

@@ -88,6 +88,11 @@ class HessianSwapConfig:
         check_number("percdamp", self.percdamp, nonneg=True, hint=" (e.g. 0.03)")
 
     @property
+    def needs_variance(self) -> bool:
+        """False: the swaps never read ``ActivationStats.var``."""
+        return False
+
+    @property
     def needs_hessian(self) -> bool:
         """Always True: the swaps are scored with ``ActivationStats.hessian``."""
         return True

@@ -9,7 +9,10 @@
 * :func:`run_block` replays one block on a list of batches with those keyword arguments (caches off).
 * :class:`StatsCollector` hooks the first linear of each stage group and feeds
   :class:`~dsnt_export.stats.ActivationStats`, one ``update`` per calibration sample (the reference
-  accumulation order), optionally stopping the block early once every hooked linear has fired.
+  accumulation order) or per batch (``"sum"`` statistics), optionally stopping the block early once
+  every hooked linear has fired.
+* :func:`canonical_order` sorts the calibration windows by their token ids, so that any
+  permutation of the same windows gives the same statistics, masks and weights.
 """
 
 from __future__ import annotations
@@ -67,6 +70,15 @@ def normalize_samples(samples: torch.Tensor | Sequence[torch.Tensor]) -> list[to
     if not out:
         raise DataSourceError("no calibration samples were given; provide at least one")
     return out
+
+
+def canonical_order(samples: Sequence[torch.Tensor]) -> list[int]:
+    """Indices that sort ``samples`` (token-id tensors ``[T]`` or ``[1, T]``) canonically: by
+    length, then lexicographically by token ids (equal windows keep their relative order; being
+    equal, they are interchangeable). Any permutation of the same windows, reordered by this,
+    gives the same sequence, so everything computed from it is bit-identical."""
+    keys = [(int(s.numel()), s.reshape(-1).tolist()) for s in samples]
+    return sorted(range(len(samples)), key=keys.__getitem__)
 
 
 @contextlib.contextmanager
@@ -196,7 +208,8 @@ def run_block(
 
 
 class StatsCollector:
-    """Forward hooks feeding one ActivationStats per hooked module (one update per sample).
+    """Forward hooks feeding one ActivationStats per hooked module: one update per sample for
+    ``accumulate="reference"`` statistics (the reference order), one per batch for ``"sum"``.
 
     ``targets`` maps a hook name to ``(module, stats)``. With ``stop_early`` the block's forward is
     interrupted (private exception) as soon as every hooked module has fired for the batch.
@@ -215,12 +228,15 @@ class StatsCollector:
         self._fired = set()
 
     def _hook(self, name: str, stats: ActivationStats):
-        def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
+        def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
             # OPT's fc1/fc2 see [B*T, H]; restore the per-sample view
             x = x.reshape(self._batch, -1, x.shape[-1])
-            for b in range(self._batch):
-                stats.update(x[b])
+            if stats.accumulate == "sum":
+                stats.update(x)  # one product over the batch's tokens
+            else:
+                for b in range(self._batch):  # the reference's one update per sample
+                    stats.update(x[b])
             self._fired.add(name)
             if self.stop_early and len(self._fired) == len(self.targets):
                 raise _StopForward
@@ -229,7 +245,8 @@ class StatsCollector:
 
     def __enter__(self) -> StatsCollector:
         for name, (mod, stats) in self.targets.items():
-            self._handles.append(mod.register_forward_hook(self._hook(name, stats)))
+            # a pre-hook: the last hooked linear's own product is not computed when stopping early
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name, stats)))
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -39,17 +39,21 @@ from dsnt_export.refine.loss import relative_loss
 from dsnt_export.sparsify.capture import (
     StatsCollector,
     batches,
+    canonical_order,
     capture_block_inputs,
     normalize_samples,
     run_block,
 )
 from dsnt_export.sparsify.plan import LinearTarget, Plan, plan_targets
 from dsnt_export.sparsify.record import LayerRecord, SparsifyReport
-from dsnt_export.stats import ActivationStats
+from dsnt_export.stats import ACCUMULATE, ActivationStats
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerRecord", "SparsifyConfig", "SparsifyReport", "sparsify", "sparsify_block"]
+
+#: ``SparsifyConfig.calibration_order`` values
+CALIBRATION_ORDERS = ("canonical", "given")
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,17 @@ class SparsifyConfig:
     batch_size:     calibration samples per block forward (positive int).
     offload_activations: keep calibration activations on the CPU between blocks.
     sparsegpt_blocksize / sparsegpt_percdamp: SparseGPT's options (its own dampening, 0.01).
+    statistics:     how activation statistics accumulate (:class:`~dsnt_export.stats.ActivationStats`):
+                    "sum" (one ``X^T X`` per batch, scaled once; fast) or "reference" (the
+                    reference code's per-sample running means, bit for bit). None = "reference"
+                    for ``refine="dsnot"`` (DSnoT's reference-parity path), else "sum".
+    calibration_order: "canonical" (the windows sorted by their token ids first, so any
+                    permutation of the same windows gives bit-identical statistics, masks and
+                    weights) or "given" (as passed). None = "given" with reference statistics,
+                    else "canonical".
 
     Raises ``UserInputError`` for an unknown method or refiner (listing the known ones), a config
-    of the wrong type, or a bad ``batch_size``.
+    of the wrong type, a bad ``batch_size``, ``statistics`` or ``calibration_order``.
     """
 
     pattern: Pattern
@@ -85,6 +97,8 @@ class SparsifyConfig:
     offload_activations: bool = False
     sparsegpt_blocksize: int = 128
     sparsegpt_percdamp: float = 0.01
+    statistics: str | None = None
+    calibration_order: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
@@ -117,11 +131,35 @@ class SparsifyConfig:
         object.__setattr__(self, "refine_config", cfg)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UserInputError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        stats = self.statistics
+        if stats is None:
+            stats = "reference" if refine == "dsnot" else "sum"
+        elif stats not in ACCUMULATE:
+            raise UserInputError(
+                f"statistics must be one of {list(ACCUMULATE)} (or None: automatic), got {stats!r}"
+            )
+        order = self.calibration_order
+        if order is None:
+            order = "given" if stats == "reference" else "canonical"
+        elif order not in CALIBRATION_ORDERS:
+            raise UserInputError(
+                f"calibration_order must be one of {list(CALIBRATION_ORDERS)} (or None: "
+                f"automatic), got {order!r}"
+            )
+        object.__setattr__(self, "statistics", stats)
+        object.__setattr__(self, "calibration_order", order)
 
     @property
     def refiner(self) -> Refiner | None:
         """The registered refiner, or None for ``refine="none"``."""
         return None if self.refine == NO_REFINE else get_refiner(self.refine)
+
+    @property
+    def needs_variance(self) -> bool:
+        """Whether ``ActivationStats.var`` is read (DSnoT's grow score): the refiner config's
+        ``needs_variance`` (True for a config without that attribute)."""
+        cfg = self.refine_config
+        return bool(cfg is not None and getattr(cfg, "needs_variance", True))
 
     @property
     def needs_hessian(self) -> bool:
@@ -188,6 +226,8 @@ def sparsify(
         model, config.pattern, exclude=config.exclude, refine_exclude=config.refine_exclude
     )
     samples = normalize_samples(calibration)
+    if config.calibration_order == "canonical":
+        samples = [samples[i] for i in canonical_order(samples)]
     store = torch.device("cpu") if config.offload_activations else None
     t0 = time.perf_counter()
     cap = capture_block_inputs(model, plan.adapter, samples, device=dev, store_device=store)
@@ -313,7 +353,7 @@ def _sparsify_block(
     records = []
     for stage in _stages(plan, targets, config.sequential):
         t0 = _now(runner.device)
-        stats = runner.collect(stage, plan, hessian=config.needs_hessian)
+        stats = runner.collect(stage, plan, config)
         _add(timings, "stats_s", _now(runner.device) - t0)
         for t in stage:
             rec = _prune_one(runner.block, t, stats[t.group], config)
@@ -372,7 +412,9 @@ class _BlockRunner:
         self.block, self.inputs, self.kw, self.groups = block, inputs, kwargs_by_len, groups
         self.device, self.store = device, store
 
-    def collect(self, stage: list[LinearTarget], plan: Plan, *, hessian: bool) -> dict[str, Any]:
+    def collect(
+        self, stage: list[LinearTarget], plan: Plan, config: SparsifyConfig
+    ) -> dict[str, Any]:
         stats: dict[str, ActivationStats] = {}
         hooks: dict[str, tuple[nn.Module, ActivationStats]] = {}
         for t in stage:
@@ -380,7 +422,14 @@ class _BlockRunner:
                 continue  # linears of one group read the same input: one set of statistics
             mod = self.block.get_submodule(t.linear)
             dev = self.device if self.device is not None else mod.weight.device
-            st = ActivationStats(mod.in_features, dev, hessian=hessian, name=t.name)
+            st = ActivationStats(
+                mod.in_features,
+                dev,
+                hessian=config.needs_hessian,
+                name=t.name,
+                accumulate=config.statistics,
+                variance=config.needs_variance,
+            )
             stats[t.group] = st
             hooks[t.group] = (mod, st)
         with StatsCollector(hooks, stop_early=True) as col:

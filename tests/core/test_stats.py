@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dsnt_export.errors import EmptyStatisticsError, NonFiniteError, ShapeError
-from dsnt_export.stats import ActivationStats
+from dsnt_export.errors import EmptyStatisticsError, NonFiniteError, ShapeError, UserInputError
+from dsnt_export.stats import ActivationStats, add_xtx, mirror_upper, xtx_bounds
 
 
 def test_closed_form_two_updates():
@@ -76,3 +76,51 @@ def test_bad_inputs():
         _ = st.sum
     with pytest.raises(EmptyStatisticsError, match="hessian=True"):
         _ = st.hessian
+
+
+@pytest.mark.parametrize("n", [8, 600])  # 600: the Hessian's upper block triangle + mirror
+def test_sum_mode_matches_reference_mode_and_definitions(n):
+    # "sum" (one product per batch, scaled when read) = the reference's running means up to
+    # float32 rounding, with the same per-SAMPLE definitions whatever the batching
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 16, n, generator=g) * 2 + 1 for _ in range(3)]
+    ref = ActivationStats(n, hessian=True)
+    fast = ActivationStats(n, hessian=True, accumulate="sum")
+    for x in xs:
+        for s in x:
+            ref.update(s)
+        fast.update(x)
+    assert (fast.nsamples, fast.ntokens) == (ref.nsamples, ref.ntokens) == (9, 144)
+    for k in ("sq_sum", "sum", "var", "mean", "hessian"):
+        torch.testing.assert_close(getattr(fast, k), getattr(ref, k), rtol=1e-5, atol=1e-4)
+    X = torch.cat([x.reshape(-1, n) for x in xs]).double()
+    torch.testing.assert_close(fast.hessian.double(), 2 / 9 * X.T @ X, rtol=1e-5, atol=1e-3)
+    # reading, then updating again: still the statistics of everything seen
+    fast.update(xs[0][:1])
+    ref.update(xs[0][0])
+    torch.testing.assert_close(fast.hessian, ref.hessian, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast.sq_sum, ref.sq_sum, rtol=1e-5, atol=1e-4)
+
+
+def test_sum_mode_hand_computed_and_options():
+    st = ActivationStats(2, hessian=True, accumulate="sum", variance=False)
+    st.update(torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]))  # 2 samples, T=2
+    torch.testing.assert_close(st.sq_sum, torch.tensor([42.0, 60.0]))  # (1+9+25+49) / 2
+    torch.testing.assert_close(st.sum, torch.tensor([8.0, 10.0]))
+    torch.testing.assert_close(st.mean, torch.tensor([4.0, 5.0]))
+    # 2/n X^T X with X the 4 tokens: [[84, 100], [100, 120]]
+    torch.testing.assert_close(st.hessian, torch.tensor([[84.0, 100.0], [100.0, 120.0]]))
+    with pytest.raises(EmptyStatisticsError, match="variance=True"):
+        _ = st.var
+    with pytest.raises(UserInputError, match="accumulate"):
+        ActivationStats(2, accumulate="float64")
+
+
+@pytest.mark.parametrize("n", [100, 512, 1537])
+def test_add_xtx_upper_blocks_and_mirror_give_the_full_product(n):
+    x = torch.randn(40, n, dtype=torch.float64)
+    h = torch.zeros(n, n, dtype=torch.float64)
+    add_xtx(h, x, alpha=0.5)
+    mirror_upper(h)
+    torch.testing.assert_close(h, 0.5 * x.T @ x)
+    assert xtx_bounds(n)[0] == 0 and xtx_bounds(n)[-1] == n

@@ -280,3 +280,57 @@ def test_report_timings_split_the_run_by_stage():
     blocks = [t[f"block_{i}_s"] for i in range(model.config.num_hidden_layers)]
     assert sum(t[k] for k in ("stats_s", "init_s", "refine_s", "rerun_s")) <= sum(blocks)
     assert t["capture_s"] + sum(blocks) <= t["total_s"]
+
+
+def test_any_order_of_the_calibration_windows_gives_bit_identical_weights():
+    # issue 16.1: the driver sorts the windows canonically (calibration_order "canonical", the
+    # default), so permutations of the same windows give the same statistics, masks and weights
+    ids = calib_ids(6, 16, seed=3)
+    cfg = SparsifyConfig(pattern="2:4", init="sparsegpt", refine=SWAP, batch_size=2)
+    assert (cfg.statistics, cfg.calibration_order) == ("sum", "canonical")
+    ref = tiny_model("llama")
+    sparsify(ref, ids, cfg, progress=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        perm = torch.randperm(ids.shape[0], generator=g)
+        m = tiny_model("llama")
+        sparsify(m, [ids[i] for i in perm], cfg, progress=False)
+        for (n, pa), pb in zip(ref.named_parameters(), m.parameters(), strict=True):
+            assert torch.equal(pa, pb), n
+    # the given order is honoured when asked for: then a permutation changes the rounding
+    given = SparsifyConfig(pattern="2:4", init="sparsegpt", refine=SWAP, calibration_order="given")
+    a, b = tiny_model("llama"), tiny_model("llama")
+    sparsify(a, ids, given, progress=False)
+    sparsify(b, ids.flip(0), given, progress=False)
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    assert any(not torch.equal(pa, pb) for pa, pb in pairs)
+
+
+def test_canonical_order_sorts_by_length_then_token_ids():
+    from dsnt_export.sparsify.capture import canonical_order
+
+    s = [torch.tensor([3, 1]), torch.tensor([1, 2, 3]), torch.tensor([1, 1]), torch.tensor([3, 1])]
+    assert canonical_order(s) == [2, 0, 3, 1]
+    perm = [3, 1, 0, 2]
+    again = [s[i] for i in perm]
+    assert [again[i].tolist() for i in canonical_order(again)] == [
+        s[i].tolist() for i in canonical_order(s)
+    ]
+
+
+def test_statistics_and_order_defaults_and_errors():
+    from dsnt_export.refine import DSnoTConfig
+
+    d = SparsifyConfig(pattern="2:4", init="sparsegpt")
+    assert (d.statistics, d.calibration_order) == ("sum", "canonical")
+    assert d.to_json()["statistics"] == "sum" and d.to_json()["calibration_order"] == "canonical"
+    assert not d.needs_variance  # hessian-swap never reads the variance
+    # DSnoT: the reference code's accumulation, in the given order (reference parity)
+    o = SparsifyConfig(pattern="2:4", init="wanda", refine=DSnoTConfig.official())
+    assert (o.statistics, o.calibration_order, o.needs_variance) == ("reference", "given", True)
+    c = SparsifyConfig(pattern="2:4", statistics="reference")
+    assert c.calibration_order == "given"
+    with pytest.raises(UserInputError, match="statistics"):
+        SparsifyConfig(pattern="2:4", statistics="float64")
+    with pytest.raises(UserInputError, match="calibration_order"):
+        SparsifyConfig(pattern="2:4", calibration_order="sorted")

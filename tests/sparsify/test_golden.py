@@ -1,5 +1,7 @@
-"""The driver's masks, weights and per-layer records are bit-identical to those recorded from the
-driver before the refiner registry split (tests/sparsify/golden_sparsify.json).
+"""The driver's masks, weights and per-layer records are bit-identical to those recorded in
+tests/sparsify/golden_sparsify.json: the DSnoT cases (reference statistics, given order) as recorded
+before the refiner registry split; the SparseGPT/hessian-swap cases re-recorded when the driver's
+default statistics became "sum" in canonical calibration order (deliberate: float32 rounding).
 
 Floating-point kernels differ between torch versions and CPU instruction sets, so the comparison
 runs only where the recording's torch version and CPU capability match (skipped elsewhere, with
