@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -385,8 +386,10 @@ def draws_markdown(rows: list[dict], base: str = "sparsegpt") -> str:
     return "\n".join(out) + "\n"
 
 
+@functools.cache
 def _bench_pipeline():
-    """benchmarks/bench_pipeline.py as a module (its peer child is the one llm-compressor call)."""
+    """benchmarks/bench_pipeline.py as a module, loaded once (its peer child is the one
+    llm-compressor call)."""
     path = Path(__file__).resolve().with_name("bench_pipeline.py")
     spec = importlib.util.spec_from_file_location("bench_pipeline", path)
     mod = importlib.util.module_from_spec(spec)
@@ -413,7 +416,7 @@ def run_peer(
     ``seconds`` and the peer's versions). The call itself is bench_pipeline's peer child.
     """
     from dsnt_export.embedded import embedded_model_dir
-    from dsnt_export.patterns import NM, parse_pattern
+    from dsnt_export.patterns import parse_pattern
 
     if method != "sparsegpt":
         return None, {"status": "skipped", "reason": f"no peer call for {method} yet"}
@@ -421,23 +424,17 @@ def run_peer(
         bp = _bench_pipeline()
     except (OSError, ImportError) as e:
         return None, {"status": "skipped", "reason": f"benchmarks/bench_pipeline.py: {e}"}
-    p = parse_pattern(pattern)
     torch.save(ids, tmp / "ids.pt")
-    job = {
-        "kind": "peer",
-        "config": f"llmcompressor-{method}",
-        "ids": str(tmp / "ids.pt"),
-        "model_path": str(embedded_model_dir()),
-        "dtype": "float32",
-        "nm": f"{p.n}:{p.m}" if isinstance(p, NM) else None,
-        "sparsity": getattr(p, "sparsity", 0.5),
-        "blocksize": SparsifyConfig.sparsegpt_blocksize,
-        "percdamp": SparsifyConfig.sparsegpt_percdamp,
-        "state_out": str(tmp / "peer_state.pt"),
-        "device": "cpu",
-        "threads": threads,
-        "progress": False,
-    }
+    job = bp.peer_job(
+        ids=str(tmp / "ids.pt"),
+        model_path=str(embedded_model_dir()),
+        pattern=parse_pattern(pattern),
+        blocksize=SparsifyConfig.sparsegpt_blocksize,
+        percdamp=SparsifyConfig.sparsegpt_percdamp,
+        state_out=str(tmp / "peer_state.pt"),
+        threads=threads,
+    )
+    job["config"] = f"llmcompressor-{method}"
     res = bp.run_child(peer_python or sys.executable, job, tmp, verbose=False, timeout=None)
     if res.get("status", "ok") != "ok":
         return None, res

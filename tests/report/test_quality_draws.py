@@ -158,3 +158,27 @@ def test_tiny_run_rows_per_draw(qt, tmp_path, monkeypatch):
     md = qt.draws_markdown(rows)
     assert "| sparsegpt | 2 |" in md and "| llmcompressor-sparsegpt | 2 |" in md
     assert torch.is_tensor(peer_calls[0][1])
+
+
+def test_run_peer_builds_bench_pipelines_job(qt, monkeypatch, tmp_path):
+    """The peer call is bench_pipeline's job (its llm-compressor pattern mapping), not a copy:
+    2:4 stays 2:4 for llm-compressor, and the job carries our SparseGPT options."""
+    bp = qt._bench_pipeline()
+    seen = {}
+
+    def fake_child(python, job, tmp, **kw):
+        seen.update(job)
+        return {"status": "skipped", "reason": "no llmcompressor here"}
+
+    monkeypatch.setattr(bp, "run_child", fake_child)
+    state, info = qt.run_peer(
+        "sparsegpt",
+        torch.zeros(2, 8, dtype=torch.long),
+        "2:4",
+        peer_python=None,
+        threads=1,
+        tmp=tmp_path,
+    )
+    assert state is None and info["status"] == "skipped"
+    assert seen["kind"] == "peer" and seen["config"] == "llmcompressor-sparsegpt"
+    assert seen["nm"] == "2:4" and seen["blocksize"] == 128 and seen["percdamp"] == 0.01
