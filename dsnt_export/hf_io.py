@@ -347,6 +347,94 @@ def load_tokenizer(source: str):
         ) from e
 
 
+def prepare_config_for_save(config: Any, dtype: torch.dtype, architecture: str) -> None:
+    """Make ``config`` what a saved sparse checkpoint's config.json says, in place.
+
+    Drops ``sparsity_config`` / ``quantization_config`` (the checkpoint is plain dense-format
+    weights with zeros), records ``dtype`` (the saved tensors' dtype, as a string like
+    ``"float32"``) and ``architectures = [architecture]`` (the ``*ForCausalLM`` class name), as
+    ``save_pretrained`` does. Raises nothing.
+    """
+    for attr in ("sparsity_config", "quantization_config"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.architectures = [architecture]
+
+
+def save_config_files(model: nn.Module, out_dir: str | Path, dtype: torch.dtype) -> None:
+    """Write config.json (and generation_config.json for a generating model) of ``model`` into
+    ``out_dir`` as ``save_pretrained`` writes them, for saved tensors of ``dtype``, without touching
+    the weights (the streamed path: ``model`` may be a meta-device skeleton). Raises OSError when
+    ``out_dir`` is not writable."""
+    prepare_config_for_save(model.config, dtype, type(model).__name__)
+    model.config.save_pretrained(out_dir)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+
+
+def attach_generation_config(model: nn.Module, source: str) -> None:
+    """Give ``model`` the generation config ``from_pretrained`` would: ``source``'s
+    generation_config.json when it has one (else the one built from the model config stays).
+    For a model built with ``from_config`` (the streamed path's skeleton). Raises nothing."""
+    import transformers as T
+
+    if not model.can_generate():
+        return
+    try:
+        model.generation_config = T.GenerationConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        logger.debug("no generation config in %s: %s", source, e)
+
+
+def pruned_tensor_entry(name: str, weight: torch.Tensor, method: str, pattern: Any) -> dict:
+    """The manifest ``tensors`` entry of one saved pruned weight ``[out, in]`` (its dtype as saved).
+
+    ``{"shape", "layout": "out_in", "method", "sparsity", "check"}``: the mask is validated on the
+    tensor as it is written (:func:`dsnt_export.masks.validate_mask`, ``pattern`` a Pattern or
+    its string). Raises ``UserInputError`` for a bad pattern string.
+    """
+    check = validate_mask(weight.detach(), parse_pattern(pattern), name=name)
+    return {
+        "shape": list(weight.shape),
+        "layout": "out_in",
+        "method": method,
+        "sparsity": check.sparsity,
+        "check": check.to_json(),
+    }
+
+
+def write_checkpoint_manifest(
+    out_dir: str | Path,
+    *,
+    pattern: Any,
+    report: dict,
+    tensors: dict,
+    manifest: dict | None = None,
+) -> dict:
+    """Write ``dsnt_manifest.json`` (kind ``hf``) of a saved sparse checkpoint; return it.
+
+    ``report``: ``SparsifyReport.to_json()`` (kept under ``extra.run_report``); ``tensors``:
+    ``{weight name: pruned_tensor_entry(...)}``; ``manifest``: extra fields (recipe,
+    source_model, calibration, timings). Call it after every other file is written (the manifest
+    hashes them). Raises OSError when ``out_dir`` is not writable.
+    """
+    pattern = parse_pattern(pattern)
+    fields = dict(manifest or {})
+    fields.setdefault("extra", {})
+    fields["extra"] = {**fields["extra"], "run_report": report}
+    m = new_manifest(
+        "hf",
+        pattern=pattern.to_json(),
+        tensors=tensors,
+        skipped=report.get("skipped", []),
+        mask_check_ok=all(t["check"]["ok"] for t in tensors.values()),
+        **fields,
+    )
+    write_manifest(Path(out_dir), m)
+    return m
+
+
 def save_checkpoint(
     model: nn.Module,
     tokenizer: Any,
@@ -360,40 +448,24 @@ def save_checkpoint(
     """Write the HF checkpoint and its manifest into ``out_dir`` (an existing, empty directory).
 
     ``report`` is ``SparsifyReport.to_json()``; ``manifest`` holds extra manifest fields (recipe,
-    source_model, calibration, timings). Returns the manifest. The model is cast in place.
+    source_model, calibration, timings). Returns the manifest. The model is cast in place. The
+    streamed path (:mod:`dsnt_export.sparsify.streaming`) writes the same files with the same
+    helpers (:func:`prepare_config_for_save`, :func:`pruned_tensor_entry`,
+    :func:`write_checkpoint_manifest`).
     """
     out = Path(out_dir)
-    pattern = parse_pattern(pattern)
     if save_dtype is not None:
         model.to(save_dtype)
-    for attr in ("sparsity_config", "quantization_config"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.config.dtype = next(model.parameters()).dtype
+    prepare_config_for_save(model.config, next(model.parameters()).dtype, type(model).__name__)
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    tensors = {}
-    for e in report["layers"]:
-        w = model.get_submodule(e["name"]).weight
-        check = validate_mask(w.detach(), pattern, name=e["name"] + ".weight")
-        tensors[e["name"] + ".weight"] = {
-            "shape": list(w.shape),
-            "layout": "out_in",
-            "method": e["method"],
-            "sparsity": check.sparsity,
-            "check": check.to_json(),
-        }
-    fields = dict(manifest or {})
-    fields.setdefault("extra", {})
-    fields["extra"] = {**fields["extra"], "run_report": report}
-    m = new_manifest(
-        "hf",
-        pattern=pattern.to_json(),
-        tensors=tensors,
-        skipped=report.get("skipped", []),
-        mask_check_ok=all(t["check"]["ok"] for t in tensors.values()),
-        **fields,
+    tensors = {
+        e["name"] + ".weight": pruned_tensor_entry(
+            e["name"] + ".weight", model.get_submodule(e["name"]).weight, e["method"], pattern
+        )
+        for e in report["layers"]
+    }
+    return write_checkpoint_manifest(
+        out, pattern=pattern, report=report, tensors=tensors, manifest=manifest
     )
-    write_manifest(out, m)
-    return m

@@ -41,7 +41,13 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
     sequential: false
     batch_size: 1
     offload_activations: false
+    out_of_core: false         # stream blocks from the checkpoint's safetensors (models > RAM)
     sparsegpt: {blocksize: 128, percdamp: 0.01}
+
+``out_of_core: true`` prunes without loading the model: the skeleton on the meta device, one block
+at a time read from the checkpoint's safetensors, pruned and written
+(:mod:`dsnt_export.sparsify.streaming`); same weights as in memory. It changes how the run is
+done, not its result: :meth:`Recipe.to_dict` (and so the recipe hash) lists it only when true.
 
 Old form (still read, with a :class:`~dsnt_export.refine.LegacyConfigWarning`): ``refine: dsnot``
 with a ``dsnot:`` mapping (``preset: default | official``, ``criterion: hessian | mean``,
@@ -90,6 +96,7 @@ class Recipe:
     sequential: bool = False
     batch_size: int = 1
     offload_activations: bool = False
+    out_of_core: bool = False
     sparsegpt: dict = field(default_factory=lambda: {"blocksize": 128, "percdamp": 0.01})
 
     def __post_init__(self):
@@ -117,7 +124,7 @@ class Recipe:
                     f"recipe {key!r} must be a list of selector strings, got {v!r}"
                 )
             object.__setattr__(self, key, tuple(v))
-        for key in ("sequential", "offload_activations"):
+        for key in ("sequential", "offload_activations", "out_of_core"):
             if not isinstance(getattr(self, key), bool):
                 raise UserInputError(
                     f"recipe {key!r} must be true or false, got {getattr(self, key)!r}"
@@ -188,8 +195,12 @@ class Recipe:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Every field as plain YAML/JSON values (lists, dicts); what manifests record."""
+        """Every field as plain YAML/JSON values (lists, dicts); what manifests record.
+        ``out_of_core`` only when true (it does not change the result, so recipes and hashes
+        written before it existed stay the same)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.out_of_core:
+            del d["out_of_core"]
         d["exclude"], d["refine_exclude"] = list(self.exclude), list(self.refine_exclude)
         d["refine_options"], d["sparsegpt"] = dict(self.refine_options), dict(self.sparsegpt)
         return d

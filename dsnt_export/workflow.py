@@ -6,6 +6,9 @@ what they return; nothing here reads an argparse Namespace or prints.
 * :func:`prune_recipe` -> :class:`PruneResult` (the sparse model in memory);
   :func:`write_checkpoint` writes it as an HF checkpoint with its manifest;
   :func:`prune_to_dir` does both, atomically (``dsnt-export prune``);
+* out of core (``recipe.out_of_core``): :func:`load_skeleton_for` (config, tokenizer, the model
+  on the meta device) and :func:`prune_streamed` (blocks read from the checkpoint, pruned and
+  written one at a time, :mod:`dsnt_export.sparsify.streaming`); same files, same weights;
 * :func:`run_recipe` -> :class:`RunSummary`: the whole ``dsnt-export run`` pipeline, the ordered,
   immutable stage list :data:`STAGES`:
 
@@ -42,6 +45,7 @@ from torch import nn
 
 from dsnt_export.errors import UserInputError
 from dsnt_export.hf_io import (
+    attach_generation_config,
     load_config,
     load_model,
     load_tokenizer,
@@ -49,7 +53,9 @@ from dsnt_export.hf_io import (
     resolve_dtype,
     resolve_model_source,
     save_checkpoint,
+    save_config_files,
     source_dtype,
+    write_checkpoint_manifest,
 )
 from dsnt_export.preflight import check_calibration, check_run
 from dsnt_export.recipe import Recipe
@@ -80,7 +86,8 @@ class LoadedModel:
     ``device``); ``tokenizer``: its tokenizer; ``device``: where blocks and evaluation run
     (resolved from the recipe's ``device``); ``dtype``: the compute dtype (resolved from the
     recipe's ``dtype``: ``auto`` = float32 on CPU, the checkpoint's 16-bit dtype on an
-    accelerator); ``timings``: seconds per step (``load_s``).
+    accelerator); ``timings``: seconds per step (``load_s``). From :func:`load_skeleton_for`
+    (out of core) ``model`` has every parameter on the meta device (:attr:`streamed`).
     """
 
     source: str
@@ -90,6 +97,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def streamed(self) -> bool:
+        """The model is a weightless skeleton (out of core): its weights stay on disk."""
+        return any(p.device.type == "meta" for p in self.model.parameters())
 
 
 def load_model_for(recipe: Recipe) -> LoadedModel:
@@ -111,6 +123,45 @@ def load_model_for(recipe: Recipe) -> LoadedModel:
         config=config,
         model=model,
         tokenizer=tok,
+        device=dev,
+        dtype=dtype,
+        timings={"load_s": time.perf_counter() - t0},
+    )
+
+
+def load_skeleton_for(recipe: Recipe) -> LoadedModel:
+    """What :func:`load_model_for` gives without reading any weight: config, tokenizer, device,
+    dtype and the model built on the meta device (:func:`dsnt_export.sparsify.streaming.empty_model`)
+    with the checkpoint's generation config, for :func:`prune_streamed`.
+
+    The checkpoint must be a local directory of safetensors files. Raises
+    :class:`~dsnt_export.errors.UserInputError` for a hub id (download it first) and what
+    :func:`load_model_for` raises for a missing, corrupt or unsupported checkpoint.
+    """
+    from pathlib import Path as _Path
+
+    from dsnt_export.hf_io import check_weight_files
+    from dsnt_export.sparsify.streaming import empty_model
+
+    t0 = time.perf_counter()
+    source = resolve_model_source(recipe.model)
+    config = load_config(source)
+    if not _Path(source).is_dir():
+        raise UserInputError(
+            f"--out-of-core reads the checkpoint's safetensors files from a local directory, but "
+            f"{source!r} is a hub id; download it first (e.g. `hf download {source} --local-dir "
+            "DIR`) and pass --model DIR"
+        )
+    check_weight_files(_Path(source))
+    dev = resolve_device(recipe.device)
+    dtype = resolve_dtype(recipe.dtype, dev, source_dtype(config))
+    model = empty_model(config, dtype)
+    attach_generation_config(model, source)
+    return LoadedModel(
+        source=source,
+        config=config,
+        model=model,
+        tokenizer=load_tokenizer(source),
         device=dev,
         dtype=dtype,
         timings={"load_s": time.perf_counter() - t0},
@@ -204,9 +255,15 @@ def prune_recipe(
 
 def save_dtype_of(result: PruneResult) -> torch.dtype | None:
     """The checkpoint dtype of ``result.recipe.save_dtype`` (``source``: the checkpoint's own)."""
-    name = result.recipe.save_dtype
+    return resolve_save_dtype(result.recipe.save_dtype, result.source_dtype)
+
+
+def resolve_save_dtype(name: str, source: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a recipe's ``save_dtype`` (``source``/``float32``/``float16``/``bfloat16``)
+    writes; ``source`` is the checkpoint's own (None when it declares none: the compute dtype is
+    written). Raises ``KeyError`` for another name (the recipe validates it)."""
     if name == "source":
-        return result.source_dtype
+        return source
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
@@ -228,6 +285,79 @@ def write_checkpoint(result: PruneResult, out_dir: str | Path) -> dict:
             "timings": {**result.timings, "save_s": time.perf_counter() - t0},
         },
     )
+
+
+def prune_streamed(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    loaded: LoadedModel | None = None,
+) -> tuple[PruneResult, dict]:
+    """Prune ``recipe`` out of core straight into the (existing, empty) directory ``out_dir``.
+
+    The files and tensors are those of :func:`prune_recipe` + :func:`write_checkpoint` (same
+    config, tokenizer, manifest records; shards + index), but the model is never loaded: blocks
+    are read from the checkpoint, pruned and written one at a time
+    (:func:`dsnt_export.sparsify.streaming.sparsify_streamed`). ``loaded``: a
+    :func:`load_skeleton_for` result (default: made here). Returns ``(result, manifest)``;
+    ``result.model`` is the weightless skeleton. Raises what :func:`prune_recipe` raises; on an
+    error ``out_dir`` is half written (callers write into a temporary directory).
+    """
+    from dsnt_export.sparsify.streaming import sparsify_streamed
+
+    lm = loaded if loaded is not None else load_skeleton_for(recipe)
+    t = dict(lm.timings)
+    cfg = recipe.sparsify_config()
+    plan = plan_targets(
+        lm.model, cfg.pattern, exclude=cfg.exclude, refine_exclude=cfg.refine_exclude
+    )
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    ids, calib = calibration_ids(recipe, lm.tokenizer)
+    check_calibration(lm.model, ids, recipe.calib)
+    t["calibration_data_s"] = time.perf_counter() - t0
+    src_dtype = source_dtype(lm.config)
+    res = sparsify_streamed(
+        lm.model,
+        lm.source,
+        ids,
+        cfg,
+        out_dir,
+        device=lm.device,
+        dtype=lm.dtype,
+        save_dtype=resolve_save_dtype(recipe.save_dtype, src_dtype),
+        plan=plan,
+        progress=progress,
+    )
+    t["sparsify_s"] = res.report.timings["total_s"]
+    result = PruneResult(
+        recipe=recipe,
+        source=lm.source,
+        model=lm.model,
+        tokenizer=lm.tokenizer,
+        report=res.report,
+        calibration=calib,
+        source_dtype=src_dtype,
+        timings=t,
+    )
+    t0 = time.perf_counter()
+    save_config_files(lm.model, out_dir, res.save_dtype)
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(out_dir)
+    manifest = write_checkpoint_manifest(
+        out_dir,
+        pattern=recipe.pattern,
+        report=res.report.to_json(),
+        tensors=res.tensors,
+        manifest={
+            "source_model": result.source_model(),
+            "recipe": recipe.to_dict(),
+            "calibration": calib,
+            "timings": {**t, "save_s": time.perf_counter() - t0},
+        },
+    )
+    return result, manifest
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
@@ -260,11 +390,18 @@ def prune_to_dir(
 ) -> SavedCheckpoint:
     """Prune ``recipe`` and write the checkpoint into ``out`` atomically (``dsnt-export prune``).
 
-    ``out`` is checked before any work; on any error nothing is left behind.
+    ``out`` is checked before any work; on any error nothing is left behind. With
+    ``recipe.out_of_core`` the model is streamed block by block (:func:`prune_streamed`) into the
+    temporary directory, renamed at the end.
     """
     from dsnt_export.artifacts import atomic_output_dir
 
     out = check_out_dir(out, overwrite)
+    if recipe.out_of_core:
+        loaded = load_skeleton_for(recipe)  # config, data and weight files checked before `out`
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            result, manifest = prune_streamed(recipe, tmp, progress=progress, loaded=loaded)
+        return SavedCheckpoint(result=result, manifest=manifest, out=out)
     result = prune_recipe(recipe, progress=progress)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         manifest = write_checkpoint(result, tmp)
@@ -433,7 +570,7 @@ def _perplexity(st: RunState, model: nn.Module) -> Any:
 
 
 def _stage_load(st: RunState) -> None:
-    st.loaded = load_model_for(st.recipe)
+    st.loaded = (load_skeleton_for if st.recipe.out_of_core else load_model_for)(st.recipe)
 
 
 def _stage_eval_data(st: RunState) -> None:
@@ -444,14 +581,31 @@ def _stage_eval_data(st: RunState) -> None:
 
 
 def _stage_dense_ppl(st: RunState) -> None:
-    st.dense_ppl = _perplexity(st, st.loaded.model)
+    if not st.loaded.streamed:
+        st.dense_ppl = _perplexity(st, st.loaded.model)
+        return
+    # out of core: the dense model is loaded for its perplexity only, then released
+    dense = load_model(st.loaded.source, st.loaded.dtype, st.loaded.config)
+    try:
+        st.dense_ppl = _perplexity(st, dense)
+    finally:
+        del dense
 
 
 def _stage_prune(st: RunState) -> None:
+    if st.loaded.streamed:  # out of core: pruned straight into OUT/hf, block by block
+        hf = st.dir / "hf"
+        hf.mkdir()
+        st.result, st.manifest = prune_streamed(
+            st.recipe, hf, progress=st.progress, loaded=st.loaded
+        )
+        return
     st.result = prune_recipe(st.recipe, progress=st.progress, loaded=st.loaded)
 
 
 def _stage_save(st: RunState) -> None:
+    if st.manifest is not None:  # written by the streamed prune
+        return
     hf = st.dir / "hf"
     hf.mkdir()
     st.manifest = write_checkpoint(st.result, hf)

@@ -2,6 +2,10 @@
 
     dsnt-export prune --model ID_OR_DIR --pattern 2:4 --init sparsegpt --refine dsnot \\
         --calib stdlib-docs:32x256 --device cpu --out DIR [--recipe R.yaml] [--dtype] [--seed]
+        [--out-of-core]
+
+``--out-of-core`` streams the checkpoint block by block instead of loading it (models larger than
+host memory; :func:`dsnt_export.workflow.prune_streamed`).
 
 Flags override the recipe (a preset name or a YAML file; default: the "default" preset). The output
 directory is written atomically: on any error nothing is left behind.
@@ -87,6 +91,13 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="keep calibration activations on the CPU between blocks",
     )
+    p.add_argument(
+        "--out-of-core",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="never load the whole model: read one block at a time from the checkpoint's "
+        "safetensors, prune it, write it (peak host memory ~ embeddings + one block; same weights)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -148,6 +159,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         sequential=args.sequential,
         batch_size=args.batch_size,
         offload_activations=args.offload_activations,
+        out_of_core=getattr(args, "out_of_core", None),
         eval=getattr(args, "eval", None),
         eval_seqlen=getattr(args, "eval_seqlen", None),
         eval_max_windows=getattr(args, "eval_max_windows", None),

@@ -6,6 +6,8 @@ the default recipe.
 Flag parsing and printing only: the stages (load -> dense perplexity -> prune -> save OUT/hf ->
 re-validate -> eager reference outputs -> sparse perplexity -> ONNX export -> check -> OUT/report)
 are :data:`dsnt_export.workflow.STAGES`, run by :func:`dsnt_export.workflow.run_recipe`.
+``--out-of-core`` (a recipe flag shared with ``prune``) streams the prune block by block from the
+checkpoint; the later stages load the saved checkpoint as usual (docs/architecture.md).
 """
 
 from __future__ import annotations
