@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import logging
 import sys
 import time
@@ -405,7 +406,10 @@ def _pin_mmap_threshold() -> None:
 
 
 def _trim_heap() -> None:
-    """Return the heap's free pages to the OS after a block (glibc ``malloc_trim``; else no-op)."""
+    """Return the heap's free pages to the OS after a block: first collect reference cycles (a
+    released block's hooks and closures can keep its tensors alive until the cyclic GC happens to
+    run, which depends on object counts, not bytes), then glibc ``malloc_trim`` (else no-op)."""
+    gc.collect()
     libc = _libc()
     fn = getattr(libc, "malloc_trim", None) if libc is not None else None
     if fn is not None:
