@@ -219,6 +219,23 @@ class PruneResult:
         }
 
 
+def _plan_and_calibrate(recipe: Recipe, lm: Any) -> tuple[dict, Any, Any, torch.Tensor, dict]:
+    """What both prunes do before the first block: the sparsify config, the plan (shapes and
+    NaN/Inf checked before any data is read), the seeded calibration ids and their check (context,
+    vocab: before any forward). Returns ``(timings, config, plan, ids, calibration info)``."""
+    t = dict(lm.timings)
+    cfg = recipe.sparsify_config()
+    plan = plan_targets(
+        lm.model, cfg.pattern, exclude=cfg.exclude, refine_exclude=cfg.refine_exclude
+    )
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    ids, calib = calibration_ids(recipe, lm.tokenizer)
+    check_calibration(lm.model, ids, recipe.calib)
+    t["calibration_data_s"] = time.perf_counter() - t0
+    return t, cfg, plan, ids, calib
+
+
 def prune_recipe(
     recipe: Recipe, *, progress: bool = True, loaded: LoadedModel | None = None
 ) -> PruneResult:
@@ -229,16 +246,7 @@ def prune_recipe(
     :class:`~dsnt_export.errors.UserInputError` subclasses for bad models, shapes or data.
     """
     lm = loaded if loaded is not None else load_model_for(recipe)
-    t = dict(lm.timings)
-    cfg = recipe.sparsify_config()
-    plan = plan_targets(
-        lm.model, cfg.pattern, exclude=cfg.exclude, refine_exclude=cfg.refine_exclude
-    )
-    t0 = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    ids, calib = calibration_ids(recipe, lm.tokenizer)
-    check_calibration(lm.model, ids, recipe.calib)  # context, vocab: before any forward
-    t["calibration_data_s"] = time.perf_counter() - t0
+    t, cfg, plan, ids, calib = _plan_and_calibrate(recipe, lm)
     report = sparsify(lm.model, ids, cfg, device=lm.device, progress=progress, plan=plan)
     t["sparsify_s"] = report.timings["total_s"]
     return PruneResult(
@@ -307,16 +315,7 @@ def prune_streamed(
     from dsnt_export.sparsify.streaming import sparsify_streamed
 
     lm = loaded if loaded is not None else load_skeleton_for(recipe)
-    t = dict(lm.timings)
-    cfg = recipe.sparsify_config()
-    plan = plan_targets(
-        lm.model, cfg.pattern, exclude=cfg.exclude, refine_exclude=cfg.refine_exclude
-    )
-    t0 = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    ids, calib = calibration_ids(recipe, lm.tokenizer)
-    check_calibration(lm.model, ids, recipe.calib)
-    t["calibration_data_s"] = time.perf_counter() - t0
+    t, cfg, plan, ids, calib = _plan_and_calibrate(recipe, lm)
     src_dtype = source_dtype(lm.config)
     res = sparsify_streamed(
         lm.model,

@@ -39,9 +39,14 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from dsnt_export.errors import ShapeError
 from dsnt_export.patterns import NM, Pattern, parse_pattern
-from dsnt_export.refine.loss import dampened_hessian, layer_loss, loss_and_gradient, quadratic_loss
+from dsnt_export.refine.loss import (
+    check_layer_shapes,
+    dampened_hessian,
+    layer_loss,
+    loss_and_gradient,
+    quadratic_loss,
+)
 from dsnt_export.refine.registry import (
     RefineOutcome,
     RefineSummary,
@@ -154,13 +159,7 @@ def hessian_refine(
     """
     pattern = parse_pattern(pattern)
     R, C = weight.shape
-    if keep.shape != weight.shape or reference.shape != weight.shape:
-        raise ShapeError(
-            f"weight {tuple(weight.shape)}, keep {tuple(keep.shape)} and reference "
-            f"{tuple(reference.shape)} must have the same shape"
-        )
-    if hessian.shape != (C, C):
-        raise ShapeError(f"hessian has shape {tuple(hessian.shape)}, expected ({C}, {C})")
+    check_layer_shapes(weight, keep, reference, hessian)
     check_max_cycles(max_cycles)
     dev = weight.device
     H = dampened_hessian(hessian.to(dev), percdamp, dead="inf")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from dsnt_export.errors import ShapeError
+
 __all__ = [
     "dampened_hessian",
     "dampening",
@@ -32,6 +34,21 @@ __all__ = [
     "quadratic_loss",
     "relative_loss",
 ]
+
+
+def check_layer_shapes(
+    weight: torch.Tensor, keep: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor
+) -> None:
+    """The shapes every layer-loss refinement reads: ``weight``, ``keep`` and ``reference`` all
+    [out, in], ``hessian`` [in, in]. Raises ``ShapeError`` naming the shapes received."""
+    C = weight.shape[-1]
+    if keep.shape != weight.shape or reference.shape != weight.shape:
+        raise ShapeError(
+            f"weight {tuple(weight.shape)}, keep {tuple(keep.shape)} and reference "
+            f"{tuple(reference.shape)} must have the same shape"
+        )
+    if hessian.shape != (C, C):
+        raise ShapeError(f"hessian has shape {tuple(hessian.shape)}, expected ({C}, {C})")
 
 
 def dampening(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dsnt_export.errors import ShapeError, UserInputError
-from dsnt_export.refine.loss import dampened_hessian, quadratic_loss
+from dsnt_export.errors import UserInputError
+from dsnt_export.refine.loss import check_layer_shapes, dampened_hessian, quadratic_loss
 
 __all__ = ["RefitInfo", "refit_cg", "refit_exact"]
 
@@ -54,13 +54,7 @@ class RefitInfo:
 
 def _check(weight, keep, reference, hessian, percdamp) -> None:
     R, C = weight.shape
-    if keep.shape != weight.shape or reference.shape != weight.shape:
-        raise ShapeError(
-            f"weight {tuple(weight.shape)}, keep {tuple(keep.shape)} and reference "
-            f"{tuple(reference.shape)} must have the same shape"
-        )
-    if hessian.shape != (C, C):
-        raise ShapeError(f"hessian has shape {tuple(hessian.shape)}, expected ({C}, {C})")
+    check_layer_shapes(weight, keep, reference, hessian)
     if not isinstance(percdamp, (int, float)) or percdamp < 0:
         raise UserInputError(f"percdamp must be a number >= 0, got {percdamp!r}")
 
