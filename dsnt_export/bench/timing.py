@@ -173,7 +173,14 @@ def _proc_status_kib(field: str) -> int | None:
 
 
 def cpu_peak_rss_bytes() -> int | None:
-    """Peak resident set size of this process (``VmHWM``), or ``getrusage`` where /proc is absent."""
+    """Peak resident set size of this process's own address space in bytes (``VmHWM``), or
+    ``getrusage`` where /proc is absent; None if neither is readable.
+
+    ``VmHWM`` first: ``getrusage(RUSAGE_SELF).ru_maxrss`` of a process started by ``subprocess``
+    also holds its parent's peak (Linux keeps the high-water mark of the image replaced by
+    ``execve``, and Python's ``vfork`` shares the parent's), so a child of a 2 GiB parent reports
+    at least 2 GiB however little it uses.
+    """
     kib = _proc_status_kib("VmHWM")
     if kib is not None:
         return kib * 1024

@@ -499,3 +499,22 @@ def test_latency_progress_bar_counts_configs(tiny_dirs, monkeypatch):
         finally:
             eng.close()
     assert seen == [(2, False), (2, True)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_child_peak_rss_is_its_own_not_its_parents():
+    """A child started while this process holds ~600 MiB reports its own small peak: the
+    out-of-core memory test measures its prune in such a child (getrusage would report ours)."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page
+    code = "from dsnt_export.bench.timing import cpu_peak_rss_bytes as f; print(f())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    child_peak = int(out.strip().splitlines()[-1])
+    assert len(ballast) == 600 * 2**20
+    assert child_peak < 400 * 2**20, f"child peak {child_peak / 2**20:.0f} MiB includes the parent's"
