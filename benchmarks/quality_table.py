@@ -47,13 +47,12 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import make_dataclass
 from pathlib import Path
 
 import torch
 
 from dsnt_export.evaluation.perplexity import perplexity
-from dsnt_export.refine import DSnoTConfig, HessianSwapConfig
+from dsnt_export.refine import DSnoTConfig, HessianSwapConfig, RefitConfig
 from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
 
 CONFIGS = {
@@ -73,25 +72,20 @@ DOMAINS = ("stdlib-docs", "stdlib-code")
 EVAL_TEXTS = (*DOMAINS, "stdlib-topics")
 #: peer configurations (llm-compressor, run in --peer-python through bench_pipeline's peer child)
 PEERS = {"llmcompressor-sparsegpt": "sparsegpt"}
-#: experimental candidates of issue 16 (not a recipe option): hessian-swap then the re-fit of
-#: dsnt_export/refine/refit.py; registered as a refiner only inside this script
-EXPERIMENTAL = {
-    "sparsegpt+swap+refit(0.1)": ("sparsegpt", "swap-refit", 0.03, 0.1),
-    "sparsegpt+swap+refit(0.3)": ("sparsegpt", "swap-refit", 0.03, 0.3),
-    "sparsegpt+swap+refit(1.0)": ("sparsegpt", "swap-refit", 0.03, 1.0),
-    "sparsegpt+refit(0.1)": ("sparsegpt", "swap-refit", None, 0.1),
-}
 PRESETS = {
     "official": DSnoTConfig.official,
     "default": HessianSwapConfig,
     # DSnoT's own (mean-based) criterion with our sign check and loss guard
     "mean": DSnoTConfig.guarded,
+    # the least-squares re-fit of the kept weights (dsnt_export/refine/refit.py), the default
+    "refit": RefitConfig,
 }
 # the hessian-swap refiner's dampening (HessianSwapConfig.percdamp), swept to choose the default
 DAMPS = (0.01, 0.03, 0.1, 0.3)
 for _damp in DAMPS:
     PRESETS[f"default percdamp={_damp}"] = lambda d=_damp: HessianSwapConfig(percdamp=d)
 for _init in ("magnitude", "wanda", "sparsegpt"):
+    CONFIGS[f"{_init}+refit"] = (_init, "refit", "refit", ())
     CONFIGS[f"{_init}+dsnot(mean)"] = (_init, "dsnot", "mean", ())
     for _damp in DAMPS:
         CONFIGS[f"{_init}+dsnot(default percdamp={_damp})"] = (
@@ -442,68 +436,12 @@ def run_peer(
     return state, {"status": "ok", **{k: res.get(k) for k in ("seconds", "method", "peer")}}
 
 
-def _swap_refit_json(self) -> dict:
-    return {f: getattr(self, f) for f in ("percdamp", "refit_percdamp", "max_cycles")}
-
-
-#: Experimental refiner config of issue 16 (this script only): hessian-swap with ``percdamp``
-#: (None: no swaps), then the exact least-squares re-fit of the kept weights with ridge
-#: ``refit_percdamp`` (:func:`dsnt_export.refine.refit.refit_exact`). Built with make_dataclass
-#: (real type objects, not string annotations) so that loading this script by path works.
-SwapRefitConfig = make_dataclass(
-    "SwapRefitConfig",
-    [("percdamp", object, 0.03), ("refit_percdamp", float, 0.1), ("max_cycles", int, 50)],
-    frozen=True,
-    namespace={
-        "needs_hessian": property(lambda self: True),
-        "to_json": _swap_refit_json,
-        "from_json": classmethod(lambda cls, d: cls(**d)),
-    },
-)
-
-
-def register_experimental() -> None:
-    """Register the ``swap-refit`` refiner (idempotent; this script's experiments only)."""
-    from dsnt_export.refine.hessian_swap import refine_layer
-    from dsnt_export.refine.refit import refit_exact
-    from dsnt_export.refine.registry import (
-        RefineOutcome,
-        RefineSummary,
-        refiner_names,
-        register_refiner,
-    )
-
-    if "swap-refit" in refiner_names():
-        return
-
-    @register_refiner("swap-refit", SwapRefitConfig, record_refine="swap-refit")
-    def _swap_refit(reference, weight, keep, stats, pattern, config, *, metric=None, name=None):
-        swaps = cycles = 0
-        if config.percdamp is not None:
-            out = refine_layer(
-                reference,
-                weight,
-                keep,
-                stats,
-                pattern,
-                HessianSwapConfig(max_cycles=config.max_cycles, percdamp=config.percdamp),
-            )
-            weight, keep = out.weight, out.keep
-            swaps, cycles = out.summary.swaps, out.summary.cycles
-        w, info = refit_exact(
-            weight, keep, reference, stats.hessian, percdamp=config.refit_percdamp
-        )
-        return RefineOutcome(
-            w, keep, RefineSummary(0.0, 0.0, swaps, cycles, info.loss_before, info.loss_after)
-        )
-
-
 def main(argv=None) -> int:
     """Prune and evaluate every requested configuration per draw, or print/draw from a rows file."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    known = [*CONFIGS, *PEERS, *EXPERIMENTAL]
+    known = [*CONFIGS, *PEERS]
     ap.add_argument("--patterns", default="2:4")
     ap.add_argument("--calib", default="stdlib-docs", help="comma list of calibration domains")
     ap.add_argument(
@@ -560,8 +498,6 @@ def main(argv=None) -> int:
         ap.error(f"unknown configuration(s) {unknown}; known: {known}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if any(n in EXPERIMENTAL for n in names):
-        register_experimental()
     from dsnt_export.data import get_calibration, get_eval_tokens
 
     dense_model, tok = load_embedded()
@@ -635,12 +571,8 @@ def main(argv=None) -> int:
                         continue
                     if CONFIGS.get(name, ()) is None:
                         continue
-                    if name in EXPERIMENTAL:
-                        init, _, damp, ridge = EXPERIMENTAL[name]
-                        refiner, refine_exclude = SwapRefitConfig(damp, ridge), ()
-                    else:
-                        init, _, preset, refine_exclude = CONFIGS[name]
-                        refiner = PRESETS[preset]() if preset else None
+                    init, _, preset, refine_exclude = CONFIGS[name]
+                    refiner = PRESETS[preset]() if preset else None
                     cfg = SparsifyConfig(
                         pattern=pattern,
                         init=init,

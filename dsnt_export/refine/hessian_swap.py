@@ -45,6 +45,7 @@ from dsnt_export.refine.loss import (
     dampened_hessian,
     layer_loss,
     loss_and_gradient,
+    mean_error_estimate,
     quadratic_loss,
 )
 from dsnt_export.refine.registry import (
@@ -319,16 +320,12 @@ def refine_layer(
         max_cycles=config.max_cycles,
         percdamp=config.percdamp,
     )
-    s = stats.sum.reshape(1, -1)
-    ref = reference.float()
-    err_before = ((ref - torch.where(keep, weight.float(), 0.0)) * s).sum(1)
-    err_after = ((ref - new_w.float()) * s).sum(1)
     return RefineOutcome(
         new_w,
         new_keep,
         RefineSummary(
-            err_before=float(err_before.abs().mean()),
-            err_after=float(err_after.abs().mean()),
+            err_before=mean_error_estimate(reference, torch.where(keep, weight, 0), stats.sum),
+            err_after=mean_error_estimate(reference, new_w, stats.sum),
             swaps=info.n_swaps,
             cycles=info.cycles,
             loss_before=info.loss_before,

@@ -114,3 +114,17 @@ def relative_loss(dense: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tens
     num = quadratic_loss(dense.float() - sparse.float(), hessian)
     den = quadratic_loss(dense.float(), hessian)
     return num / den if den > 0 else float("nan")
+
+
+def mean_error_estimate(
+    reference: torch.Tensor, weight: torch.Tensor, channel_sum: torch.Tensor
+) -> float:
+    """DSnoT's per-row reconstruction-error estimate, averaged over rows (a Python float).
+
+    ``mean_r |sum_j (W_ref - W')[r, j] * s_j|`` (docs/dsnot-spec.md section 2) for ``reference`` and
+    ``weight`` [out, in] (``weight`` already zero where pruned) and ``channel_sum`` ``s`` [in]
+    (``ActivationStats.sum``); float32. Refiners that minimise the exact loss report it too, so that
+    their per-layer records compare with DSnoT's.
+    """
+    s = channel_sum.reshape(1, -1).float()
+    return float(((reference.float() - weight.float()) * s).sum(1).abs().mean())

@@ -8,7 +8,8 @@ import torch
 from dsnt_export.errors import ShapeError, UserInputError
 from dsnt_export.methods.sparsegpt import sparsegpt_prune
 from dsnt_export.refine.loss import dampened_hessian, quadratic_loss
-from dsnt_export.refine.refit import refit_cg, refit_exact
+from dsnt_export.refine.refit import RefitConfig, refine_layer, refit_cg, refit_exact
+from dsnt_export.stats import ActivationStats
 
 
 def _layer(R=6, C=8, n=64, seed=0):
@@ -50,16 +51,35 @@ def test_exact_matches_per_row_solve_in_float64():
     assert info.loss_after < info.loss_before
 
 
-def test_cg_monotone_and_converges_to_exact():
+@pytest.mark.parametrize("precondition", [True, False])
+def test_cg_monotone_and_converges_to_exact(precondition):
     W, keep, H = _layer(seed=1)
     start = torch.where(keep, W, 0.0)
     exact, ex = refit_exact(start, keep, W, H, percdamp=0.01)
-    losses = [refit_cg(start, keep, W, H, percdamp=0.01, steps=s)[1].loss_after for s in range(9)]
+
+    def cg(steps):
+        return refit_cg(start, keep, W, H, percdamp=0.01, steps=steps, precondition=precondition)
+
+    losses = [cg(s)[1].loss_after for s in range(9)]
     assert losses[0] == pytest.approx(ex.loss_before)  # 0 steps: unchanged
     assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:], strict=False))
-    w8, _ = refit_cg(start, keep, W, H, percdamp=0.01, steps=8)  # <= 8 unknowns per row
+    w8, _ = cg(8)  # <= 8 unknowns per row
     assert torch.allclose(w8, exact, atol=1e-3)
     assert losses[-1] == pytest.approx(ex.loss_after, rel=1e-4)
+
+
+def test_jacobi_preconditioned_cg_is_exact_in_one_step_on_a_diagonal_hessian():
+    # H diagonal: H_KP = 0, so (1) gives w_K = w0_K; diag(H) is H's inverse's exact preconditioner
+    g = torch.Generator().manual_seed(3)
+    H = torch.diag(torch.rand(12, generator=g) * 5 + 0.1)
+    W = torch.randn(5, 12, generator=g)
+    keep = torch.rand(5, 12, generator=g) < 0.5
+    start = torch.where(keep, torch.randn(5, 12, generator=g), 0.0)
+    w, info = refit_cg(start, keep, W, H, percdamp=0.2, steps=1)
+    assert torch.allclose(w, torch.where(keep, W, 0.0), atol=1e-6)
+    assert info.loss_after < info.loss_before
+    plain, _ = refit_cg(start, keep, W, H, percdamp=0.2, steps=1, precondition=False)
+    assert not torch.allclose(plain, w, atol=1e-3)  # plain CG needs more steps here
 
 
 def test_refit_lowers_sparsegpt_loss_and_keeps_mask():
@@ -86,3 +106,45 @@ def test_errors():
         refit_cg(W, keep, W, H, steps=-1)
     with pytest.raises(UserInputError, match="percdamp"):
         refit_cg(W, keep, W, H, percdamp=-1.0)
+
+
+def test_refit_config_validation_and_json():
+    assert RefitConfig().to_json() == {"percdamp": 0.1, "steps": 8, "solver": "cg"}
+    assert RefitConfig.from_json({"steps": 3}).steps == 3
+    for bad, msg in (
+        (dict(steps=-1), "steps must be an int >= 0"),
+        (dict(steps=True), "steps must be an int"),
+        (dict(solver="admm"), r"solver must be one of \('cg', 'exact'\)"),
+        (dict(solver="exact", percdamp=0.0), "needs percdamp > 0"),
+        (dict(percdamp=-0.1), "percdamp"),
+    ):
+        with pytest.raises(UserInputError, match=msg):
+            RefitConfig(**bad)
+    with pytest.raises(UserInputError, match="unknown"):
+        RefitConfig.from_json({"cycles": 3})
+
+
+@pytest.mark.parametrize("solver", ["cg", "exact"])
+def test_refit_refiner_keeps_the_mask_and_lowers_the_loss(solver):
+    """The registered refiner on SparseGPT's 2:4 result: the same mask, exact zeros where pruned,
+    the dampened loss lower, DSnoT's estimate reported, and the values of the pure function."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(256, 32, generator=g) * torch.linspace(0.2, 2.0, 32)
+    W = torch.randn(16, 32, generator=g)
+    stats = ActivationStats(32, hessian=True, accumulate="sum", variance=False)
+    stats.update(X)
+    H = stats.hessian
+    w_sg, keep = sparsegpt_prune(W, H, "2:4", blocksize=8)
+    # the driver passes the dense values at pruned entries (what a swap could regrow)
+    out = refine_layer(W, torch.where(keep, w_sg, W), keep, stats, "2:4", RefitConfig(solver=solver))
+    assert torch.equal(out.keep, keep) and (out.weight[~keep] == 0).all()
+    s = out.summary
+    assert s.loss_after < s.loss_before and s.swaps == 0
+    assert s.cycles == (8 if solver == "cg" else 0)
+    want_err = float(((W - w_sg) * X.sum(0)).sum(1).abs().mean())
+    assert s.err_before == pytest.approx(want_err, rel=1e-4)
+    if solver == "cg":
+        want = refit_cg(w_sg, keep, W, H, percdamp=0.1, steps=8)[0]
+    else:
+        want = refit_exact(w_sg, keep, W, H, percdamp=0.1)[0]
+    assert torch.equal(out.weight, want)

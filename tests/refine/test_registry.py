@@ -31,14 +31,16 @@ from dsnt_export.refine.loss import (
     loss_and_gradient,
     relative_loss,
 )
+from dsnt_export.refine.refit import RefitConfig
 from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
 from dsnt_export.sparsify.record import LayerRecord
 from tests.tiny_models import calib_ids, tiny_model
 
 
 def test_refiner_registry_lookups_and_errors():
-    assert refine_choices() == ("dsnot", "hessian-swap", "none")
+    assert refine_choices() == ("dsnot", "hessian-swap", "refit", "none")
     assert get_refiner("hessian-swap").config_type is HessianSwapConfig
+    assert get_refiner("refit").config_type is RefitConfig
     assert refiner_for(DSnoTConfig.official()).name == "dsnot"
     with pytest.raises(UserInputError, match=r"unknown refiner 'nope'.*'dsnot', 'hessian-swap'"):
         get_refiner("nope")

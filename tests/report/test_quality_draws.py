@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dsnt_export.data import tokens_hash
+from dsnt_export.refine import RefitConfig
 from tests._scripts import load_script
 from tests.tiny_models import VOCAB, tiny_model
 
@@ -115,7 +116,7 @@ def test_tiny_run_rows_per_draw(qt, tmp_path, monkeypatch):
     monkeypatch.setattr(qt, "run_peer", fake_peer)
     out = tmp_path / "rows.jsonl"
     configs = (
-        "dense,sparsegpt,sparsegpt+dsnot(default),sparsegpt+refit(0.1),llmcompressor-sparsegpt"
+        "dense,sparsegpt,sparsegpt+dsnot(default),sparsegpt+refit,llmcompressor-sparsegpt"
     )
     rc = qt.main(
         [
@@ -154,7 +155,7 @@ def test_tiny_run_rows_per_draw(qt, tmp_path, monkeypatch):
     assert rows[4]["eval"]["stdlib-docs"]["ppl"] == pytest.approx(
         rows[0]["eval"]["stdlib-docs"]["ppl"]
     )
-    assert rows[3]["refine"] == "swap-refit" and rows[3]["refine_config"]["refit_percdamp"] == 0.1
+    assert rows[3]["refine"] == "refit" and rows[3]["refine_config"] == RefitConfig().to_json()
     md = qt.draws_markdown(rows)
     assert "| sparsegpt | 2 |" in md and "| llmcompressor-sparsegpt | 2 |" in md
     assert torch.is_tensor(peer_calls[0][1])
