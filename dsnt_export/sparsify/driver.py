@@ -263,6 +263,7 @@ def sparsify(
                 device=dev,
                 store=store,
                 timings=report.timings,
+                outputs=i + 1 < len(blocks),
             )
             report.layers.extend(entries)
             report.timings[f"block_{i}_s"] = time.perf_counter() - tb
@@ -287,6 +288,7 @@ def sparsify_block(
     device: torch.device | None,
     store: torch.device | None = None,
     timings: dict[str, float] | None = None,
+    outputs: bool = True,
 ) -> tuple[list[LayerRecord], list[torch.Tensor]]:
     """Calibrate, prune and refine one decoder block in place; return its records and outputs.
 
@@ -306,10 +308,12 @@ def sparsify_block(
     runner = _BlockRunner(block, inputs, block_kwargs, groups, device, store)
     with _on_device(block, device):
         entries = _sparsify_block(runner, plan, targets, config, tm)
+        if not outputs:
+            return entries, []
         t0 = _now(device)
-        outputs = runner.run_outputs()
+        outs = runner.run_outputs()
         _add(tm, "rerun_s", _now(device) - t0)
-    return entries, outputs
+    return entries, outs
 
 
 #: the stage totals :func:`sparsify` puts in ``report.timings`` (seconds), besides ``capture_s``,

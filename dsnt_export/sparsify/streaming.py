@@ -323,6 +323,7 @@ def sparsify_streamed(
                     config,
                     device=device,
                     store=store,
+                    outputs=i + 1 < len(blocks),
                     **extra,
                 )
                 _write_block(writer, st, slots, block_keys[i], records, config, tensors)
