@@ -26,7 +26,8 @@ scores which the reference sorts past +inf) are resolved by ignoring NaN scores.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -38,10 +39,10 @@ from dsnt_export.patterns import NM, Pattern, parse_pattern
 from dsnt_export.refine.loss import loss_and_gradient
 from dsnt_export.refine.registry import (
     RefineOutcome,
+    RefinerConfigBase,
     RefineSummary,
     check_max_cycles,
     check_number,
-    config_from_json,
     register_refiner,
 )
 from dsnt_export.selection import select_candidates
@@ -53,7 +54,7 @@ _OVERRIDABLE = ("max_cycles", "update_threshold", "var_power", "sign_check", "lo
 
 
 @dataclass(frozen=True)
-class DSnoTConfig:
+class DSnoTConfig(RefinerConfigBase):
     """DSnoT hyper-parameters (spec section 4); the config of the refiner registered as ``dsnot``.
 
     max_cycles:        at most this many prune-and-grow cycles per row (reference: 50).
@@ -75,6 +76,8 @@ class DSnoTConfig:
     :class:`~dsnt_export.refine.hessian_swap.HessianSwapConfig` (``refine: hessian-swap``).
     Raises ``UserInputError`` for an invalid value.
     """
+
+    json_what: ClassVar[str] = "DSnoT config"
 
     max_cycles: int = 50
     update_threshold: float = 0.1
@@ -149,19 +152,6 @@ class DSnoTConfig:
         if self.sign_check is None:
             return isinstance(pattern, NM)
         return self.sign_check
-
-    def to_json(self) -> dict:
-        """The fields as a JSON-able dict (``preset`` included)."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> DSnoTConfig:
-        """Inverse of :meth:`to_json`; raises ``UserInputError`` for unknown keys."""
-        return config_from_json(cls, d, "DSnoT config")
-
-    def replace(self, **changes) -> DSnoTConfig:
-        """A copy with ``changes`` applied (validated)."""
-        return replace(self, **changes)
 
 
 @dataclass

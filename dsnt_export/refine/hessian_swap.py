@@ -35,7 +35,8 @@ the registered refiner is :func:`refine_layer` with :class:`HessianSwapConfig`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -50,10 +51,10 @@ from dsnt_export.refine.loss import (
 )
 from dsnt_export.refine.registry import (
     RefineOutcome,
+    RefinerConfigBase,
     RefineSummary,
     check_max_cycles,
     check_number,
-    config_from_json,
     register_refiner,
 )
 from dsnt_export.stats import ActivationStats
@@ -73,7 +74,7 @@ DEFAULT_MAX_CYCLES = 50
 
 
 @dataclass(frozen=True)
-class HessianSwapConfig:
+class HessianSwapConfig(RefinerConfigBase):
     """Options of the ``hessian-swap`` refiner (module docstring).
 
     max_cycles: at most this many swaps per row (int >= 0; DSnoT's cycle cap, default 50).
@@ -85,6 +86,8 @@ class HessianSwapConfig:
 
     Raises ``UserInputError`` for an invalid value.
     """
+
+    json_what: ClassVar[str] = "hessian-swap option"
 
     max_cycles: int = DEFAULT_MAX_CYCLES
     percdamp: float = DEFAULT_PERCDAMP
@@ -102,19 +105,6 @@ class HessianSwapConfig:
     def needs_hessian(self) -> bool:
         """Always True: the swaps are scored with ``ActivationStats.hessian``."""
         return True
-
-    def to_json(self) -> dict:
-        """The fields as a JSON-able dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> HessianSwapConfig:
-        """Inverse of :meth:`to_json`; raises ``UserInputError`` for unknown keys."""
-        return config_from_json(cls, d, "hessian-swap option")
-
-    def replace(self, **changes) -> HessianSwapConfig:
-        """A copy with ``changes`` applied (validated)."""
-        return replace(self, **changes)
 
 
 @dataclass

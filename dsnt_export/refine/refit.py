@@ -37,7 +37,8 @@ Weight Update for Pruned Large Language Models" (2024, ADMM there; CG here).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -51,9 +52,9 @@ from dsnt_export.refine.loss import (
 )
 from dsnt_export.refine.registry import (
     RefineOutcome,
+    RefinerConfigBase,
     RefineSummary,
     check_number,
-    config_from_json,
     register_refiner,
 )
 from dsnt_export.stats import ActivationStats
@@ -199,7 +200,7 @@ def refit_cg(
 
 
 @dataclass(frozen=True)
-class RefitConfig:
+class RefitConfig(RefinerConfigBase):
     """Options of the ``refit`` refiner (module docstring).
 
     percdamp: the ridge ``lam`` of (1), a fraction of ``mean(diag H)`` (number >= 0; > 0 for
@@ -212,6 +213,8 @@ class RefitConfig:
 
     Raises ``UserInputError`` for an invalid value.
     """
+
+    json_what: ClassVar[str] = "refit option"
 
     percdamp: float = DEFAULT_PERCDAMP
     steps: int = DEFAULT_STEPS
@@ -237,19 +240,6 @@ class RefitConfig:
     def needs_hessian(self) -> bool:
         """Always True: (1) is the Hessian's normal equation."""
         return True
-
-    def to_json(self) -> dict:
-        """The fields as a JSON-able dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> RefitConfig:
-        """Inverse of :meth:`to_json`; raises ``UserInputError`` for unknown keys."""
-        return config_from_json(cls, d, "refit option")
-
-    def replace(self, **changes) -> RefitConfig:
-        """A copy with ``changes`` applied (validated)."""
-        return replace(self, **changes)
 
 
 @register_refiner("refit", RefitConfig, record_refine="refit")

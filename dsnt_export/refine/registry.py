@@ -23,16 +23,18 @@ its import in ``dsnt_export/refine/__init__.py``. The recipe and CLI choices com
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from dsnt_export.errors import UserInputError
 
 __all__ = [
+    "RefinerConfigBase",
     "RefineOutcome",
     "RefineSummary",
     "Refiner",
@@ -143,6 +145,29 @@ def config_from_json(cls: type, d: Mapping, what: str):
     if unknown:
         raise UserInputError(f"unknown {what} key(s) {unknown}; known: {sorted(known)}")
     return cls(**d)
+
+
+class RefinerConfigBase:
+    """What every refiner's config dataclass shares: JSON round trip and validated copies.
+
+    A subclass is a frozen dataclass whose ``__post_init__`` validates its fields and which sets
+    ``json_what`` (how unknown-key errors name it, e.g. ``"refit option"``).
+    """
+
+    json_what: ClassVar[str] = "refiner option"
+
+    def to_json(self) -> dict:
+        """The fields as a JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping):
+        """Inverse of :meth:`to_json`; raises ``UserInputError`` for unknown keys."""
+        return config_from_json(cls, d, cls.json_what)
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (validated by ``__post_init__``)."""
+        return dataclasses.replace(self, **changes)
 
 
 def register_refiner(

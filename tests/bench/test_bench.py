@@ -509,12 +509,17 @@ def test_child_peak_rss_is_its_own_not_its_parents():
     import sys
 
     ballast = bytearray(600 * 2**20)
-    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page
     code = "from dsnt_export.bench.timing import cpu_peak_rss_bytes as f; print(f())"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=Path(__file__).resolve().parents[2],
     ).stdout
     child_peak = int(out.strip().splitlines()[-1])
     assert len(ballast) == 600 * 2**20
-    assert child_peak < 400 * 2**20, f"child peak {child_peak / 2**20:.0f} MiB includes the parent's"
+    assert child_peak < 400 * 2**20, (
+        f"child peak {child_peak / 2**20:.0f} MiB includes the parent's"
+    )

@@ -136,7 +136,9 @@ def test_refit_refiner_keeps_the_mask_and_lowers_the_loss(solver):
     H = stats.hessian
     w_sg, keep = sparsegpt_prune(W, H, "2:4", blocksize=8)
     # the driver passes the dense values at pruned entries (what a swap could regrow)
-    out = refine_layer(W, torch.where(keep, w_sg, W), keep, stats, "2:4", RefitConfig(solver=solver))
+    out = refine_layer(
+        W, torch.where(keep, w_sg, W), keep, stats, "2:4", RefitConfig(solver=solver)
+    )
     assert torch.equal(out.keep, keep) and (out.weight[~keep] == 0).all()
     s = out.summary
     assert s.loss_after < s.loss_before and s.swaps == 0

@@ -115,9 +115,7 @@ def test_tiny_run_rows_per_draw(qt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(qt, "run_peer", fake_peer)
     out = tmp_path / "rows.jsonl"
-    configs = (
-        "dense,sparsegpt,sparsegpt+dsnot(default),sparsegpt+refit,llmcompressor-sparsegpt"
-    )
+    configs = "dense,sparsegpt,sparsegpt+dsnot(default),sparsegpt+refit,llmcompressor-sparsegpt"
     rc = qt.main(
         [
             "--configs",

@@ -344,7 +344,9 @@ def test_refit_refiner_keeps_the_initial_mask_and_lowers_every_layer_loss(patter
 
     ids = calib_ids()
     a, b = tiny_model("llama"), tiny_model("llama")
-    sparsify(a, ids, SparsifyConfig(pattern=pattern, init="sparsegpt", refine="none"), progress=False)
+    sparsify(
+        a, ids, SparsifyConfig(pattern=pattern, init="sparsegpt", refine="none"), progress=False
+    )
     cfg = SparsifyConfig(pattern=pattern, init="sparsegpt", refine=RefitConfig())
     assert cfg.refine == "refit" and cfg.needs_hessian
     report = sparsify(b, ids, cfg, progress=False)
