@@ -17,7 +17,7 @@ sparsegpt  our prune with the recipe's pattern, SparseGPT alone (``refine: none`
            report's timings; where a report lacks a stage key, init/refine are summed from the
            per-layer records and the rest is ``forwards_s``), plus ``save_s`` (the checkpoint
            written as ``dsnt-export prune`` writes it); one run (a prune is not repeated);
-recipe     the same for the whole recipe (default: SparseGPT + hessian-swap);
+recipe     the same for the whole recipe (default: SparseGPT + refit);
 peer       llm-compressor's ``oneshot`` with its ``SparseGPTModifier`` (same N:M pattern, block
            size and dampening as ours) on the same ids (a tokenised ``datasets.Dataset``: nothing
            downloaded or re-tokenised; sequential pipeline, no shuffling, batch 1), in the

@@ -18,7 +18,7 @@ pipeline  benchmarks/bench_pipeline.py's side by side on a randomly initialised 
           32-block time is projected) with 128 x 2048 random calibration tokens: the floor (two
           plain block passes, median of 3) and the prune split by stage (capture, statistics,
           initial mask, refinement, re-run) for SparseGPT alone, wanda+dsnot (official) and the
-          default sparsegpt+hessian-swap; ratio to the floor, peak host RSS and device memory
+          default sparsegpt+refit; ratio to the floor, peak host RSS and device memory
           (in this process, reset before each). Skipped on a CPU unless --smoke.
 e2e       that model's latency: dense (before pruning), sparse (2:4 zeros, dense kernels) and
           sparse-kernels (2:4 linears as semi-structured tensors), prefill and decode.
@@ -343,12 +343,13 @@ def build_model(ctx: Ctx, blocks: int):
 def section_pipeline(ctx: Ctx, blocks: int) -> None:
     """The prune side by side with its floor (benchmarks/bench_pipeline.py's measurements, in this
     process): two plain block passes, then SparseGPT alone, Wanda + DSnoT (official) and the
-    default SparseGPT + hessian-swap, each split by stage, with peak host (RSS) and device memory
+    default recipe's SparseGPT + refit, each split by stage, with peak host (RSS) and device memory
     and the ratio to the floor. LLaMA-7B-shaped (``blocks`` blocks) on a GPU; tiny in --smoke;
     skipped on a CPU without --smoke (a 7B-shaped block on 2 cores would not fit the budget)."""
     import bench_pipeline as bp
 
-    from dsnt_export.refine import DSnoTConfig, HessianSwapConfig
+    from dsnt_export.recipe import Recipe
+    from dsnt_export.refine import DSnoTConfig
     from dsnt_export.sparsify.driver import SparsifyConfig
 
     if not ctx.cuda and not ctx.smoke:
@@ -388,7 +389,7 @@ def section_pipeline(ctx: Ctx, blocks: int) -> None:
     runs = [
         ("sparsegpt", "sparsegpt", "none"),
         ("wanda+dsnot", "wanda", DSnoTConfig.official()),
-        ("default", "sparsegpt", HessianSwapConfig()),
+        ("default", "sparsegpt", Recipe.preset("default").refiner_config()),
     ]
     for i, (config, init, refine) in enumerate(runs):
         if ctx.left() < 90:

@@ -41,15 +41,16 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--refine",
         choices=refine_choices(),
-        help="refinement of the initial mask: hessian-swap = swaps chosen by the exact layer loss "
-        "(default recipe), dsnot = DSnoT (official recipe), none",
+        help="refinement of the initial mask: refit = least-squares re-fit of the kept weights "
+        "(default recipe), hessian-swap = swaps chosen by the exact layer loss, dsnot = DSnoT "
+        "(official recipe), none",
     )
     p.add_argument(
         "--refine-option",
         action="append",
         metavar="KEY=VALUE",
         help="a field of the refiner's config (repeatable; YAML value), e.g. percdamp=0.05, "
-        "max_cycles=20, preset=official",
+        "steps=16, max_cycles=20, preset=official",
     )
     legacy = "deprecated, read as the old recipe key 'dsnot:'"
     p.add_argument(

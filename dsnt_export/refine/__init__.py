@@ -29,7 +29,7 @@ from dsnt_export.refine.registry import (
 #: the recipe value that turns refinement off
 NO_REFINE = "none"
 #: default refiner of the driver (and of the default recipe)
-DEFAULT_REFINER = "hessian-swap"
+DEFAULT_REFINER = "refit"
 
 
 def refine_choices() -> tuple[str, ...]:

@@ -138,7 +138,7 @@ def test_script_on_a_tiny_checkpoint(bp, tmp_path, capsys):
     floor = by["floor"]
     assert floor["status"] == "ok" and floor["timing"]["repeats"] == 2
     assert floor["ppl"]["n_windows"] == 2 and floor["ppl"]["ppl"] > 1
-    for name, method in (("sparsegpt", "sparsegpt"), ("recipe", "sparsegpt+hessian-swap")):
+    for name, method in (("sparsegpt", "sparsegpt"), ("recipe", "sparsegpt+refit")):
         r = by[name]
         assert r["status"] == "ok" and r["method"] == method and r["mask_ok"]
         assert r["ratio_to_floor"] == pytest.approx(r["seconds"] / floor["seconds"])
@@ -148,7 +148,7 @@ def test_script_on_a_tiny_checkpoint(bp, tmp_path, capsys):
         assert r["ppl"]["ppl"] > 1 and r["ppl"]["dataset_hash"] == floor["ppl"]["dataset_hash"]
     assert by["sparsegpt"]["stages"]["refine_s"] < by["recipe"]["stages"]["refine_s"]
     printed = capsys.readouterr().out
-    assert "| recipe | sparsegpt+hessian-swap |" in printed and "skipped" in printed
+    assert "| recipe | sparsegpt+refit |" in printed and "skipped" in printed
 
 
 @pytest.mark.skipif(
@@ -207,7 +207,7 @@ def test_gpu_check_pipeline_side_by_side_on_cpu(tmp_path, monkeypatch):
         assert r["ratio_to_floor"] == pytest.approx(r["seconds"] / floor["seconds"])
         assert r["stages"]["source"] == "report" and r["peak_device_bytes"] is None
         assert r["peak_host_bytes"] > 0
-    assert [r["refine"] for r in pipe[1:]] == ["none", "dsnot", "hessian-swap"]
+    assert [r["refine"] for r in pipe[1:]] == ["none", "dsnot", "refit"]
     out2 = tmp_path / "gc2.jsonl"
     assert gc.main(["--sections", "pipeline", "--device", "cpu", "--out", str(out2)]) == 0
     skip = [json.loads(line) for line in out2.read_text().splitlines()]

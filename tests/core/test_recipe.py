@@ -9,7 +9,7 @@ import pytest
 from dsnt_export.errors import PatternError, UserInputError
 from dsnt_export.patterns import NM, Unstructured
 from dsnt_export.recipe import KNOWN_KEYS, Recipe
-from dsnt_export.refine import DSnoTConfig, HessianSwapConfig, LegacyConfigWarning
+from dsnt_export.refine import DSnoTConfig, HessianSwapConfig, LegacyConfigWarning, RefitConfig
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -18,11 +18,11 @@ def test_presets():
     d = Recipe.preset("default")
     assert (d.init, d.refine, d.pattern, d.refine_exclude) == (
         "sparsegpt",
-        "hessian-swap",
+        "refit",
         "2:4",
         (),
     )
-    assert d.refiner_config() == HessianSwapConfig(max_cycles=50, percdamp=0.03)
+    assert d.refiner_config() == RefitConfig(percdamp=0.1, steps=8, solver="cg")
     o = Recipe.preset("official")
     assert (o.init, o.refine_exclude, o.calib, o.seed) == ("wanda", ("mlp",), "c4:128x2048", 0)
     cfg = o.refiner_config()
@@ -159,8 +159,10 @@ def test_refiner_flags_new_and_deprecated(tmp_path):
 
     p = argparse.ArgumentParser()
     add_recipe_arguments(p)
-    assert recipe_from_args(p.parse_args([])).refine == "hessian-swap"
+    assert recipe_from_args(p.parse_args([])).refine == "refit"
     r = recipe_from_args(p.parse_args(["--refine-option", "percdamp=0.05"]))
+    assert r.refiner_config() == RefitConfig(percdamp=0.05, steps=8)
+    r = recipe_from_args(p.parse_args(["--refine", "hessian-swap", "--refine-option", "percdamp=0.05"]))
     assert r.refiner_config() == HessianSwapConfig(max_cycles=50, percdamp=0.05)
     r = recipe_from_args(p.parse_args(["--refine", "dsnot", "--refine-option", "preset=official"]))
     assert r.refiner_config() == DSnoTConfig.official()
@@ -200,7 +202,11 @@ eval_max_windows: 64
 def test_old_recipe_files_keep_loading_with_a_deprecation_message():
     with pytest.warns(LegacyConfigWarning, match="hessian-swap"):
         old = Recipe.from_yaml_text(OLD_DEFAULT_YAML)
-    assert old == Recipe.preset("default")
-    assert old.sparsify_config() == Recipe.preset("default").sparsify_config()
+    # the old default's algorithm, now under its own name (the default moved on to refit)
+    was = Recipe.preset("default").replace(
+        refine="hessian-swap", refine_options={"max_cycles": 50, "percdamp": 0.03}
+    )
+    assert old == was
+    assert old.sparsify_config() == was.sparsify_config()
     text = "base: official\nrefine: dsnot\ndsnot: {preset: official, max_cycles: 50}\n"
     assert Recipe.from_yaml_text(text).refiner_config() == DSnoTConfig.official()

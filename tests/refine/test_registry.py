@@ -59,11 +59,9 @@ def test_initial_registry():
 
 def test_sparsify_config_selects_the_refiner_by_name_or_config_type():
     c = SparsifyConfig(pattern="2:4")
-    assert (c.refine, c.refine_config, c.needs_hessian) == (
-        "hessian-swap",
-        HessianSwapConfig(),
-        True,
-    )
+    assert (c.refine, c.refine_config, c.needs_hessian) == ("refit", RefitConfig(), True)
+    c = SparsifyConfig(pattern="2:4", refine=HessianSwapConfig(percdamp=0.1))
+    assert (c.refine, c.refine_config.percdamp) == ("hessian-swap", 0.1)
     c = SparsifyConfig(pattern="2:4", refine=DSnoTConfig.official())
     assert (c.refine, c.refine_config, c.needs_hessian) == ("dsnot", DSnoTConfig.official(), False)
     assert SparsifyConfig(pattern="2:4", init="sparsegpt", refine="none").needs_hessian

@@ -1,7 +1,9 @@
 """The driver's masks, weights and per-layer records are bit-identical to those recorded in
 tests/sparsify/golden_sparsify.json: the DSnoT cases (reference statistics, given order) as recorded
 before the refiner registry split; the SparseGPT/hessian-swap cases re-recorded when the driver's
-default statistics became "sum" in canonical calibration order (deliberate: float32 rounding).
+default statistics became "sum" in canonical calibration order (deliberate: float32 rounding). When
+the default refiner became ``refit`` the old "default" case was renamed "sparsegpt-hessian-swap"
+(same recording) and a new "default" case (SparseGPT + refit) recorded.
 
 Floating-point kernels differ between torch versions and CPU instruction sets, so the comparison
 runs only where the recording's torch version and CPU capability match (skipped elsewhere, with
@@ -17,14 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsnt_export.refine import DSnoTConfig, HessianSwapConfig
+from dsnt_export.refine import DSnoTConfig, HessianSwapConfig, RefitConfig
 from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_sparsify.json").read_text())
 
 CASES = {
-    # the default recipe's algorithm: SparseGPT + hessian-swap (one linear excluded from refining)
+    # the default recipe's algorithm: SparseGPT + refit (one linear excluded from refining)
     "default": dict(pattern="2:4", init="sparsegpt", refine_exclude=("mlp.down_proj",)),
+    # the default until 2026-12: SparseGPT + hessian-swap
+    "sparsegpt-hessian-swap": dict(
+        pattern="2:4",
+        init="sparsegpt",
+        refine=HessianSwapConfig(),
+        refine_exclude=("mlp.down_proj",),
+    ),
     "wanda-official": dict(
         pattern="2:4", init="wanda", refine=DSnoTConfig.official(update_threshold=0.0)
     ),
@@ -65,7 +74,8 @@ def _same_platform() -> str | None:
 
 
 def test_golden_cases_cover_the_default_refiner():
-    assert SparsifyConfig(pattern="2:4").refine == "hessian-swap"
+    assert SparsifyConfig(pattern="2:4").refine == "refit"
+    assert SparsifyConfig(**CASES["default"]).refine_config == RefitConfig()
     assert set(CASES) == set(GOLDEN["cases"])
 
 
