@@ -461,8 +461,13 @@ def _child_prune(job: dict) -> dict:
     return res
 
 
+#: our initial method -> llm-compressor's pruning modifier class (``llmcompressor.modifiers.pruning``)
+PEER_MODIFIERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
+
+
 def _child_peer(job: dict) -> dict:
-    """llm-compressor's oneshot SparseGPT on the job's ids; imports no dsnt_export module."""
+    """llm-compressor's oneshot SparseGPT or Wanda (``job["method"]``, default sparsegpt) on the
+    job's ids; imports no dsnt_export module."""
     import importlib.metadata as md
 
     import torch
@@ -470,7 +475,7 @@ def _child_peer(job: dict) -> dict:
     try:
         from datasets import Dataset
         from llmcompressor import oneshot
-        from llmcompressor.modifiers.pruning import SparseGPTModifier
+        from llmcompressor.modifiers import pruning
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         return {"status": "skipped", "reason": f"llm-compressor not importable here: {e}"}
@@ -488,14 +493,17 @@ def _child_peer(job: dict) -> dict:
     ds = Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
     )
-    modifier = SparseGPTModifier(
+    method = job.get("method", "sparsegpt")
+    kind = PEER_MODIFIERS[method]
+    opts = dict(
         sparsity=job["sparsity"],
         mask_structure=job["nm"] or "0:0",
-        block_size=job["blocksize"],
-        dampening_frac=job["percdamp"],
         targets=["Linear"],
         ignore=["re:.*lm_head"],
     )
+    if method == "sparsegpt":
+        opts.update(block_size=job["blocksize"], dampening_frac=job["percdamp"])
+    modifier = getattr(pruning, kind)(**opts)
     dev = job["device"]
     if dev != "cpu":
         model.to(dev)
@@ -520,7 +528,7 @@ def _child_peer(job: dict) -> dict:
         "host_after_load_bytes": after_load,
         "peak_device_bytes": _device_peak(dev),
         "load_s": load_s,
-        "method": "llm-compressor oneshot SparseGPTModifier",
+        "method": f"llm-compressor oneshot {kind}",
         "peer": {
             "name": "llmcompressor",
             "version": md.version("llmcompressor"),
@@ -768,17 +776,24 @@ def peer_job(
     device: str = "cpu",
     threads: int | None = None,
     progress: bool = False,
+    method: str = "sparsegpt",
 ) -> dict:
     """The job of the peer child (:func:`run_child` runs it in the peer's interpreter).
+
+    ``method``: "sparsegpt" or "wanda" (:data:`PEER_MODIFIERS`; ``blocksize``/``percdamp`` are
+    SparseGPT's). Raises ``ValueError`` for another method.
 
     ``ids``: a ``torch.save``d ``[N, T]`` int64 tensor; ``model_path``: an HF checkpoint dir;
     ``pattern``: ours (a ``Pattern``); ``state_out``: where the child saves the pruned state dict.
     The result has ``seconds`` (the ``oneshot`` call), ``peak_host_bytes``, ``method``, ``peer``
     (versions); ``{"status": "skipped", "reason"}`` when llm-compressor does not import there.
     """
+    if method not in PEER_MODIFIERS:
+        raise ValueError(f"no llm-compressor peer for {method!r}; known: {sorted(PEER_MODIFIERS)}")
     nm, sparsity = peer_pattern(pattern)
     return {
         "kind": "peer",
+        "method": method,
         "config": "peer",
         "ids": ids,
         "model_path": model_path,

@@ -30,9 +30,10 @@ mean ± std (min..max) of the per-draw PAIRED relative differences (same windows
 marked a gain (bold, "gain") only when every draw improved (max < 0) and the mean improvement is
 larger than the std of the differences. The README's older single-draw tables read draw 0 only.
 
-The peer (``llmcompressor-sparsegpt``: llm-compressor's ``oneshot`` + ``SparseGPTModifier`` on the
-same windows, ``shuffle_calibration_samples=False``) runs through ``benchmarks/bench_pipeline.py``'s
-peer child in ``--peer-python`` (default: this interpreter, when it can import llmcompressor); its
+The peers (``llmcompressor-sparsegpt`` / ``llmcompressor-wanda``: llm-compressor's ``oneshot`` +
+``SparseGPTModifier`` / ``WandaPruningModifier`` on the same windows,
+``shuffle_calibration_samples=False``) run through ``benchmarks/bench_pipeline.py``'s
+peer child in ``--peer-python`` (default: this interpreter, when it can import llmcompressor); their
 pruned weights are evaluated here by the same float32 evaluation as every other row.
 """
 
@@ -71,7 +72,7 @@ DOMAINS = ("stdlib-docs", "stdlib-code")
 #: every model is evaluated on these (the third is used for no calibration and no choice)
 EVAL_TEXTS = (*DOMAINS, "stdlib-topics")
 #: peer configurations (llm-compressor, run in --peer-python through bench_pipeline's peer child)
-PEERS = {"llmcompressor-sparsegpt": "sparsegpt"}
+PEERS = {"llmcompressor-sparsegpt": "sparsegpt", "llmcompressor-wanda": "wanda"}
 PRESETS = {
     "official": DSnoTConfig.official,
     "default": HessianSwapConfig,
@@ -410,7 +411,7 @@ def peer_available(peer_python: str | None) -> tuple[bool, str]:
 def run_peer(
     method: str, ids: torch.Tensor, pattern: str, *, peer_python: str | None, threads, tmp: Path
 ) -> tuple[dict | None, dict]:
-    """llm-compressor's ``method`` (only "sparsegpt" so far) on the windows ``ids`` [n, seqlen].
+    """llm-compressor's ``method`` ("sparsegpt" or "wanda") on the windows ``ids`` [n, seqlen].
 
     Returns (the pruned state dict or None, info with ``status`` ok/skipped/failed, ``reason``,
     ``seconds`` and the peer's versions). The call itself is bench_pipeline's peer child.
@@ -418,12 +419,12 @@ def run_peer(
     from dsnt_export.embedded import embedded_model_dir
     from dsnt_export.patterns import parse_pattern
 
-    if method != "sparsegpt":
-        return None, {"status": "skipped", "reason": f"no peer call for {method} yet"}
     try:
         bp = _bench_pipeline()
     except (OSError, ImportError) as e:
         return None, {"status": "skipped", "reason": f"benchmarks/bench_pipeline.py: {e}"}
+    if method not in bp.PEER_MODIFIERS:
+        return None, {"status": "skipped", "reason": f"no peer call for {method}"}
     torch.save(ids, tmp / "ids.pt")
     job = bp.peer_job(
         ids=str(tmp / "ids.pt"),
@@ -433,6 +434,7 @@ def run_peer(
         percdamp=SparsifyConfig.sparsegpt_percdamp,
         state_out=str(tmp / "peer_state.pt"),
         threads=threads,
+        method=method,
     )
     job["config"] = f"llmcompressor-{method}"
     res = bp.run_child(peer_python or sys.executable, job, tmp, verbose=False, timeout=None)

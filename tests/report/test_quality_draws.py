@@ -181,3 +181,25 @@ def test_run_peer_builds_bench_pipelines_job(qt, monkeypatch, tmp_path):
     assert state is None and info["status"] == "skipped"
     assert seen["kind"] == "peer" and seen["config"] == "llmcompressor-sparsegpt"
     assert seen["nm"] == "2:4" and seen["blocksize"] == 128 and seen["percdamp"] == 0.01
+
+
+def test_run_peer_wanda_job_and_unknown_method(qt, monkeypatch, tmp_path):
+    """The Wanda peer is the same child with ``method: wanda`` (llm-compressor's
+    WandaPruningModifier); a method without a peer is a skip with the reason, not an error."""
+    bp = qt._bench_pipeline()
+    seen = {}
+
+    def fake_child(python, job, tmp, **kw):
+        seen.update(job)
+        return {"status": "skipped", "reason": "no llmcompressor here"}
+
+    monkeypatch.setattr(bp, "run_child", fake_child)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    qt.run_peer("wanda", ids, "1:4", peer_python=None, threads=1, tmp=tmp_path)
+    assert seen["method"] == "wanda" and seen["config"] == "llmcompressor-wanda"
+    assert (seen["nm"], seen["sparsity"]) == ("3:4", 0.75)
+    assert bp.PEER_MODIFIERS["wanda"] == "WandaPruningModifier"
+    state, info = qt.run_peer("magnitude", ids, "2:4", peer_python=None, threads=1, tmp=tmp_path)
+    assert state is None and info["status"] == "skipped" and "magnitude" in info["reason"]
+    with pytest.raises(ValueError, match="no llm-compressor peer for 'obs'"):
+        bp.peer_job(ids="x", model_path="y", pattern=None, state_out="z", method="obs")
