@@ -225,9 +225,7 @@ def sparsify(
     plan = plan or plan_targets(
         model, config.pattern, exclude=config.exclude, refine_exclude=config.refine_exclude
     )
-    samples = normalize_samples(calibration)
-    if config.calibration_order == "canonical":
-        samples = [samples[i] for i in canonical_order(samples)]
+    samples = calibration_samples(calibration, config)
     store = torch.device("cpu") if config.offload_activations else None
     t0 = time.perf_counter()
     cap = capture_block_inputs(model, plan.adapter, samples, device=dev, store_device=store)
@@ -244,8 +242,7 @@ def sparsify(
         skipped=list(plan.skipped),
     )
     report.timings["capture_s"] = time.perf_counter() - t0
-    for k in _STAGE_KEYS:
-        report.timings[k] = 0.0
+    start_stage_timings(report.timings)
     inputs = cap.inputs
     blocks = plan.adapter.get_blocks(model)
     bar = _progress(len(blocks), progress)
@@ -319,6 +316,24 @@ def sparsify_block(
 #: the stage totals :func:`sparsify` puts in ``report.timings`` (seconds), besides ``capture_s``,
 #: ``total_s`` and the per-block ``block_{i}_s``
 _STAGE_KEYS = ("stats_s", "init_s", "refine_s", "rerun_s")
+
+
+def start_stage_timings(timings: dict[str, float]) -> None:
+    """Set every stage total that :func:`sparsify_block` adds to (``stats_s``, ``init_s``,
+    ``refine_s``, ``rerun_s``; seconds) to 0 in ``timings``, as a driver does before block 0."""
+    for k in _STAGE_KEYS:
+        timings[k] = 0.0
+
+
+def calibration_samples(calibration: Any, config: SparsifyConfig) -> list[torch.Tensor]:
+    """The calibration samples in the order every driver feeds them: ``calibration`` as
+    :func:`~dsnt_export.sparsify.capture.normalize_samples` takes it (``[N, T]`` ids or a list of
+    ``[1, T]``/``[T]``), sorted by :func:`~dsnt_export.sparsify.capture.canonical_order` when
+    ``config.calibration_order`` is "canonical" (any permutation then gives the same result)."""
+    samples = normalize_samples(calibration)
+    if config.calibration_order == "canonical":
+        samples = [samples[i] for i in canonical_order(samples)]
+    return samples
 
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:

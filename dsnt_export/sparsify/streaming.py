@@ -51,8 +51,13 @@ from torch import nn
 from dsnt_export.adapters import resolve
 from dsnt_export.errors import ArtifactError, NonFiniteError, UnsupportedModelError
 from dsnt_export.shards import SafetensorsCheckpoint, ShardWriter
-from dsnt_export.sparsify.capture import capture_block_inputs, normalize_samples
-from dsnt_export.sparsify.driver import SparsifyConfig, sparsify_block
+from dsnt_export.sparsify.capture import capture_block_inputs
+from dsnt_export.sparsify.driver import (
+    SparsifyConfig,
+    calibration_samples,
+    sparsify_block,
+    start_stage_timings,
+)
 from dsnt_export.sparsify.plan import Plan, plan_targets
 from dsnt_export.sparsify.record import SparsifyReport
 
@@ -276,7 +281,7 @@ def sparsify_streamed(
         writer.abort()
         raise
 
-    samples = _ordered(normalize_samples(calibration), config)
+    samples = calibration_samples(calibration, config)
     store = torch.device("cpu") if config.offload_activations else None
     t0 = time.perf_counter()
     pre = []
@@ -302,7 +307,7 @@ def sparsify_streamed(
         skipped=list(plan.skipped),
     )
     report.timings["capture_s"] = time.perf_counter() - t0
-    extra = _block_timings(report.timings)
+    start_stage_timings(report.timings)
     inputs = cap.inputs
     tensors: dict[str, dict] = {}
     bar = _progress(len(blocks), progress)
@@ -323,8 +328,8 @@ def sparsify_streamed(
                     config,
                     device=device,
                     store=store,
+                    timings=report.timings,
                     outputs=i + 1 < len(blocks),
-                    **extra,
                 )
                 _write_block(writer, st, slots, block_keys[i], records, config, tensors)
             finally:
@@ -350,30 +355,6 @@ def sparsify_streamed(
     files = sorted(set(writer.weight_map.values())) + [index.name]
     out_dtype = save_dtype if save_dtype is not None else dtype
     return StreamedResult(report=report, tensors=tensors, files=files, save_dtype=out_dtype)
-
-
-def _ordered(samples: list[torch.Tensor], config: SparsifyConfig) -> list[torch.Tensor]:
-    """The samples in the order :func:`~dsnt_export.sparsify.driver.sparsify` feeds them (its
-    ``calibration_order``: "canonical" sorts them by token ids; older configs have none)."""
-    if getattr(config, "calibration_order", "given") != "canonical":
-        return samples
-    from dsnt_export.sparsify import capture
-
-    return [samples[i] for i in capture.canonical_order(samples)]
-
-
-def _block_timings(timings: dict) -> dict:
-    """``sparsify_block``'s ``timings=`` argument (its stage totals added into ``timings``, keys
-    set to 0 first as ``sparsify`` does) where this driver version takes one; else nothing."""
-    import inspect
-
-    if "timings" not in inspect.signature(sparsify_block).parameters:
-        return {}
-    from dsnt_export.sparsify import driver
-
-    for k in getattr(driver, "_STAGE_KEYS", ()):
-        timings[k] = 0.0
-    return {"timings": timings}
 
 
 #: allocations at least this large (bytes) come straight from mmap on glibc (see below)
