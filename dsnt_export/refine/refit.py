@@ -79,11 +79,18 @@ class RefitInfo:
     steps: int
 
 
-def _check(weight, keep, reference, hessian, percdamp) -> None:
-    R, C = weight.shape
+def _prepare(weight, keep, reference, hessian, percdamp):
+    """Checks shared by both solvers, then ``(H_lam, w0, keep, w, loss_before)`` in float32 on the
+    weight's device (``w``: ``weight`` with zeros where pruned)."""
     check_layer_shapes(weight, keep, reference, hessian)
-    if not isinstance(percdamp, (int, float)) or percdamp < 0:
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or percdamp < 0:
         raise UserInputError(f"percdamp must be a number >= 0, got {percdamp!r}")
+    dev = weight.device
+    H = dampened_hessian(hessian.to(dev), percdamp)
+    w0 = reference.to(device=dev, dtype=torch.float32)
+    keep = keep.to(dev)
+    w = torch.where(keep, weight.to(torch.float32), 0.0)
+    return H, w0, keep, w, quadratic_loss(w0 - w, H)
 
 
 def refit_exact(
@@ -105,17 +112,12 @@ def refit_exact(
     where pruned; :class:`RefitInfo`). Raises ``ShapeError`` for mismatched shapes,
     ``UserInputError`` for ``percdamp <= 0`` or ``chunk < 1``.
     """
-    _check(weight, keep, reference, hessian, percdamp)
+    H, w0, keep, w, loss_before = _prepare(weight, keep, reference, hessian, percdamp)
     if percdamp <= 0:
         raise UserInputError(f"refit_exact needs percdamp > 0 (a ridge), got {percdamp!r}")
     if not isinstance(chunk, int) or chunk < 1:
         raise UserInputError(f"chunk must be a positive int, got {chunk!r}")
-    dev = weight.device
-    H = dampened_hessian(hessian.to(dev), percdamp)
-    w0 = reference.to(device=dev, dtype=torch.float32)
-    keep = keep.to(dev)
-    w = torch.where(keep, weight.to(torch.float32), 0.0)
-    loss_before = quadratic_loss(w0 - w, H)
+    dev = w.device
     b_full = torch.where(keep, 0.0, w0) @ H  # [R, C]; at kept columns: H_KP w0_P
     out = torch.zeros_like(w)
     R = w.shape[0]
@@ -165,15 +167,9 @@ def refit_cg(
     dampened loss never increases. Raises ``ShapeError`` for mismatched shapes,
     ``UserInputError`` for bad ``percdamp``/``steps``.
     """
-    _check(weight, keep, reference, hessian, percdamp)
-    if not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise UserInputError(f"steps must be an int >= 0, got {steps!r}")
-    dev = weight.device
-    H = dampened_hessian(hessian.to(dev), percdamp)
-    w0 = reference.to(device=dev, dtype=torch.float32)
-    keep = keep.to(dev)
-    w = torch.where(keep, weight.to(torch.float32), 0.0)
-    loss_before = quadratic_loss(w0 - w, H)
+    H, w0, keep, w, loss_before = _prepare(weight, keep, reference, hessian, percdamp)
     # minimise over x = w_K - w0_K: residual r = -grad/2 = ((w0 - w) H) on K; z = M^-1 r
     r = torch.where(keep, (w0 - w) @ H, 0.0)
     if precondition:
