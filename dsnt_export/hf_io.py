@@ -55,7 +55,11 @@ def resolve_model_source(spec: str | None) -> str:
 
 # artifact kinds other commands read, and the command that reads each
 _OTHER_KINDS = {
-    "onnx": ("an ONNX export", "`dsnt-export bench {p} --runtime onnxruntime --ppl`"),
+    "onnx": (
+        "an ONNX export",
+        "`dsnt-export bench {p} --runtime onnxruntime --ppl` (perplexity) or `dsnt-export eval "
+        "{p} --tasks TASKS --runtime onnxruntime` (zero-shot)",
+    ),
     "tensorrt": ("a TensorRT engine", "`dsnt-export bench {p} --runtime tensorrt --ppl`"),
     "report": ("a run report", "the hf/ checkpoint of the run it reports on"),
 }
