@@ -47,6 +47,7 @@ from dsnt_export.patterns import Pattern
 from dsnt_export.refine.loss import (
     check_layer_shapes,
     dampened_hessian,
+    loss_and_gradient,
     mean_error_estimate,
     quadratic_loss,
 )
@@ -80,8 +81,8 @@ class RefitInfo:
 
 
 def _prepare(weight, keep, reference, hessian, percdamp):
-    """Checks shared by both solvers, then ``(H_lam, w0, keep, w, loss_before)`` in float32 on the
-    weight's device (``w``: ``weight`` with zeros where pruned)."""
+    """Checks shared by both solvers, then ``(H_lam, w0, keep, w, loss_before, g)`` in float32 on
+    the weight's device (``w``: ``weight`` with zeros where pruned; ``g = (w0 - w) H_lam``)."""
     check_layer_shapes(weight, keep, reference, hessian)
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or percdamp < 0:
         raise UserInputError(f"percdamp must be a number >= 0, got {percdamp!r}")
@@ -90,7 +91,8 @@ def _prepare(weight, keep, reference, hessian, percdamp):
     w0 = reference.to(device=dev, dtype=torch.float32)
     keep = keep.to(dev)
     w = torch.where(keep, weight.to(torch.float32), 0.0)
-    return H, w0, keep, w, quadratic_loss(w0 - w, H)
+    loss_before, g = loss_and_gradient(w0 - w, H)
+    return H, w0, keep, w, loss_before, g
 
 
 def refit_exact(
@@ -112,7 +114,7 @@ def refit_exact(
     where pruned; :class:`RefitInfo`). Raises ``ShapeError`` for mismatched shapes,
     ``UserInputError`` for ``percdamp <= 0`` or ``chunk < 1``.
     """
-    H, w0, keep, w, loss_before = _prepare(weight, keep, reference, hessian, percdamp)
+    H, w0, keep, w, loss_before, _ = _prepare(weight, keep, reference, hessian, percdamp)
     if percdamp <= 0:
         raise UserInputError(f"refit_exact needs percdamp > 0 (a ridge), got {percdamp!r}")
     if not isinstance(chunk, int) or chunk < 1:
@@ -169,9 +171,10 @@ def refit_cg(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise UserInputError(f"steps must be an int >= 0, got {steps!r}")
-    H, w0, keep, w, loss_before = _prepare(weight, keep, reference, hessian, percdamp)
+    H, w0, keep, w, loss_before, g = _prepare(weight, keep, reference, hessian, percdamp)
     # minimise over x = w_K - w0_K: residual r = -grad/2 = ((w0 - w) H) on K; z = M^-1 r
-    r = torch.where(keep, (w0 - w) @ H, 0.0)
+    r = torch.where(keep, g, 0.0)
+    del g
     if precondition:
         dinv = torch.diagonal(H).clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
         minv = torch.where(keep, dinv, 0.0)
