@@ -315,7 +315,7 @@ def render_run_summary(summary: dict) -> str:
     if s.get("mean_abs_err_before") is not None:
         lines.append(
             f"- refinement ({r['refine']}) mean |reconstruction error| per row: {s['mean_abs_err_before']:.4g} -> "
-            f"{s['mean_abs_err_after']:.4g} ({s['swaps']} swaps)"
+            f"{s['mean_abs_err_after']:.4g}" + (f" ({s['swaps']} swaps)" if s.get("swaps") else "")
         )
     if ev:
         lines += [
