@@ -53,7 +53,7 @@ TASK_GROUPS = {"dsnot-paper": PAPER_TASKS}
 #: metrics reported per task (those a task defines; others are ignored)
 METRICS = ("acc", "acc_norm")
 HARNESS = "lm-eval"
-_INSTALL = 'pip install "dsnt-export[lm-eval]"  (or: pip install "lm-eval>=0.4,<0.5")'
+_INSTALL = 'pip install -e ".[lm-eval]"  (from a dsnt-export checkout; or: pip install "lm-eval>=0.4,<0.5")'
 
 
 def _lm_eval():
