@@ -175,10 +175,13 @@ def refit_cg(
     # minimise over x = w_K - w0_K: residual r = -grad/2 = ((w0 - w) H) on K; z = M^-1 r
     r = torch.where(keep, g, 0.0)
     del g
+    # M^-1 on the kept entries (0 elsewhere); plain CG: M = I there
     if precondition:
         dinv = torch.diagonal(H).clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
         minv = torch.where(keep, dinv, 0.0)
-    z = r * minv if precondition else r
+    else:
+        minv = keep.to(torch.float32)
+    z = r * minv
     p = z.clone()
     rz = (r * z).sum(1, keepdim=True)
     tiny = torch.finfo(torch.float32).tiny
@@ -188,7 +191,7 @@ def refit_cg(
         alpha = torch.where(pAp > tiny, rz / pAp.clamp_min(tiny), 0.0)
         w = w + alpha * p
         r = r - alpha * Ap
-        z = r * minv if precondition else r
+        z = r * minv
         rz_new = (r * z).sum(1, keepdim=True)
         beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), 0.0)
         p = z + beta * p
