@@ -159,9 +159,10 @@ def test_tiny_run_rows_per_draw(qt, tmp_path, monkeypatch):
     assert torch.is_tensor(peer_calls[0][1])
 
 
-def test_run_peer_builds_bench_pipelines_job(qt, monkeypatch, tmp_path):
-    """The peer call is bench_pipeline's job (its llm-compressor pattern mapping), not a copy:
-    2:4 stays 2:4 for llm-compressor, and the job carries our SparseGPT options."""
+@pytest.fixture
+def peer_job_seen(qt, monkeypatch):
+    """bench_pipeline's child runner replaced by one that records the job it was given (returned
+    dict, filled on each call) and answers a skip, as a machine without llm-compressor would."""
     bp = qt._bench_pipeline()
     seen = {}
 
@@ -170,6 +171,13 @@ def test_run_peer_builds_bench_pipelines_job(qt, monkeypatch, tmp_path):
         return {"status": "skipped", "reason": "no llmcompressor here"}
 
     monkeypatch.setattr(bp, "run_child", fake_child)
+    return seen
+
+
+def test_run_peer_builds_bench_pipelines_job(qt, peer_job_seen, tmp_path):
+    """The peer call is bench_pipeline's job (its llm-compressor pattern mapping), not a copy:
+    2:4 stays 2:4 for llm-compressor, and the job carries our SparseGPT options."""
+    seen = peer_job_seen
     state, info = qt.run_peer(
         "sparsegpt",
         torch.zeros(2, 8, dtype=torch.long),
@@ -183,17 +191,10 @@ def test_run_peer_builds_bench_pipelines_job(qt, monkeypatch, tmp_path):
     assert seen["nm"] == "2:4" and seen["blocksize"] == 128 and seen["percdamp"] == 0.01
 
 
-def test_run_peer_wanda_job_and_unknown_method(qt, monkeypatch, tmp_path):
+def test_run_peer_wanda_job_and_unknown_method(qt, peer_job_seen, tmp_path):
     """The Wanda peer is the same child with ``method: wanda`` (llm-compressor's
     WandaPruningModifier); a method without a peer is a skip with the reason, not an error."""
-    bp = qt._bench_pipeline()
-    seen = {}
-
-    def fake_child(python, job, tmp, **kw):
-        seen.update(job)
-        return {"status": "skipped", "reason": "no llmcompressor here"}
-
-    monkeypatch.setattr(bp, "run_child", fake_child)
+    bp, seen = qt._bench_pipeline(), peer_job_seen
     ids = torch.zeros(2, 8, dtype=torch.long)
     qt.run_peer("wanda", ids, "1:4", peer_python=None, threads=1, tmp=tmp_path)
     assert seen["method"] == "wanda" and seen["config"] == "llmcompressor-wanda"
