@@ -58,7 +58,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run",
         "whole pipeline: prune, validate, evaluate, export, report (no args = embedded default)",
     ),
-    "prune": ("prune", "sparsify a Hugging Face causal LM block by block (initial mask + refinement)"),
+    "prune": (
+        "prune",
+        "sparsify a Hugging Face causal LM block by block (initial mask + refinement)",
+    ),
     "eval": ("eval", "perplexity or zero-shot accuracy (--tasks, on --runtime) of a checkpoint"),
     "check": ("check", "CI gate: re-validate an artifact's sparsity pattern and metadata"),
     "export": ("export", "export a sparse checkpoint to hf/vllm, onnx or tensorrt"),

@@ -46,12 +46,16 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
     batch_size: 1
     offload_activations: false
     out_of_core: false         # stream blocks from the checkpoint's safetensors (models > RAM)
+    matmul_precision: auto     # auto | highest | high | medium (Hessian and solver products)
     sparsegpt: {blocksize: 128, percdamp: 0.01}
 
 ``out_of_core: true`` prunes without loading the model: the skeleton on the meta device, one block
 at a time read from the checkpoint's safetensors, pruned and written
 (:mod:`dsnt_export.sparsify.streaming`); same weights as in memory. It changes how the run is
 done, not its result: :meth:`Recipe.to_dict` (and so the recipe hash) lists it only when true.
+``matmul_precision`` (:mod:`dsnt_export.precision`): "auto" runs the float32 products of the
+statistics and solvers on torch's faster "medium" precision only where a probe shows it as accurate
+as float32 (else "highest"); listed by :meth:`Recipe.to_dict` only when not "auto".
 
 Old form (still read, with a :class:`~dsnt_export.refine.LegacyConfigWarning`): ``refine: dsnot``
 with a ``dsnot:`` mapping (``preset: default | official``, ``criterion: hessian | mean``,
@@ -71,6 +75,7 @@ from typing import Any
 from dsnt_export.artifacts import config_hash
 from dsnt_export.errors import UserInputError
 from dsnt_export.patterns import parse_pattern
+from dsnt_export.precision import check_matmul_precision
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SAVE_DTYPES = ("source", "float32", "float16", "bfloat16")
@@ -101,6 +106,7 @@ class Recipe:
     batch_size: int = 1
     offload_activations: bool = False
     out_of_core: bool = False
+    matmul_precision: str = "auto"
     sparsegpt: dict = field(default_factory=lambda: {"blocksize": 128, "percdamp": 0.01})
 
     def __post_init__(self):
@@ -137,6 +143,7 @@ class Recipe:
             _check_int(self, "eval_max_windows", 1)
         for key, lo in (("seed", 0), ("batch_size", 1), ("eval_seqlen", 2)):
             _check_int(self, key, lo)
+        check_matmul_precision(self.matmul_precision)
         object.__setattr__(self, "refine_options", _check_refine_options(self))
 
         object.__setattr__(self, "sparsegpt", _check_sparsegpt(self.sparsegpt))
@@ -200,11 +207,13 @@ class Recipe:
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain YAML/JSON values (lists, dicts); what manifests record.
-        ``out_of_core`` only when true (it does not change the result, so recipes and hashes
-        written before it existed stay the same)."""
+        ``out_of_core`` only when true (it does not change the result), ``matmul_precision``
+        only when not "auto", so recipes and hashes written before they existed stay the same."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         if not self.out_of_core:
             del d["out_of_core"]
+        if self.matmul_precision == "auto":
+            del d["matmul_precision"]
         d["exclude"], d["refine_exclude"] = list(self.exclude), list(self.refine_exclude)
         d["refine_options"], d["sparsegpt"] = dict(self.refine_options), dict(self.sparsegpt)
         return d
@@ -298,6 +307,7 @@ class Recipe:
             offload_activations=self.offload_activations,
             sparsegpt_blocksize=self.sparsegpt["blocksize"],
             sparsegpt_percdamp=self.sparsegpt["percdamp"],
+            matmul_precision=self.matmul_precision,
         )
 
 

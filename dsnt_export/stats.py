@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from dsnt_export.errors import EmptyStatisticsError, NonFiniteError, ShapeError, UserInputError
+from dsnt_export.precision import MATMUL_PRECISIONS, matmul_precision
 
 ACCUMULATE = ("reference", "sum")
 
@@ -78,8 +79,12 @@ class ActivationStats:
     ``hessian``: also accumulate ``H = 2/n X^T X`` [in, in]; ``name``: the layer, for messages;
     ``accumulate``: ``"reference"`` (the reference code's running means, bit for bit) or ``"sum"``
     (one product per batch, scaled when read; module docstring); ``variance``: also accumulate
-    ``var`` (DSnoT's grow score reads it; ``"sum"`` mode only, the reference mode always does).
-    Raises ``ShapeError`` for a bad ``in_features``, ``UserInputError`` for a bad ``accumulate``.
+    ``var`` (DSnoT's grow score reads it; ``"sum"`` mode only, the reference mode always does);
+    ``matmul_precision``: torch's float32 matmul precision of the ``"sum"`` mode's Hessian product
+    ("highest", "high", "medium"; :mod:`dsnt_export.precision`; the reference mode always uses
+    the caller's setting, normally "highest").
+    Raises ``ShapeError`` for a bad ``in_features``, ``UserInputError`` for a bad ``accumulate``
+    or ``matmul_precision``.
     """
 
     def __init__(
@@ -91,9 +96,15 @@ class ActivationStats:
         name: str | None = None,
         accumulate: str = "reference",
         variance: bool = True,
+        matmul_precision: str = "highest",
     ):
         if not isinstance(in_features, int) or in_features <= 0:
             raise ShapeError(f"in_features must be a positive int, got {in_features!r}")
+        if matmul_precision not in MATMUL_PRECISIONS[1:]:
+            raise UserInputError(
+                f"matmul_precision must be one of {list(MATMUL_PRECISIONS[1:])}, got "
+                f"{matmul_precision!r} (resolve 'auto' first: dsnt_export.precision)"
+            )
         if accumulate not in ACCUMULATE:
             raise UserInputError(
                 f"accumulate must be one of {list(ACCUMULATE)}, got {accumulate!r}"
@@ -102,6 +113,7 @@ class ActivationStats:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.name = name
         self.accumulate = accumulate
+        self.matmul_precision = matmul_precision
         self.variance = variance or accumulate == "reference"
         self.nsamples = 0
         self.ntokens = 0
@@ -206,11 +218,13 @@ class ActivationStats:
         b, t = x.shape[0], x.shape[1]
         flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
         self._sum += flat.sum(dim=0)
-        self._sq_sum += torch.linalg.vector_norm(flat, dim=0).square_()
+        # square().sum(0): ~5x faster than vector_norm(dim=0) on [tokens, 1536] (strided norm)
+        self._sq_sum += flat.square().sum(dim=0)
         if self.variance:  # per-sample population variances, weighted by their T tokens
             self._var += torch.var(flat.reshape(b, t, -1), dim=1, unbiased=False).sum(dim=0) * t
         if self._H is not None:  # the blocks below the diagonal are refreshed when read
-            add_xtx(self._H, flat, alpha=self._h_scale)
+            with matmul_precision(self.matmul_precision):
+                add_xtx(self._H, flat, alpha=self._h_scale)
             self._h_mirrored = False
         self.nsamples += b
         self.ntokens += b * t

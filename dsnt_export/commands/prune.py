@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from dsnt_export.errors import UserInputError
+from dsnt_export.precision import MATMUL_PRECISIONS
 from dsnt_export.recipe import (
     DTYPES,
     SAVE_DTYPES,
@@ -99,6 +100,12 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         help="never load the whole model: read one block at a time from the checkpoint's "
         "safetensors, prune it, write it (peak host memory ~ embeddings + one block; same weights)",
     )
+    p.add_argument(
+        "--matmul-precision",
+        choices=MATMUL_PRECISIONS,
+        help="internal precision of the Hessian and solver products (auto: torch's 'medium' "
+        "only where it is as accurate as float32 on this device, else 'highest')",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -161,6 +168,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         batch_size=args.batch_size,
         offload_activations=args.offload_activations,
         out_of_core=getattr(args, "out_of_core", None),
+        matmul_precision=getattr(args, "matmul_precision", None),
         eval=getattr(args, "eval", None),
         eval_seqlen=getattr(args, "eval_seqlen", None),
         eval_max_windows=getattr(args, "eval_max_windows", None),

@@ -44,6 +44,7 @@ import torch
 
 from dsnt_export.errors import UserInputError
 from dsnt_export.patterns import Pattern
+from dsnt_export.precision import matmul_precision
 from dsnt_export.refine.loss import (
     check_layer_shapes,
     dampened_hessian,
@@ -260,15 +261,19 @@ def refine_layer(
     re-fitted by (1) on ``stats.hessian``; the mask (``keep``, hence the pattern) is unchanged.
 
     ``loss_before`` / ``loss_after`` are the dampened loss of (1); DSnoT's mean-based estimate is
-    reported too (as every refiner does). ``pattern``, ``metric`` and ``name`` are not used.
+    reported too (as every refiner does). ``pattern``, ``metric`` and ``name`` are not used. The
+    products run at ``stats.matmul_precision`` (:mod:`dsnt_export.precision`: the driver's
+    resolved ``matmul_precision``; "highest" unless set).
     Raises ``EmptyStatisticsError`` when ``stats`` has no Hessian.
     """
-    if config.solver == "exact":
-        new_w, info = refit_exact(weight, keep, reference, stats.hessian, percdamp=config.percdamp)
-    else:
-        new_w, info = refit_cg(
-            weight, keep, reference, stats.hessian, percdamp=config.percdamp, steps=config.steps
-        )
+    H = stats.hessian
+    with matmul_precision(stats.matmul_precision):  # the statistics' precision (driver's choice)
+        if config.solver == "exact":
+            new_w, info = refit_exact(weight, keep, reference, H, percdamp=config.percdamp)
+        else:
+            new_w, info = refit_cg(
+                weight, keep, reference, H, percdamp=config.percdamp, steps=config.steps
+            )
     return RefineOutcome(
         new_w,
         keep,

@@ -34,6 +34,11 @@ from dsnt_export.errors import UserInputError
 from dsnt_export.masks import check_mask
 from dsnt_export.methods import get_initial, prune_initial
 from dsnt_export.patterns import Pattern, parse_pattern
+from dsnt_export.precision import (
+    check_matmul_precision,
+    matmul_precision,
+    resolve_matmul_precision,
+)
 from dsnt_export.refine import DEFAULT_REFINER, NO_REFINE, Refiner, get_refiner, refiner_for
 from dsnt_export.refine.loss import relative_loss
 from dsnt_export.sparsify.capture import (
@@ -81,9 +86,16 @@ class SparsifyConfig:
                     permutation of the same windows gives bit-identical statistics, masks and
                     weights) or "given" (as passed). None = "given" with reference statistics,
                     else "canonical".
+    matmul_precision: internal precision of the float32 products of the statistics (the Hessian)
+                    and of the ``refit`` refiner (:mod:`dsnt_export.precision`; SparseGPT's
+                    column loop and the swap refiners stay on the caller's setting): "auto"
+                    (default: torch's "medium" only where a probe shows it as accurate as float32,
+                    else "highest"; always "highest" with reference statistics), "highest",
+                    "high" or "medium". The model's forwards are never affected.
 
     Raises ``UserInputError`` for an unknown method or refiner (listing the known ones), a config
-    of the wrong type, a bad ``batch_size``, ``statistics`` or ``calibration_order``.
+    of the wrong type, a bad ``batch_size``, ``statistics``, ``calibration_order`` or
+    ``matmul_precision``.
     """
 
     pattern: Pattern
@@ -99,6 +111,7 @@ class SparsifyConfig:
     sparsegpt_percdamp: float = 0.01
     statistics: str | None = None
     calibration_order: str | None = None
+    matmul_precision: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
@@ -148,6 +161,15 @@ class SparsifyConfig:
             )
         object.__setattr__(self, "statistics", stats)
         object.__setattr__(self, "calibration_order", order)
+        check_matmul_precision(self.matmul_precision)
+
+    def resolved_matmul_precision(self, device: torch.device | str | None) -> str:
+        """The concrete precision ``matmul_precision`` means on ``device`` (None: CPU): "auto"
+        is "highest" with reference statistics (the bit-for-bit path), else
+        :func:`~dsnt_export.precision.resolve_matmul_precision`."""
+        if self.matmul_precision == "auto" and self.statistics == "reference":
+            return "highest"
+        return resolve_matmul_precision(self.matmul_precision, device)
 
     @property
     def refiner(self) -> Refiner | None:
@@ -229,18 +251,7 @@ def sparsify(
     store = torch.device("cpu") if config.offload_activations else None
     t0 = time.perf_counter()
     cap = capture_block_inputs(model, plan.adapter, samples, device=dev, store_device=store)
-    lens = sorted({int(s.shape[-1]) for s in samples})
-    report = SparsifyReport(
-        model_type=plan.adapter.model_type,
-        pattern=str(config.pattern),
-        config=config.to_json(),
-        calibration={
-            "nsamples": len(samples),
-            "seq_lens": lens,
-            "tokens": int(sum(s.numel() for s in samples)),
-        },
-        skipped=list(plan.skipped),
-    )
+    report = new_report(plan, config, samples, dev)
     report.timings["capture_s"] = time.perf_counter() - t0
     start_stage_timings(report.timings)
     inputs = cap.inputs
@@ -325,6 +336,27 @@ def start_stage_timings(timings: dict[str, float]) -> None:
         timings[k] = 0.0
 
 
+def new_report(
+    plan: Plan, config: SparsifyConfig, samples: list[torch.Tensor], device: torch.device | None
+) -> SparsifyReport:
+    """An empty :class:`SparsifyReport` of a run: the config (with ``matmul_precision_used``, what
+    "auto" resolved to on ``device``), the calibration's shape and the plan's skipped modules."""
+    return SparsifyReport(
+        model_type=plan.adapter.model_type,
+        pattern=str(config.pattern),
+        config={
+            **config.to_json(),
+            "matmul_precision_used": config.resolved_matmul_precision(device),
+        },
+        calibration={
+            "nsamples": len(samples),
+            "seq_lens": sorted({int(s.shape[-1]) for s in samples}),
+            "tokens": int(sum(s.numel() for s in samples)),
+        },
+        skipped=list(plan.skipped),
+    )
+
+
 def calibration_samples(calibration: Any, config: SparsifyConfig) -> list[torch.Tensor]:
     """The calibration samples in the order every driver feeds them: ``calibration`` as
     :func:`~dsnt_export.sparsify.capture.normalize_samples` takes it (``[N, T]`` ids or a list of
@@ -370,9 +402,10 @@ def _sparsify_block(
 ) -> list[LayerRecord]:
     """Statistics, then prune + refine, stage by stage (one stage unless ``sequential``)."""
     records = []
+    precision = config.resolved_matmul_precision(runner.device)
     for stage in _stages(plan, targets, config.sequential):
         t0 = _now(runner.device)
-        stats = runner.collect(stage, plan, config)
+        stats = runner.collect(stage, plan, config, precision)
         _add(timings, "stats_s", _now(runner.device) - t0)
         for t in stage:
             rec = _prune_one(runner.block, t, stats[t.group], config)
@@ -432,7 +465,7 @@ class _BlockRunner:
         self.device, self.store = device, store
 
     def collect(
-        self, stage: list[LinearTarget], plan: Plan, config: SparsifyConfig
+        self, stage: list[LinearTarget], plan: Plan, config: SparsifyConfig, precision: str
     ) -> dict[str, Any]:
         stats: dict[str, ActivationStats] = {}
         hooks: dict[str, tuple[nn.Module, ActivationStats]] = {}
@@ -448,6 +481,7 @@ class _BlockRunner:
                 name=t.name,
                 accumulate=config.statistics,
                 variance=config.needs_variance,
+                matmul_precision=precision,
             )
             stats[t.group] = st
             hooks[t.group] = (mod, st)
@@ -532,8 +566,9 @@ def _prune_one(
     t2 = time.perf_counter()
     lin.weight.data.copy_(torch.where(keep, base, torch.zeros((), dtype=w.dtype, device=w.device)))
     mask_report = check_mask(lin.weight.data, cfg.pattern, name=t.name)
-    if stats.has_hessian:
-        rec.rel_recon_loss = relative_loss(w_dense, lin.weight.data, stats.hessian)
+    if stats.has_hessian:  # two [out, in] @ [in, in] products: at the statistics' precision
+        with matmul_precision(stats.matmul_precision):
+            rec.rel_recon_loss = relative_loss(w_dense, lin.weight.data, stats.hessian)
     rec.method = cfg.init + (f"+{refiner.record_refine}" if do_refine else "")
     rec.sparsity = 1.0 - float(keep.float().mean())
     rec.zeros = float((lin.weight.data == 0).float().mean())

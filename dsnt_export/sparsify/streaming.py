@@ -55,6 +55,7 @@ from dsnt_export.sparsify.capture import capture_block_inputs
 from dsnt_export.sparsify.driver import (
     SparsifyConfig,
     calibration_samples,
+    new_report,
     sparsify_block,
     start_stage_timings,
 )
@@ -295,17 +296,7 @@ def sparsify_streamed(
     finally:
         st.release(pre)
         _trim_heap()
-    report = SparsifyReport(
-        model_type=adapter.model_type,
-        pattern=str(config.pattern),
-        config=config.to_json(),
-        calibration={
-            "nsamples": len(samples),
-            "seq_lens": sorted({int(s.shape[-1]) for s in samples}),
-            "tokens": int(sum(s.numel() for s in samples)),
-        },
-        skipped=list(plan.skipped),
-    )
+    report = new_report(plan, config, samples, device)
     report.timings["capture_s"] = time.perf_counter() - t0
     start_stage_timings(report.timings)
     inputs = cap.inputs
