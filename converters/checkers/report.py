@@ -101,11 +101,12 @@ class CheckReport:
     def summary_lines(self) -> list[str]:
         """Human-readable lines: the verdict, the pattern and each non-warning finding."""
         status = "OK" if self.ok else ("UNREADABLE" if self.unreadable else "FAILED")
-        lines = [
-            f"{status}: {self.kind} artifact {self.path}",
-            f"  pattern {self.pattern} (from {self.pattern_source}); derived from tensors: "
-            f"{self.derived_pattern}; {len(self.tensors)} tensors checked",
-        ]
+        lines = [f"{status}: {self.kind} artifact {self.path}"]
+        if self.pattern is not None or self.tensors:  # nothing was read: the findings say why
+            lines.append(
+                f"  pattern {self.pattern} (from {self.pattern_source}); derived from tensors: "
+                f"{self.derived_pattern}; {len(self.tensors)} tensors checked"
+            )
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} {f.subject}: {f.message}")
         return lines

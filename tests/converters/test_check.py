@@ -361,3 +361,13 @@ def test_streaming_check_holds_one_tensor_at_a_time(art, monkeypatch):
     r = check_path(art)
     assert r.ok and len(r.tensors) == 14
     assert len(alive) >= 1 and peak[0] == 1
+
+
+def test_a_missing_path_is_unreadable_and_says_only_why(tmp_path, capsys):
+    """Exit 2 with the path and the reason; no "pattern None (from None)" line about tensors
+    that were never read."""
+    missing = tmp_path / "no-such-artifact"
+    assert main(["check", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "no such file" in err
+    assert "None" not in err
