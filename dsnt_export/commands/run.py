@@ -59,11 +59,21 @@ def onnx_level(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     """``dsnt-export run``: :func:`~dsnt_export.workflow.run_recipe` with the flags, then the
     summary lines; exit code 1 when a saved mask or a ``check`` of an artifact failed."""
+    from dsnt_export.embedded import EMBEDDED_MODEL_ID
     from dsnt_export.workflow import default_run_dir, run_recipe
 
+    recipe = recipe_from_args(args)
+    out = args.out or default_run_dir()
+    # one line before the first progress bar: what is about to run, on what, and where it goes
+    print(
+        f"dsnt-export run: {recipe.model or EMBEDDED_MODEL_ID}, {recipe.pattern} "
+        f"{method_label(recipe.init, recipe.refine)} (recipe {recipe.name}), calibration "
+        f"{recipe.calib} -> {out}",
+        flush=True,
+    )
     summary = run_recipe(
-        recipe_from_args(args),
-        args.out or default_run_dir(),
+        recipe,
+        out,
         onnx=onnx_level(args),
         evaluate=not args.no_eval,
         progress=not args.no_progress,
