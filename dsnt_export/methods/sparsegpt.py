@@ -198,8 +198,12 @@ def _prune_block(Wt1: torch.Tensor, U1: torch.Tensor, pattern: Pattern, prune1: 
             sal = Wt1[i:j].square().div_(d2[i:j, None])
             prune1[i:j] = _smallest_per_column(sal, pattern.n_prune, earlier)
         e = torch.mul(Wt1[i], prune1[i], out=err1[i]).div_(d[i])
-        # Turns column i into w - (w - q) = q (up to rounding) and updates the block's later columns.
-        Wt1[i:].addmm_(U1[i, i:, None], e[None, :], alpha=-1.0)
+        # OBS update of the block's later columns. Column i itself would become w - (w - q) = q:
+        # its kept entries have e = 0 and its pruned ones are zeroed below, so it is skipped. A
+        # rank-1 product that is not a matmul: torch's float32 matmul precision setting (which
+        # the driver may lower for the Hessian work) routes tiny matmuls to a slower kernel.
+        if i + 1 < count:
+            Wt1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1.0)
     # Exact zeros where pruned; kept entries of column i only ever received zero errors from itself.
     Wt1.masked_fill_(prune1, 0.0)
     return err1

@@ -87,8 +87,8 @@ class SparsifyConfig:
                     weights) or "given" (as passed). None = "given" with reference statistics,
                     else "canonical".
     matmul_precision: internal precision of the float32 products of the statistics (the Hessian)
-                    and of the ``refit`` refiner (:mod:`dsnt_export.precision`; SparseGPT's
-                    column loop and the swap refiners stay on the caller's setting): "auto"
+                    and of the per-linear work (initial method, refiner, loss records;
+                    :mod:`dsnt_export.precision`): "auto"
                     (default: torch's "medium" only where a probe shows it as accurate as float32,
                     else "highest"; always "highest" with reference statistics), "highest",
                     "high" or "medium". The model's forwards are never affected.
@@ -407,11 +407,14 @@ def _sparsify_block(
         t0 = _now(runner.device)
         stats = runner.collect(stage, plan, config, precision)
         _add(timings, "stats_s", _now(runner.device) - t0)
-        for t in stage:
-            rec = _prune_one(runner.block, t, stats[t.group], config)
-            _add(timings, "init_s", rec.time_s["init"])
-            _add(timings, "refine_s", rec.time_s["refine"])
-            records.append(rec)
+        # one precision for the whole per-linear phase (SparseGPT's lazy block updates, the
+        # refiner, the loss records); torch's setting is process-wide, restored afterwards
+        with matmul_precision(precision):
+            for t in stage:
+                rec = _prune_one(runner.block, t, stats[t.group], config)
+                _add(timings, "init_s", rec.time_s["init"])
+                _add(timings, "refine_s", rec.time_s["refine"])
+                records.append(rec)
         for st in stats.values():
             st.free_hessian()
     return records
@@ -566,9 +569,8 @@ def _prune_one(
     t2 = time.perf_counter()
     lin.weight.data.copy_(torch.where(keep, base, torch.zeros((), dtype=w.dtype, device=w.device)))
     mask_report = check_mask(lin.weight.data, cfg.pattern, name=t.name)
-    if stats.has_hessian:  # two [out, in] @ [in, in] products: at the statistics' precision
-        with matmul_precision(stats.matmul_precision):
-            rec.rel_recon_loss = relative_loss(w_dense, lin.weight.data, stats.hessian)
+    if stats.has_hessian:  # two [out, in] @ [in, in] products (at the phase's precision)
+        rec.rel_recon_loss = relative_loss(w_dense, lin.weight.data, stats.hessian)
     rec.method = cfg.init + (f"+{refiner.record_refine}" if do_refine else "")
     rec.sparsity = 1.0 - float(keep.float().mean())
     rec.zeros = float((lin.weight.data == 0).float().mean())

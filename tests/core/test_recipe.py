@@ -162,7 +162,9 @@ def test_refiner_flags_new_and_deprecated(tmp_path):
     assert recipe_from_args(p.parse_args([])).refine == "refit"
     r = recipe_from_args(p.parse_args(["--refine-option", "percdamp=0.05"]))
     assert r.refiner_config() == RefitConfig(percdamp=0.05, steps=8)
-    r = recipe_from_args(p.parse_args(["--refine", "hessian-swap", "--refine-option", "percdamp=0.05"]))
+    r = recipe_from_args(
+        p.parse_args(["--refine", "hessian-swap", "--refine-option", "percdamp=0.05"])
+    )
     assert r.refiner_config() == HessianSwapConfig(max_cycles=50, percdamp=0.05)
     r = recipe_from_args(p.parse_args(["--refine", "dsnot", "--refine-option", "preset=official"]))
     assert r.refiner_config() == DSnoTConfig.official()
