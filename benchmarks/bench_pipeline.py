@@ -16,7 +16,8 @@ sparsegpt  our prune with the recipe's pattern, SparseGPT alone (``refine: none`
            (``capture_s``, ``stats_s``, ``init_s``, ``refine_s``, ``rerun_s`` from the run
            report's timings; where a report lacks a stage key, init/refine are summed from the
            per-layer records and the rest is ``forwards_s``), plus ``save_s`` (the checkpoint
-           written as ``dsnt-export prune`` writes it); one run (a prune is not repeated);
+           written as ``dsnt-export prune`` writes it); one run, or with ``--prune-repeats K``
+           the run of median time among K fresh processes (``repeat_seconds``: all K);
 recipe     the same for the whole recipe (default: SparseGPT + refit);
 peer       llm-compressor's ``oneshot`` with its ``SparseGPTModifier`` (same N:M pattern, block
            size and dampening as ours) on the same ids (a tokenised ``datasets.Dataset``: nothing
@@ -734,7 +735,10 @@ def _run(args, wanted: list[str], run_id: str, tmp: Path) -> list[dict]:
     for config in order:
         print(f"[bench_pipeline] {config} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        res = _one(config, args, recipe, base_job, tmp, pattern, dtype, model)
+        res = median_run(
+            lambda c=config: _one(c, args, recipe, base_job, tmp, pattern, dtype, model),
+            1 if config == "floor" else args.prune_repeats,
+        )
         status = res.pop("status", "ok")
         reason = res.pop("reason", None)
         row = make_row(BENCH, run_id, status=status, reason=reason, config=config, **common, **res)
@@ -749,6 +753,24 @@ def _run(args, wanted: list[str], run_id: str, tmp: Path) -> list[dict]:
         )
     print(f"rows -> {out}")
     return rows
+
+
+def median_run(run, repeats: int) -> dict:
+    """``run()`` ``repeats`` times (each a fresh child process); the result of the run with the
+    median ``seconds`` (the lower one of the two middle runs for an even count), its stage split
+    included, plus ``repeat_seconds`` (every run's seconds, sorted) when ``repeats`` > 1. The
+    first run that is not ok is returned as is (nothing to take a median of)."""
+    runs = []
+    for _ in range(repeats):
+        res = run()
+        if res.get("status", "ok") != "ok":
+            return res
+        runs.append(res)
+    runs.sort(key=lambda r: r["seconds"])
+    res = runs[(len(runs) - 1) // 2]
+    if repeats > 1:
+        res["repeat_seconds"] = [r["seconds"] for r in runs]
+    return res
 
 
 def peer_pattern(pattern) -> tuple[str | None, float]:
@@ -901,6 +923,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {CONFIGS}")
     ap.add_argument(
         "--floor-repeats", type=int, default=3, help="timed two-pass repeats of the floor (median)"
+    )
+    ap.add_argument(
+        "--prune-repeats",
+        type=int,
+        default=1,
+        help="runs of each prune and of the peer, each in a fresh process; the row is the run "
+        "with the median time (all times in repeat_seconds)",
     )
     ap.add_argument(
         "--floor-batch", type=int, default=8, help="windows per block forward in the floor"

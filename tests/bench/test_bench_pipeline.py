@@ -238,3 +238,16 @@ def test_floor_matches_the_models_hidden_states(bp):
     h.remove()
     assert len(got) == 2  # the statistics pass and the re-run pass
     torch.testing.assert_close(got[-1], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_median_run_keeps_the_median_runs_split_and_stops_at_a_failure(bp):
+    times = iter([9.0, 7.0, 8.0])
+    res = bp.median_run(lambda: {"seconds": (s := next(times)), "stages": {"total_s": s}}, 3)
+    assert res["seconds"] == 8.0 and res["stages"]["total_s"] == 8.0
+    assert res["repeat_seconds"] == [7.0, 8.0, 9.0]
+    assert "repeat_seconds" not in bp.median_run(lambda: {"seconds": 1.0}, 1)
+    calls = []
+    fail = {"status": "failed", "reason": "boom"}
+    assert bp.median_run(lambda: calls.append(1) or fail, 3) == fail and len(calls) == 1
+    even = iter([4.0, 1.0, 3.0, 2.0])  # lower of the two middle runs
+    assert bp.median_run(lambda: {"seconds": next(even)}, 4)["seconds"] == 2.0

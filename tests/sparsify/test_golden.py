@@ -32,9 +32,7 @@ HIGHEST = dict(matmul_precision="highest")
 
 CASES = {
     # the default recipe's algorithm: SparseGPT + refit (one linear excluded from refining)
-    "default": dict(
-        pattern="2:4", init="sparsegpt", refine_exclude=("mlp.down_proj",), **HIGHEST
-    ),
+    "default": dict(pattern="2:4", init="sparsegpt", refine_exclude=("mlp.down_proj",), **HIGHEST),
     # the default until 2026-12: SparseGPT + hessian-swap
     "sparsegpt-hessian-swap": dict(
         pattern="2:4",
