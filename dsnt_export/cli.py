@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # libraries that print through their own handler would print every record twice
+    logging.getLogger("huggingface_hub").propagate = False
     if args.command is None:
         try:
             args = parser.parse_args(["run", *argv])

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -220,6 +221,7 @@ def load_config(source: str):
             )
         get_adapter(raw.get("model_type"))
         refuse_quantized(raw, source)  # before transformers parses a quantization_config
+    offline = False if Path(source).is_dir() else hub_offline_unless_reachable()
     try:
         config = T.AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -234,9 +236,15 @@ def load_config(source: str):
                 f"transformers refused the config of {source!r} ({type(e).__name__}: "
                 f"{_first_line(e)}); expected a supported causal LM"
             ) from e
+        why = (
+            "the hub's host does not resolve from this machine, so only the local cache was "
+            f"searched ({_first_line(e)})"
+            if offline
+            else str(e)
+        )
         raise UserInputError(
             f"cannot load a model config from {source!r}: it is not a local directory and could "
-            f"not be fetched from the Hugging Face hub ({e}). Pass an existing checkpoint "
+            f"not be fetched from the Hugging Face hub ({why}). Pass an existing checkpoint "
             "directory or a hub id reachable from this machine, or omit --model to use the "
             "embedded model."
         ) from e
@@ -245,6 +253,37 @@ def load_config(source: str):
         raw = config.to_dict()
     clean_loaded_config(config, raw, source)  # stale sparsity metadata out; quantized: refused
     return config
+
+
+@functools.cache
+def hub_offline_unless_reachable() -> bool:
+    """Switch huggingface_hub to offline mode for this process when the hub's host name does not
+    resolve (no network or no DNS); returns whether offline mode is on.
+
+    Without this, every file request of a hub id retries 5 times with back-off (~25 s) before
+    failing; offline, files already in the local cache still load and a missing one fails at
+    once. Nothing changes when the name resolves or ``HF_HUB_OFFLINE`` is already set. Checked
+    once per process (one DNS lookup), logged when it switches.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return True
+    host = urlparse(hub.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return False
+    except OSError as e:
+        hub.HF_HUB_OFFLINE = True
+        logger.warning(
+            "%s does not resolve (%s): Hugging Face hub in offline mode (local cache only)",
+            host,
+            e,
+        )
+        return True
 
 
 def load_model(source: str, dtype: torch.dtype, config: Any | None = None) -> nn.Module:

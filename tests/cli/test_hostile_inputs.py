@@ -616,3 +616,36 @@ def test_bench_ppl_past_the_position_table(arch, tmp_path, data_file, capsys):
         "--seqlen", "64", "--no-progress",
     )  # fmt: skip
     assert_clean_failure(rc, err, 2, "max_position_embeddings=32", "--seqlen 32")
+
+
+def test_a_hub_id_without_dns_fails_at_once_from_the_cache_only(tmp_path, monkeypatch, capsys):
+    """No name resolution for the hub: offline mode (local cache only) instead of ~25 s of
+    retries; one clear error naming the id, exit code 2; every warning printed once."""
+    import socket
+    import time
+
+    import huggingface_hub.constants as hub
+
+    from dsnt_export import hf_io
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    hf_io.hub_offline_unless_reachable.cache_clear()
+    try:
+        t0 = time.perf_counter()
+        rc = main(["prune", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")])
+        elapsed = time.perf_counter() - t0
+        assert hub.HF_HUB_OFFLINE is True
+    finally:
+        hf_io.hub_offline_unless_reachable.cache_clear()
+    err = capsys.readouterr().err
+    assert rc == 2 and elapsed < 15, (rc, elapsed)
+    assert "no-such-org/no-such-model" in err and "does not resolve" in err
+    assert "Retrying" not in err and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == len(set(lines)), err  # nothing printed twice
+    assert not (tmp_path / "o").exists()
