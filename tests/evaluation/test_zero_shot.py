@@ -212,3 +212,34 @@ def test_embedded_model_local_task_equals_direct_computation(tmp_path):
     # a real model knows many of these: above chance (about 26 % with 3-4 choices); measured
     # 0.567 for the dense embedded model
     assert next(s.value for s in scores if s.metric == "acc") > 0.4
+
+
+def test_the_shipped_offline_example_task_runs_from_the_checkout(tmp_path, monkeypatch):
+    """examples/zero_shot (the README's offline zero-shot example) is the tests' facts task, and
+    `dsnt-export eval RUN --tasks dsnt_facts_mc --task-dir examples/zero_shot` scores it from the
+    checkout's root."""
+    from pathlib import Path
+
+    from dsnt_export.bench.timing import read_rows
+    from dsnt_export.cli import main
+    from tests.evaluation.local_tasks import facts_docs
+
+    root = Path(__file__).resolve().parents[2]
+    ex = root / "examples" / "zero_shot"
+    shipped = [json.loads(x) for x in (ex / "dsnt_facts_mc.jsonl").read_text().splitlines()]
+    assert shipped == facts_docs()
+    made = write_task(tmp_path / "made", facts_docs(), name="dsnt_facts_mc")
+    body = (made / "dsnt_facts_mc.yaml").read_text()
+    body = body.replace(
+        json.dumps(str(made / "dsnt_facts_mc.jsonl")), '"examples/zero_shot/dsnt_facts_mc.jsonl"'
+    )
+    shipped_yaml = (ex / "dsnt_facts_mc.yaml").read_text()
+    assert "\n".join(x for x in shipped_yaml.splitlines() if not x.startswith("#")) + "\n" == body
+
+    make_sparse_hf_dir(tmp_path / "run" / "hf", "llama", pattern="2:4", seed=0)
+    monkeypatch.chdir(root)
+    argv = ["eval", str(tmp_path / "run"), "--tasks", "dsnt_facts_mc", "--task-dir", str(ex)]
+    assert main([*argv, "--limit", "3", "--device", "cpu"]) == 0
+    rows = read_rows(tmp_path / "run" / "eval" / "zero_shot.jsonl")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["task"] for r in ok} == {"dsnt_facts_mc"} and {r["n_samples"] for r in ok} == {3}
