@@ -260,9 +260,9 @@ def hub_offline_unless_reachable() -> bool:
     """Switch huggingface_hub to offline mode for this process when the hub's host name does not
     resolve (no network or no DNS); returns whether offline mode is on.
 
-    Without this, every file request of a hub id retries 5 times with back-off (~25 s) before
-    failing; offline, files already in the local cache still load and a missing one fails at
-    once. Nothing changes when the name resolves or ``HF_HUB_OFFLINE`` is already set. Checked
+    Without this, every file request of a hub id (a model, or a dataset of an lm-eval task)
+    retries 5 times with back-off (~25 s) before failing; offline, files already in the local
+    cache (and local data files) still load and a missing one fails at once. Nothing changes when the name resolves or ``HF_HUB_OFFLINE`` is already set. Checked
     once per process (one DNS lookup), logged when it switches.
     """
     import socket
@@ -278,6 +278,12 @@ def hub_offline_unless_reachable() -> bool:
         return False
     except OSError as e:
         hub.HF_HUB_OFFLINE = True
+        try:  # `datasets` (lm-eval's task data) keeps its own copy of the flag
+            import datasets.config
+
+            datasets.config.HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
         logger.warning(
             "%s does not resolve (%s): Hugging Face hub in offline mode (local cache only)",
             host,

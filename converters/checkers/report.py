@@ -101,7 +101,8 @@ class CheckReport:
     def summary_lines(self) -> list[str]:
         """Human-readable lines: the verdict, the pattern and each non-warning finding."""
         status = "OK" if self.ok else ("UNREADABLE" if self.unreadable else "FAILED")
-        lines = [f"{status}: {self.kind} artifact {self.path}"]
+        what = f"{self.kind} artifact " if self.kind != "unknown" else ""
+        lines = [f"{status}: {what}{self.path}"]
         if self.pattern is not None or self.tensors:  # nothing was read: the findings say why
             lines.append(
                 f"  pattern {self.pattern} (from {self.pattern_source}); derived from tensors: "

@@ -103,8 +103,11 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--matmul-precision",
         choices=MATMUL_PRECISIONS,
-        help="internal precision of the Hessian and solver products (auto: torch's 'medium' "
-        "only where it is as accurate as float32 on this device, else 'highest')",
+        help="internal precision of the float32 Hessian and solver products (torch's "
+        "set_float32_matmul_precision): highest = IEEE float32; high = TF32 or two bfloat16s "
+        "where a kernel has them; medium = bfloat16-based; auto (default) = medium only where a "
+        "probe finds it as accurate as float32 on this device (e.g. oneDNN on AVX512-BF16 CPUs), "
+        "else highest. The model's own forwards are never affected",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
