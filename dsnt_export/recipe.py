@@ -12,8 +12,9 @@ Built-in presets (``Recipe.preset(name)``, also shipped as ``recipes/<name>.yaml
   :mod:`dsnt_export.refine.refit`), 64 x 256 tokens of the offline stdlib-docs corpus. Until
   2026-12 the default refiner was ``hessian-swap`` (exact-loss prune-and-grow swaps): ``refit``
   lowers perplexity far more (14-16 % below SparseGPT alone on three held-out texts over five
-  calibration draws, vs 5-7 %) in less than half the refinement time (11 s vs 27 s; README,
-  "Quality" and "Speed").
+  calibration draws, vs 4-6 %) in less than half the refinement time (11 s vs 27 s measured side
+  by side; 7 s since its products run at the matmul precision "auto" picks; README, "Quality"
+  and "Speed").
 * ``official``: the reference DSnoT code (zyxxmu/DSnoT @ 4c029df): Wanda initial mask, ``refine:
   dsnot`` with DSnoT's ``official`` config (max_cycles 50, threshold 0.1, var_power 1, sign check
   only for N:M), refining attention projections only (MLP keeps its initial mask), 128 x 2048
