@@ -262,8 +262,9 @@ def hub_offline_unless_reachable() -> bool:
 
     Without this, every file request of a hub id (a model, or a dataset of an lm-eval task)
     retries 5 times with back-off (~25 s) before failing; offline, files already in the local
-    cache (and local data files) still load and a missing one fails at once. Nothing changes when the name resolves or ``HF_HUB_OFFLINE`` is already set. Checked
-    once per process (one DNS lookup), logged when it switches.
+    cache (and local data files) still load and a missing one fails at once. Nothing changes
+    when the name resolves or ``HF_HUB_OFFLINE`` is already set. Checked once per process (one
+    DNS lookup), logged when it switches.
     """
     import socket
     from urllib.parse import urlparse

@@ -37,9 +37,16 @@ MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
 ACCURACY_FACTOR = 8.0
 
 
-def check_matmul_precision(value: object) -> str:
-    """``value`` if it is one of :data:`MATMUL_PRECISIONS`; else ``UserInputError`` naming them."""
-    if value not in MATMUL_PRECISIONS:
+def check_matmul_precision(value: object, *, concrete: bool = False) -> str:
+    """``value`` if it is one of :data:`MATMUL_PRECISIONS` (with ``concrete``: one of torch's
+    three, "auto" already resolved); else ``UserInputError`` naming the allowed ones."""
+    if concrete:
+        if value not in MATMUL_PRECISIONS[1:]:
+            raise UserInputError(
+                f"matmul_precision must be one of {list(MATMUL_PRECISIONS[1:])}, got {value!r} "
+                "(resolve 'auto' first: dsnt_export.precision.resolve_matmul_precision)"
+            )
+    elif value not in MATMUL_PRECISIONS:
         raise UserInputError(
             f"matmul_precision must be one of {list(MATMUL_PRECISIONS)}, got {value!r} "
             "('auto': the fast internal precision only where it is as accurate as float32)"

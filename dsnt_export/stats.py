@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from dsnt_export.errors import EmptyStatisticsError, NonFiniteError, ShapeError, UserInputError
-from dsnt_export.precision import MATMUL_PRECISIONS, matmul_precision
+from dsnt_export.precision import check_matmul_precision, matmul_precision
 
 ACCUMULATE = ("reference", "sum")
 
@@ -100,11 +100,7 @@ class ActivationStats:
     ):
         if not isinstance(in_features, int) or in_features <= 0:
             raise ShapeError(f"in_features must be a positive int, got {in_features!r}")
-        if matmul_precision not in MATMUL_PRECISIONS[1:]:
-            raise UserInputError(
-                f"matmul_precision must be one of {list(MATMUL_PRECISIONS[1:])}, got "
-                f"{matmul_precision!r} (resolve 'auto' first: dsnt_export.precision)"
-            )
+        check_matmul_precision(matmul_precision, concrete=True)
         if accumulate not in ACCUMULATE:
             raise UserInputError(
                 f"accumulate must be one of {list(ACCUMULATE)}, got {accumulate!r}"
