@@ -174,27 +174,45 @@ class InitialResult:
 InitialFn = Callable[..., InitialResult]
 
 
+def _rows_not_stacked(pattern: Pattern) -> bool:
+    """``InitialMethod.stacks_rows`` default: False (each linear is pruned on its own)."""
+    return False
+
+
 @dataclass(frozen=True)
 class InitialMethod:
     """One registered initial method: ``name`` (the recipe's ``init``), ``prune`` (the function,
     ``(weight, stats, pattern, *, name, options) -> InitialResult``), ``needs_hessian`` (the driver
-    then collects ``ActivationStats.hessian``)."""
+    then collects ``ActivationStats.hessian``), ``stacks_rows`` (``pattern -> bool``: True when
+    every output row is pruned on its own, from the statistics and that row only, so that linears
+    reading the same input may be pruned as one stacked weight with the same result,
+    :func:`prune_initial_group`)."""
 
     name: str
     prune: InitialFn
     needs_hessian: bool
+    stacks_rows: Callable[[Pattern], bool] = _rows_not_stacked
 
 
 _INITIAL: dict[str, InitialMethod] = {}
 
 
-def register_initial(name: str, *, needs_hessian: bool = False) -> Callable[[InitialFn], InitialFn]:
-    """Decorator registering an initial method; raises ``ValueError`` if ``name`` is taken."""
+def register_initial(
+    name: str,
+    *,
+    needs_hessian: bool = False,
+    stacks_rows: Callable[[Pattern], bool] | None = None,
+) -> Callable[[InitialFn], InitialFn]:
+    """Decorator registering an initial method (fields: :class:`InitialMethod`); raises
+    ``ValueError`` if ``name`` is taken."""
 
     def deco(fn: InitialFn) -> InitialFn:
         if name in _INITIAL:
             raise ValueError(f"initial method {name!r} is registered already")
-        _INITIAL[name] = InitialMethod(name, fn, needs_hessian)
+        if stacks_rows is None:
+            _INITIAL[name] = InitialMethod(name, fn, needs_hessian)
+        else:
+            _INITIAL[name] = InitialMethod(name, fn, needs_hessian, stacks_rows)
         return fn
 
     return deco
@@ -228,7 +246,9 @@ register_initial("magnitude")(_metric_pruner("magnitude"))
 register_initial("wanda")(_metric_pruner("wanda"))
 
 
-@register_initial("sparsegpt", needs_hessian=True)
+# N:M: each row's mask choice and OBS update read that row and the shared H^-1 factor only (the
+# unstructured selection ranks a whole [out, block] tile at once, so its rows are not separable)
+@register_initial("sparsegpt", needs_hessian=True, stacks_rows=lambda p: isinstance(p, NM))
 def _sparsegpt(weight, stats, pattern, *, name=None, options=None) -> InitialResult:
     """SparseGPT's mask and OBS update; ``options``: a ``SparseGPTConfig`` (None = defaults)."""
     from dsnt_export.methods.sparsegpt import SparseGPTConfig, sparsegpt_factor, sparsegpt_prune
@@ -280,3 +300,56 @@ def prune_initial(
         else None
     )
     return entry.prune(weight, stats, parse_pattern(pattern), name=name, options=options)
+
+
+def prune_initial_group(
+    method: str,
+    weights: list[torch.Tensor],
+    stats: ActivationStats | None,
+    pattern: Pattern | str,
+    *,
+    names: list[str] | None = None,
+    sparsegpt_blocksize: int = 128,
+    sparsegpt_percdamp: float = 0.01,
+) -> list[InitialResult]:
+    """:func:`prune_initial` for several linears that read the same input (one ``stats``), e.g. a
+    block's q/k/v or gate/up projections: one result per weight ([out_i, in] each, same ``in``).
+
+    When the method prunes every row on its own for ``pattern`` (``InitialMethod.stacks_rows``:
+    SparseGPT with N:M), the weights' rows are stacked into one [sum(out_i), in] weight and pruned
+    in one call, then split: the same masks and updates as pruning them one by one (row ``r``'s
+    result depends on row ``r`` and the shared Hessian factor only), in one column sweep instead of
+    one per linear. Otherwise the weights are pruned one by one. Each weight is checked first
+    (``ShapeError`` / ``NonFiniteError`` naming it, ``names[i]``); raises what
+    :func:`prune_initial` raises.
+    """
+    pattern = parse_pattern(pattern)
+    names = list(names) if names is not None else [None] * len(weights)
+    if len(names) != len(weights):
+        raise UserInputError(f"{len(weights)} weights but {len(names)} names")
+    kwargs = dict(sparsegpt_blocksize=sparsegpt_blocksize, sparsegpt_percdamp=sparsegpt_percdamp)
+    entry = get_initial(method)
+    if len(weights) < 2 or not entry.stacks_rows(pattern):
+        return [
+            prune_initial(method, w, stats, pattern, name=n, **kwargs)
+            for w, n in zip(weights, names, strict=True)
+        ]
+    for w, n in zip(weights, names, strict=True):
+        _check_weight(w, stats, n)
+    if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
+        raise ShapeError(
+            "prune_initial_group needs weights of one in_features, dtype and device, got "
+            + ", ".join(
+                f"{n}: {tuple(w.shape)} {w.dtype} {w.device}"
+                for w, n in zip(weights, names, strict=True)
+            )
+        )
+    label = "+".join(str(n) for n in names)
+    res = prune_initial(method, torch.cat(weights), stats, pattern, name=label, **kwargs)
+    rows = [w.shape[0] for w in weights]
+    return [
+        InitialResult(w_i, k_i, m_i, res.method)
+        for w_i, k_i, m_i in zip(
+            res.weight.split(rows), res.keep.split(rows), res.metric.split(rows), strict=True
+        )
+    ]

@@ -37,11 +37,18 @@ import torch
 
 from dsnt_export.errors import NonFiniteError, ShapeError, UserInputError
 from dsnt_export.patterns import NM, Pattern, Unstructured, parse_pattern
+from dsnt_export.precision import matmul_precision
 from dsnt_export.refine.loss import dampening
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseGPTConfig", "inverse_hessian_factor", "sparsegpt_factor", "sparsegpt_prune"]
+__all__ = [
+    "SparseGPTConfig",
+    "inverse_cholesky",
+    "inverse_hessian_factor",
+    "sparsegpt_factor",
+    "sparsegpt_prune",
+]
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,6 @@ def sparsegpt_prune(
 
     prune = torch.zeros(cols, rows, dtype=torch.bool, device=dev)
     loss = torch.zeros(rows, dtype=torch.float32, device=dev)
-    pruned_vals = torch.zeros_like(Wt) if return_pruned_values else None
     total_prune = rows * pattern.n_prune_per_row(cols) if isinstance(pattern, Unstructured) else 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -101,10 +107,14 @@ def sparsegpt_prune(
             prune[i1:i2] = _smallest_in_tile(Wt[i1:i2], torch.diagonal(U1), k)
         err1 = _prune_block(Wt[i1:i2], U1, pattern, prune[i1:i2])
         loss += (err1 * err1).sum(dim=0)
-        if pruned_vals is not None:  # err = (w - q) / d, non-zero only where pruned
-            pruned_vals[i1:i2] = err1 * torch.diagonal(U1)[:, None]
         if i2 < cols:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), err1, alpha=-1.0)
+    # A processed column is never updated again (its own rank-1 update is skipped, the later
+    # ones only reach columns to its right), so its pruned entries still hold the values they had
+    # when pruned: kept for the caller, then zeroed. Kept entries only ever received zero errors
+    # from their own column.
+    pruned_vals = Wt.masked_fill(prune.logical_not(), 0.0) if return_pruned_values else None
+    Wt.masked_fill_(prune, 0.0)
 
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
@@ -124,7 +134,7 @@ def sparsegpt_prune(
             )
     if pruned_vals is not None:
         vals = pruned_vals.t().to(device=weight.device, dtype=weight.dtype).contiguous()
-        return out, keep, vals.masked_fill_(keep, 0)
+        return out, keep, vals
     return out, keep
 
 
@@ -146,9 +156,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tor
     """Upper Cholesky factor ``U`` of ``(H + percdamp * mean(diag H) * I)^-1`` (float32).
 
     The reference code computes ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``. We get the
-    same factor with one Cholesky and one triangular solve, without forming ``H^-1`` (several times
+    same factor from the inverse of one Cholesky factor, without forming ``H^-1`` (several times
     faster on CPU, and as accurate): with ``P`` the index reversal, ``P H P = L L^T`` gives
     ``H^-1 = (P L^-1 P)^T (P L^-1 P)`` where ``P L^-1 P`` is upper triangular with a positive diagonal.
+    ``L^-1`` comes from :func:`inverse_cholesky` (blocked, mostly matrix products), computed at
+    torch's "highest" float32 matmul precision whatever the caller's setting.
 
     If the dampened ``H`` is not positive definite, retries once with 10x the dampening (logging a
     warning); if that fails too, raises ``UserInputError``. ``hessian`` is not modified.
@@ -156,9 +168,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tor
     Hf = hessian.to(torch.float32).flip(0, 1)
     eye = torch.eye(Hf.shape[0], dtype=torch.float32, device=Hf.device)
     for attempt, damp in enumerate((percdamp, 10 * percdamp)):
-        L, info = torch.linalg.cholesky_ex(Hf + dampening(Hf, damp) * eye)
+        with matmul_precision("highest"):
+            L_inv, info = inverse_cholesky(Hf + dampening(Hf, damp) * eye)
         if int(info) == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            U = L_inv.flip(0, 1)
             if bool(torch.isfinite(U.sum())) or bool(torch.isfinite(U).all()):
                 return U
         if attempt == 0:
@@ -178,11 +191,42 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tor
     )
 
 
+def inverse_cholesky(A: torch.Tensor, leaf: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L^-1, info)`` for the lower Cholesky factor ``L`` of a symmetric ``A`` [n, n] (float32;
+    only its lower triangle is read): ``L^-1`` lower triangular, ``info`` an int tensor, 0 when
+    ``A`` is positive definite (otherwise ``L^-1`` is meaningless).
+
+    Blocked recursion, on any device: with ``A = [[A11, .], [A21, A22]]``, ``L11^-1`` of ``A11``,
+    ``L21 = A21 L11^-T``, the Schur complement ``S = A22 - L21 L21^T`` (positive definite iff ``A``
+    is), ``L22^-1`` of ``S``, and ``(L^-1)21 = -L22^-1 L21 L11^-1``. Blocks of at most ``leaf``
+    rows use ``torch.linalg.cholesky_ex`` and a triangular solve. Almost all the work is then in
+    matrix products, which torch's CPU and GPU libraries run far faster than a triangular solve
+    against the identity (``n^3`` flops; measured 2x faster overall at n = 1536 on 2 CPU cores, same
+    accuracy vs float64). The products run at the caller's float32 matmul precision: use
+    "highest" (:func:`dsnt_export.precision.matmul_precision`).
+    """
+    n = A.shape[0]
+    if n <= leaf:
+        L, info = torch.linalg.cholesky_ex(A)
+        eye = torch.eye(n, dtype=A.dtype, device=A.device)
+        return torch.linalg.solve_triangular(L, eye, upper=False), info
+    h = n // 2
+    inv11, info11 = inverse_cholesky(A[:h, :h], leaf)
+    L21 = A[h:, :h] @ inv11.t()
+    inv22, info22 = inverse_cholesky(torch.addmm(A[h:, h:], L21, L21.t(), alpha=-1.0), leaf)
+    out = torch.zeros_like(A)
+    out[:h, :h] = inv11
+    out[h:, h:] = inv22
+    out[h:, :h] = (inv22 @ (L21 @ inv11)).neg_()
+    return out, info11 + info22
+
+
 def _prune_block(Wt1: torch.Tensor, U1: torch.Tensor, pattern: Pattern, prune1: torch.Tensor):
     """Column-by-column OBS inside one block, in place on the transposed block ``Wt1`` [count, out].
 
     ``prune1`` [count, out] is the block's prune mask: filled in here for N:M, given (and left as
-    is) for unstructured. Returns the scaled errors ``(w - q) / d`` [count, out].
+    is) for unstructured. Returns the scaled errors ``(w - q) / d`` [count, out]. The pruned
+    entries of ``Wt1`` keep their values (the caller zeroes them).
     """
     count = Wt1.shape[0]
     d = torch.diagonal(U1)
@@ -190,13 +234,12 @@ def _prune_block(Wt1: torch.Tensor, U1: torch.Tensor, pattern: Pattern, prune1: 
     nm = isinstance(pattern, NM)
     if nm:
         d2 = d.square()
-        ar = torch.arange(pattern.m, device=Wt1.device)
-        earlier = (ar[:, None] < ar[None, :])[:, :, None]
+        row = torch.arange(pattern.m, device=Wt1.device)[:, None]
     for i in range(count):
         if nm and i % pattern.m == 0:
             j = i + pattern.m
             sal = Wt1[i:j].square().div_(d2[i:j, None])
-            prune1[i:j] = _smallest_per_column(sal, pattern.n_prune, earlier)
+            prune1[i:j] = _smallest_per_column(sal, pattern.n_prune, row)
         e = torch.mul(Wt1[i], prune1[i], out=err1[i]).div_(d[i])
         # OBS update of the block's later columns. Column i itself would become w - (w - q) = q:
         # its kept entries have e = 0 and its pruned ones are zeroed below, so it is skipped. A
@@ -204,8 +247,6 @@ def _prune_block(Wt1: torch.Tensor, U1: torch.Tensor, pattern: Pattern, prune1: 
         # the driver may lower for the Hessian work) routes tiny matmuls to a slower kernel.
         if i + 1 < count:
             Wt1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1.0)
-    # Exact zeros where pruned; kept entries of column i only ever received zero errors from itself.
-    Wt1.masked_fill_(prune1, 0.0)
     return err1
 
 
@@ -215,14 +256,15 @@ def _smallest_per_row(sal: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros_like(sal, dtype=torch.bool).scatter_(1, idx, True)
 
 
-def _smallest_per_column(sal: torch.Tensor, n: int, earlier: torch.Tensor) -> torch.Tensor:
-    """Bool mask [m, out] of the ``n`` smallest of each column of ``sal`` [m, out] (ties go to the
-    lower row index): an entry is pruned when fewer than ``n`` entries come before it in the
-    stable order. ``earlier`` [m, m, 1]: ``a < b``. Same mask as :func:`_smallest_per_row` on the
-    transpose, without a sort (a few broadcast comparisons on the small ``m``)."""
-    a, b = sal[:, None, :], sal[None, :, :]  # [a, b, out]: does a come before b?
-    before = torch.where(earlier, a <= b, a < b)
-    return before.sum(dim=0) < n
+def _smallest_per_column(sal: torch.Tensor, n: int, row: torch.Tensor) -> torch.Tensor:
+    """Bool mask [m, out] of the ``n`` smallest of each column of ``sal`` [m, out] (non-negative
+    float32; ties go to the lower row index): an entry is pruned when fewer than ``n`` entries of
+    its column come before it in that order. Same mask as :func:`_smallest_per_row` on the
+    transpose, without a sort: a non-negative float's bits, read as an int32, order like the
+    float, so ``bits * m + row`` (int64; ``row``: ``arange(m)[:, None]``) are distinct keys in
+    exactly that order, and a few broadcast comparisons on the small ``m`` rank them."""
+    key = torch.add(row, sal.view(torch.int32), alpha=sal.shape[0])
+    return (key[:, None, :] < key[None, :, :]).sum(dim=0) < n
 
 
 def _smallest_in_tile(Wt1: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:

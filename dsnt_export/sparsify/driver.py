@@ -32,7 +32,7 @@ from torch import nn
 
 from dsnt_export.errors import UserInputError
 from dsnt_export.masks import check_mask
-from dsnt_export.methods import get_initial, prune_initial
+from dsnt_export.methods import InitialResult, get_initial, prune_initial_group
 from dsnt_export.patterns import Pattern, parse_pattern
 from dsnt_export.precision import (
     check_matmul_precision,
@@ -49,6 +49,7 @@ from dsnt_export.sparsify.capture import (
     normalize_samples,
     run_block,
 )
+from dsnt_export.sparsify.heap import hold_freed_memory
 from dsnt_export.sparsify.plan import LinearTarget, Plan, plan_targets
 from dsnt_export.sparsify.record import LayerRecord, SparsifyReport
 from dsnt_export.stats import ACCUMULATE, ActivationStats
@@ -239,11 +240,16 @@ def sparsify(
     :func:`~dsnt_export.sparsify.plan.plan_targets` (default: computed here). ``progress``: a tqdm
     bar over blocks.
 
+    On glibc, the process keeps freed host memory for reuse from here on
+    (:func:`dsnt_export.sparsify.heap.hold_freed_memory`: the blocks' working tensors are not
+    returned to the OS and faulted back in block after block).
+
     Raises ``UserInputError`` for a bad device, ``ShapeError`` / ``NonFiniteError`` from the plan
     (pattern vs. shapes, non-finite weights) and from the methods.
     """
     t_start = time.perf_counter()
     dev = _device(device, move_blocks)
+    hold_freed_memory()
     plan = plan or plan_targets(
         model, config.pattern, exclude=config.exclude, refine_exclude=config.refine_exclude
     )
@@ -410,11 +416,15 @@ def _sparsify_block(
         # one precision for the whole per-linear phase (SparseGPT's lazy block updates, the
         # refiner, the loss records); torch's setting is process-wide, restored afterwards
         with matmul_precision(precision):
-            for t in stage:
-                rec = _prune_one(runner.block, t, stats[t.group], config)
-                _add(timings, "init_s", rec.time_s["init"])
-                _add(timings, "refine_s", rec.time_s["refine"])
-                records.append(rec)
+            for group in _by_group(stage):
+                st = stats[group[0].group]
+                for t, init in zip(
+                    group, _initial_group(runner.block, group, st, config), strict=True
+                ):
+                    rec = _prune_one(runner.block, t, st, config, init)
+                    _add(timings, "init_s", rec.time_s["init"])
+                    _add(timings, "refine_s", rec.time_s["refine"])
+                    records.append(rec)
         for st in stats.values():
             st.free_hessian()
     return records
@@ -514,23 +524,49 @@ class _BlockRunner:
         return out
 
 
-def _prune_one(
-    block: nn.Module, t: LinearTarget, stats: ActivationStats, cfg: SparsifyConfig
-) -> LayerRecord:
-    """Initial mask (+ SparseGPT update), refinement, write-back and mask check of one linear."""
-    lin = block.get_submodule(t.linear)
-    w = lin.weight.data
-    w_dense = w.clone() if stats.has_hessian else None
+def _by_group(stage: list[LinearTarget]) -> list[list[LinearTarget]]:
+    """The stage's targets by input group (first-seen order; a group's linears share statistics)."""
+    out: dict[str, list[LinearTarget]] = {}
+    for t in stage:
+        out.setdefault(t.group, []).append(t)
+    return list(out.values())
+
+
+def _initial_group(
+    block: nn.Module, group: list[LinearTarget], stats: ActivationStats, cfg: SparsifyConfig
+) -> list[tuple[InitialResult, float]]:
+    """Initial masks (+ SparseGPT update) of one input group's linears, in one call where the
+    method stacks rows (:func:`~dsnt_export.methods.prune_initial_group`); with each linear's
+    share of the time (seconds, split by output rows). The weights are not modified."""
+    weights = [block.get_submodule(t.linear).weight.data for t in group]
     t0 = time.perf_counter()
-    res = prune_initial(
+    results = prune_initial_group(
         cfg.init,
-        w,
+        weights,
         stats,
         cfg.pattern,
-        name=t.name,
+        names=[t.name for t in group],
         sparsegpt_blocksize=cfg.sparsegpt_blocksize,
         sparsegpt_percdamp=cfg.sparsegpt_percdamp,
     )
+    seconds = time.perf_counter() - t0
+    rows = sum(w.shape[0] for w in weights)
+    return [(r, seconds * w.shape[0] / rows) for r, w in zip(results, weights, strict=True)]
+
+
+def _prune_one(
+    block: nn.Module,
+    t: LinearTarget,
+    stats: ActivationStats,
+    cfg: SparsifyConfig,
+    initial: tuple[InitialResult, float],
+) -> LayerRecord:
+    """Refinement, write-back and mask check of one linear, from its ``initial`` result (mask +
+    SparseGPT update; :func:`_initial_group`) and the seconds that took."""
+    lin = block.get_submodule(t.linear)
+    w = lin.weight.data
+    w_dense = w.clone() if stats.has_hessian else None
+    res, init_s = initial
     t1 = time.perf_counter()
     keep = res.keep
     # weights a swap may regrow: SparseGPT's updated weights where kept, dense ones elsewhere
@@ -575,5 +611,5 @@ def _prune_one(
     rec.sparsity = 1.0 - float(keep.float().mean())
     rec.zeros = float((lin.weight.data == 0).float().mean())
     rec.check_ok = bool(getattr(mask_report, "ok", True))
-    rec.time_s = {"init": t1 - t0, "refine": t2 - t1, "total": time.perf_counter() - t0}
+    rec.time_s = {"init": init_s, "refine": t2 - t1, "total": init_s + time.perf_counter() - t1}
     return rec

@@ -35,10 +35,7 @@ are never spread over several devices here; see docs/architecture.md.
 from __future__ import annotations
 
 import copy
-import functools
-import gc
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +56,7 @@ from dsnt_export.sparsify.driver import (
     sparsify_block,
     start_stage_timings,
 )
+from dsnt_export.sparsify.heap import pin_mmap_threshold, trim_heap
 from dsnt_export.sparsify.plan import Plan, plan_targets
 from dsnt_export.sparsify.record import SparsifyReport
 
@@ -263,7 +261,7 @@ def sparsify_streamed(
     adapter = plan.adapter
     blocks = adapter.get_blocks(model)
     st = _Streamer(model, ckpt, device, dtype, save_dtype)
-    _pin_mmap_threshold()
+    pin_mmap_threshold()
     block_keys = [
         [k for k in st.keys if k.startswith(f"{adapter.blocks}.{i}.")] for i in range(len(blocks))
     ]
@@ -295,7 +293,7 @@ def sparsify_streamed(
         cap = capture_block_inputs(model, adapter, samples, device=device, store_device=store)
     finally:
         st.release(pre)
-        _trim_heap()
+        trim_heap()
     report = new_report(plan, config, samples, device)
     report.timings["capture_s"] = time.perf_counter() - t0
     start_stage_timings(report.timings)
@@ -325,7 +323,7 @@ def sparsify_streamed(
                 _write_block(writer, st, slots, block_keys[i], records, config, tensors)
             finally:
                 st.release(slots)
-                _trim_heap()
+                trim_heap()
             report.layers.extend(records)
             report.timings[f"block_{i}_s"] = time.perf_counter() - tb
             logger.info(
@@ -346,47 +344,6 @@ def sparsify_streamed(
     files = sorted(set(writer.weight_map.values())) + [index.name]
     out_dtype = save_dtype if save_dtype is not None else dtype
     return StreamedResult(report=report, tensors=tensors, files=files, save_dtype=out_dtype)
-
-
-#: allocations at least this large (bytes) come straight from mmap on glibc (see below)
-MMAP_THRESHOLD = 1 << 20
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> Any:
-    """The C library (glibc on Linux) through ctypes, or None elsewhere / when not found."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _pin_mmap_threshold() -> None:
-    """glibc: serve allocations of at least :data:`MMAP_THRESHOLD` bytes from mmap, for the rest
-    of the process (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising the threshold
-    after each free). Without it, once a freed block tensor raised the dynamic threshold, the next
-    blocks' tensors of that size came from the heap and fragmented it: peak RSS grew ~30 MB per
-    block on a 2048-hidden Llama (measured). A no-op off glibc."""
-    libc = _libc()
-    fn = getattr(libc, "mallopt", None) if libc is not None else None
-    if fn is not None:
-        fn(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-
-
-def _trim_heap() -> None:
-    """Return the heap's free pages to the OS after a block: first collect reference cycles (a
-    released block's hooks and closures can keep its tensors alive until the cyclic GC happens to
-    run, which depends on object counts, not bytes), then glibc ``malloc_trim`` (else no-op)."""
-    gc.collect()
-    libc = _libc()
-    fn = getattr(libc, "malloc_trim", None) if libc is not None else None
-    if fn is not None:
-        fn(0)
 
 
 #: elements checked at once by :func:`_check_finite` (bounds its temporaries to ~5 bytes each)

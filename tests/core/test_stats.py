@@ -124,3 +124,34 @@ def test_add_xtx_upper_blocks_and_mirror_give_the_full_product(n):
     mirror_upper(h)
     torch.testing.assert_close(h, 0.5 * x.T @ x)
     assert xtx_bounds(n)[0] == 0 and xtx_bounds(n)[-1] == n
+
+
+@pytest.mark.parametrize("tokens_per_product", [1, 100, 4096])
+def test_sum_mode_hessian_gathers_tokens_and_flushes_on_read(tokens_per_product):
+    """Updates smaller than the product size are buffered; reading the Hessian (also between
+    updates) multiplies what is pending, so the result is 2/n X^T X whatever the grouping."""
+    gen = torch.Generator().manual_seed(3)
+    n_in = 24
+    st = ActivationStats(n_in, hessian=True, accumulate="sum")
+    st.xtx_tokens = tokens_per_product
+    xs = [torch.randn(1, 32 + 7 * (i % 3), n_in, generator=gen) for i in range(9)]
+    for i, x in enumerate(xs):
+        st.update(x)
+        if i == 4:  # a read in the middle: flush, scale, then more updates
+            want = sum(x[0].double().t() @ x[0].double() for x in xs[:5]) * 2 / 5
+            torch.testing.assert_close(st.hessian.double(), want, rtol=1e-5, atol=1e-5)
+    want = sum(x[0].double().t() @ x[0].double() for x in xs) * 2 / len(xs)
+    torch.testing.assert_close(st.hessian.double(), want, rtol=1e-5, atol=1e-5)
+    assert st._xbuf_n == 0
+
+
+def test_heap_policies_are_set_on_glibc():
+    import sys
+
+    from dsnt_export.sparsify import heap
+
+    if not sys.platform.startswith("linux") or heap._libc() is None:
+        pytest.skip("glibc only")
+    assert heap.hold_freed_memory() is True
+    assert heap.pin_mmap_threshold() is True
+    heap.trim_heap()

@@ -6,6 +6,9 @@ the default refiner became ``refit`` the old "default" case was renamed "sparseg
 (same recording) and a new "default" case (SparseGPT + refit) recorded. Both SparseGPT cases were
 re-recorded when SparseGPT's in-block rank-1 update became ``addr_`` (not a matmul, so torch's
 float32 matmul precision cannot reach it) and stopped updating the column being pruned itself.
+The three Hessian cases were re-recorded when the "sum" statistics started to gather small
+updates into ~2048-token ``X^T X`` products and SparseGPT's pruned values became the stored
+weights themselves (``w``, not ``(w / d) * d``): float32 rounding only.
 
 Floating-point kernels differ between torch versions and CPU instruction sets, so the comparison
 runs only where the recording's torch version and CPU capability match (skipped elsewhere, with
