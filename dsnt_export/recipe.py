@@ -44,7 +44,7 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
     save_dtype: source         # source | float32 | float16 | bfloat16 (checkpoint dtype)
     seed: 0
     sequential: false
-    batch_size: 1
+    batch_size: 8              # calibration windows per block forward (official preset: 1)
     offload_activations: false
     out_of_core: false         # stream blocks from the checkpoint's safetensors (models > RAM)
     matmul_precision: auto     # auto | highest | high | medium (Hessian and solver products)
@@ -431,6 +431,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "refine": "refit",
         "refine_options": {"percdamp": 0.1, "steps": 8, "solver": "cg"},
         "eval_max_windows": 64,
+        # 8 windows per block forward: a 256-token sample alone leaves the matmuls small (two
+        # block passes of the embedded model: 41.6 s at 8 vs 48.1 s at 1 on 2 CPU cores)
+        "batch_size": 8,
     },
     "official": {
         "name": "official",
