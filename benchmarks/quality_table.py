@@ -460,6 +460,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="calibration windows per block forward of our prunes (default: the default recipe's, 8)",
+    )
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--draws", type=int, default=5, help="calibration draws: sampler seeds 0..K-1")
     ap.add_argument(
@@ -477,6 +483,13 @@ def main(argv=None) -> int:
         help="only draw perplexity vs pattern from the rows in --out (no pruning)",
     )
     args = ap.parse_args(argv)
+    if args.batch_size is None:
+        from dsnt_export.recipe import Recipe
+
+        args.batch_size = Recipe.preset("default").batch_size
+    batch_size = args.batch_size
+    if batch_size < 1:
+        ap.error(f"--batch-size must be a positive int, got {batch_size}")
     if args.figure:
         rows = [json.loads(x) for x in Path(args.out).read_text().splitlines() if x.strip()]
         print(f"wrote {figure(rows, Path(args.figure))}")
@@ -555,6 +568,7 @@ def main(argv=None) -> int:
                         calibration=cdesc,
                         torch=torch.__version__,
                         threads=torch.get_num_threads(),
+                        batch_size=None if name in PEERS else batch_size,
                     )
                     if name in PEERS:
                         t0 = time.perf_counter()
@@ -586,6 +600,7 @@ def main(argv=None) -> int:
                         init=init,
                         refine=refiner if refiner is not None else "none",
                         refine_exclude=refine_exclude,
+                        batch_size=batch_size,
                     )
                     model = copy.deepcopy(dense_model)
                     t0 = time.perf_counter()
