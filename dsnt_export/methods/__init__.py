@@ -201,7 +201,7 @@ def register_initial(
     name: str,
     *,
     needs_hessian: bool = False,
-    stacks_rows: Callable[[Pattern], bool] | None = None,
+    stacks_rows: Callable[[Pattern], bool] = _rows_not_stacked,
 ) -> Callable[[InitialFn], InitialFn]:
     """Decorator registering an initial method (fields: :class:`InitialMethod`); raises
     ``ValueError`` if ``name`` is taken."""
@@ -209,10 +209,7 @@ def register_initial(
     def deco(fn: InitialFn) -> InitialFn:
         if name in _INITIAL:
             raise ValueError(f"initial method {name!r} is registered already")
-        if stacks_rows is None:
-            _INITIAL[name] = InitialMethod(name, fn, needs_hessian)
-        else:
-            _INITIAL[name] = InitialMethod(name, fn, needs_hessian, stacks_rows)
+        _INITIAL[name] = InitialMethod(name, fn, needs_hessian, stacks_rows)
         return fn
 
     return deco

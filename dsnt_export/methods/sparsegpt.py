@@ -242,7 +242,7 @@ def _prune_block(Wt1: torch.Tensor, U1: torch.Tensor, pattern: Pattern, prune1: 
             prune1[i:j] = _smallest_per_column(sal, pattern.n_prune, row)
         e = torch.mul(Wt1[i], prune1[i], out=err1[i]).div_(d[i])
         # OBS update of the block's later columns. Column i itself would become w - (w - q) = q:
-        # its kept entries have e = 0 and its pruned ones are zeroed below, so it is skipped. A
+        # its kept entries have e = 0 and the caller zeroes its pruned ones, so it is skipped. A
         # rank-1 product that is not a matmul: torch's float32 matmul precision setting (which
         # the driver may lower for the Hessian work) routes tiny matmuls to a slower kernel.
         if i + 1 < count:
