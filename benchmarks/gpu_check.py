@@ -20,12 +20,17 @@ pipeline  benchmarks/bench_pipeline.py's side by side on a randomly initialised 
           initial mask, refinement, re-run) for SparseGPT alone, wanda+dsnot (official) and the
           default sparsegpt+refit; ratio to the floor, peak host RSS and device memory
           (in this process, reset before each). Skipped on a CPU unless --smoke.
+devices   blocks spread over devices (dsnt_export/sparsify/devices.py): a small Llama pruned with
+          blocks alternating between cuda:0 and the CPU, in memory and streamed from its
+          safetensors (prefetch on), against the same prune all on one device: the streamed and
+          in-memory mixed runs bit-identical, masks within 2 % of the one-device run, every mask
+          2:4. On a CPU (--smoke) the map is all-CPU (the same code path, nothing moves).
 e2e       that model's latency: dense (before pruning), sparse (2:4 zeros, dense kernels) and
           sparse-kernels (2:4 linears as semi-structured tensors), prefill and decode.
 
 Rows go to ONE JSON-lines file (``--out``, default ``$OUT/gpu_check.jsonl``), flushed after
 every row; the schema is dsnt_export.bench.schema's (bench = gemm, dsnot_layer, init_layer,
-sparsegpt_layer, projection, pipeline, latency, conversion, section). A summary is printed.
+sparsegpt_layer, projection, pipeline, devices, latency, conversion, section). A summary is printed.
 """
 
 from __future__ import annotations
@@ -307,6 +312,105 @@ def project(ctx: Ctx) -> None:
         )
 
 
+# -------------------------------------------------------------------------- several devices
+
+
+def section_devices(ctx: Ctx) -> None:
+    """A small Llama pruned (default recipe's SparseGPT + refit) with its blocks alternating
+    between ``ctx.device`` and the CPU, in memory and streamed (prefetch on), against the same
+    prune on ``ctx.device`` alone; see the module docstring."""
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dsnt_export.masks import validate_mask
+    from dsnt_export.recipe import Recipe
+    from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
+    from dsnt_export.sparsify.streaming import empty_model, sparsify_streamed
+
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+    dev = ctx.device
+    other = "cpu" if ctx.cuda else str(dev)
+    dmap = {"model.layers": str(dev), "model.layers.1": other, "model.layers.3": other}
+    scfg = SparsifyConfig(
+        pattern="2:4",
+        init="sparsegpt",
+        refine=Recipe.preset("default").refiner_config(),
+        batch_size=8,
+    )
+
+    def fresh():
+        m = LlamaForCausalLM(cfg).eval()
+        m.load_state_dict(source.state_dict())
+        return m
+
+    one, mixed = fresh(), fresh()
+    t0 = time.perf_counter()
+    sparsify(one, ids, scfg, device=dev, progress=False)
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rep = sparsify(mixed, ids, scfg, device=dev, progress=False, device_map=dmap)
+    t_mixed = time.perf_counter() - t0
+    names = [f"{r.name}.weight" for r in rep.layers]
+    pm, po = dict(mixed.named_parameters()), dict(one.named_parameters())
+    agree = min(float(((pm[n] == 0) == (po[n] == 0)).float().mean()) for n in names)
+    masks_ok = all(validate_mask(pm[n], "2:4").ok for n in names)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        source.save_pretrained(src)
+        out.mkdir()
+        t0 = time.perf_counter()
+        res = sparsify_streamed(
+            empty_model(cfg, torch.float32),
+            src,
+            ids,
+            scfg,
+            out,
+            device=dev,
+            dtype=torch.float32,
+            save_dtype=None,
+            progress=False,
+            device_map=dmap,
+            prefetch=True,
+        )
+        t_streamed = time.perf_counter() - t0
+        from safetensors.torch import load_file
+
+        saved = {}
+        for f in sorted(out.glob("*.safetensors")):
+            saved.update(load_file(f))
+    identical = all(torch.equal(saved[n], pm[n].detach().cpu()) for n in names)
+    ctx.emit(
+        "devices",
+        status="ok" if identical and masks_ok and agree >= 0.98 else "failed",
+        reason=None
+        if identical and masks_ok and agree >= 0.98
+        else (
+            f"streamed == in-memory: {identical}, masks 2:4: {masks_ok}, "
+            f"min mask agreement with one device {agree:.4f} (want >= 0.98)"
+        ),
+        device_map=dmap,
+        block_devices=rep.config["block_devices"],
+        streamed_block_devices=res.report.config["block_devices"],
+        streamed_equals_in_memory=identical,
+        masks_ok=masks_ok,
+        min_mask_agreement_vs_one_device=agree,
+        seconds={"one_device": t_one, "mixed": t_mixed, "streamed_mixed": t_streamed},
+    )
+
+
 # -------------------------------------------------------------------------- pipeline + e2e
 
 
@@ -574,8 +678,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--sections",
-        default="gemm,pipeline,layers",
-        help="comma list of sections to run, in order (default all: gemm,pipeline,layers)",
+        default="gemm,pipeline,devices,layers",
+        help="comma list of sections to run, in order (default all: gemm,pipeline,devices,layers)",
     )
     args = ap.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -587,6 +691,7 @@ def main(argv=None) -> int:
         "gemm": (section_gemm,),
         "layers": (section_layers,),
         "pipeline": (section_pipeline, args.blocks),
+        "devices": (section_devices,),
     }
     if not 1 <= args.blocks <= 8:
         ap.error(f"--blocks must be between 1 and 8 (2-4 fit the time budget), got {args.blocks}")

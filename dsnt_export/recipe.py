@@ -40,6 +40,7 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
     eval_seqlen: 256           # window length of the WikiText-2 protocol
     eval_max_windows: 64       # only the first N windows (default preset: 64); null = all
     device: auto               # auto | cpu | cuda | cuda:1 ...
+    device_map: null           # several devices: balanced | {"model.layers": 0, "model.layers.15": 1}
     dtype: auto                # auto | float32 | float16 | bfloat16 (compute dtype)
     save_dtype: source         # source | float32 | float16 | bfloat16 (checkpoint dtype)
     seed: 0
@@ -54,6 +55,9 @@ YAML layout (every key optional; the preset named by ``base`` fills the rest, de
 at a time read from the checkpoint's safetensors, pruned and written
 (:mod:`dsnt_export.sparsify.streaming`); same weights as in memory. It changes how the run is
 done, not its result: :meth:`Recipe.to_dict` (and so the recipe hash) lists it only when true.
+``device_map`` spreads the blocks over several devices (:mod:`dsnt_export.sparsify.devices`:
+``balanced`` or accelerate's ``{module name: device}`` format; ``device`` still runs the embeddings
+and picks the compute dtype); listed only when set.
 ``matmul_precision`` (:mod:`dsnt_export.precision`): "auto" runs the float32 products of the
 statistics and solvers on torch's faster "medium" precision only where a probe shows it as accurate
 as float32 (else "highest"); listed by :meth:`Recipe.to_dict` only when not "auto".
@@ -100,6 +104,7 @@ class Recipe:
     eval_seqlen: int = 256
     eval_max_windows: int | None = None
     device: str = "auto"
+    device_map: str | dict | None = None
     dtype: str = "auto"
     save_dtype: str = "source"
     seed: int = 0
@@ -126,6 +131,7 @@ class Recipe:
         _check_choice(self, "save_dtype", SAVE_DTYPES)
         _check_str(self, "calib")
         _check_str(self, "device")
+        object.__setattr__(self, "device_map", _check_device_map(self.device_map))
         if self.eval is not None:
             _check_str(self, "eval")
         for key in ("exclude", "refine_exclude"):
@@ -208,11 +214,16 @@ class Recipe:
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain YAML/JSON values (lists, dicts); what manifests record.
-        ``out_of_core`` only when true (it does not change the result), ``matmul_precision``
+        ``out_of_core`` only when true (it does not change the result), ``device_map`` only when
+        set, ``matmul_precision``
         only when not "auto", so recipes and hashes written before they existed stay the same."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         if not self.out_of_core:
             del d["out_of_core"]
+        if self.device_map is None:
+            del d["device_map"]
+        elif isinstance(self.device_map, dict):
+            d["device_map"] = dict(self.device_map)
         if self.matmul_precision == "auto":
             del d["matmul_precision"]
         d["exclude"], d["refine_exclude"] = list(self.exclude), list(self.refine_exclude)
@@ -404,6 +415,25 @@ def _check_refine_options(r: Recipe) -> dict:
             )
         return {}
     return _refiner_config(r.refine, r.refine_options).to_json()
+
+
+def _check_device_map(v: Any) -> str | dict | None:
+    """The recipe's ``device_map`` checked for its form (None, "balanced", a mapping of module
+    names to device indices or names); the devices themselves are checked when the run resolves
+    them (:func:`dsnt_export.sparsify.devices.resolve_block_devices`)."""
+    if v is None or v == "balanced":
+        return v
+    if isinstance(v, dict) and v and all(isinstance(k, str) for k in v):
+        bad = {k: x for k, x in v.items() if isinstance(x, bool) or not isinstance(x, (int, str))}
+        if not bad:
+            return dict(v)
+        raise UserInputError(
+            f"recipe 'device_map' values must be accelerator indices or device names, got {bad}"
+        )
+    raise UserInputError(
+        f"recipe 'device_map' must be null, 'balanced' or a mapping of module names to devices "
+        f"(e.g. {{'model.layers': 0, 'model.layers.20': 1}}), got {v!r}"
+    )
 
 
 def _check_sparsegpt(d: Any) -> dict:

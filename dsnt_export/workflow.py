@@ -247,7 +247,15 @@ def prune_recipe(
     """
     lm = loaded if loaded is not None else load_model_for(recipe)
     t, cfg, plan, ids, calib = _plan_and_calibrate(recipe, lm)
-    report = sparsify(lm.model, ids, cfg, device=lm.device, progress=progress, plan=plan)
+    report = sparsify(
+        lm.model,
+        ids,
+        cfg,
+        device=lm.device,
+        progress=progress,
+        plan=plan,
+        device_map=recipe.device_map,
+    )
     t["sparsify_s"] = report.timings["total_s"]
     return PruneResult(
         recipe=recipe,
@@ -328,6 +336,7 @@ def prune_streamed(
         save_dtype=resolve_save_dtype(recipe.save_dtype, src_dtype),
         plan=plan,
         progress=progress,
+        device_map=recipe.device_map,
     )
     t["sparsify_s"] = res.report.timings["total_s"]
     result = PruneResult(

@@ -12,7 +12,7 @@ bench              what was measured: ``"latency"``, ``"perplexity"``, ``"zero_s
                    (vLLM: the settings an engine was started with), ``"skip"``; the
                    GPU check adds
                    ``"dsnot_layer"``, ``"init_layer"``, ``"pipeline"``, ``"gemm"``,
-                   ``"e2e_latency"``, ``"section"``
+                   ``"e2e_latency"``, ``"devices"`` (blocks spread over devices), ``"section"``
 run_id             one id shared by all rows of one invocation (pairs dense with sparse)
 time               ISO-8601 UTC time the row was written
 status             ``"ok"``, ``"skipped"`` (runtime/device/feature absent) or ``"failed"``

@@ -2,10 +2,11 @@
 
     dsnt-export prune --model ID_OR_DIR --pattern 2:4 --init sparsegpt --refine dsnot \\
         --calib stdlib-docs:32x256 --device cpu --out DIR [--recipe R.yaml] [--dtype] [--seed]
-        [--out-of-core]
+        [--out-of-core] [--device-map balanced|MAP.json]
 
 ``--out-of-core`` streams the checkpoint block by block instead of loading it (models larger than
-host memory; :func:`dsnt_export.workflow.prune_streamed`).
+host memory; :func:`dsnt_export.workflow.prune_streamed`). ``--device-map`` spreads the blocks over
+several devices (:mod:`dsnt_export.sparsify.devices`), in memory or streamed.
 
 Flags override the recipe (a preset name or a YAML file; default: the "default" preset). The output
 directory is written atomically: on any error nothing is left behind.
@@ -65,6 +66,13 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dsnot-percdamp", type=float, help=f"= --refine-option percdamp=X ({legacy})")
     p.add_argument("--calib", help="calibration data, e.g. stdlib-docs:32x256, c4:128x2048")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (each block runs there)")
+    p.add_argument(
+        "--device-map",
+        type=_device_map_arg,
+        help="spread the blocks over several devices: 'balanced' (every accelerator, contiguous "
+        "runs of blocks), or accelerate's device_map as JSON text or a .json file, e.g. "
+        '\'{"model.layers": 0, "model.layers.16": 1}\' (--device then runs the embeddings)',
+    )
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (auto: fp32 on CPU)")
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, help="checkpoint dtype (source: as loaded)")
     p.add_argument("--seed", type=int, help="random seed of the calibration sampling")
@@ -137,6 +145,32 @@ def _refine_options(args: argparse.Namespace) -> dict | None:
     return out or None
 
 
+def _device_map_arg(text: str) -> str | dict:
+    """``--device-map``: "balanced", a JSON object, or the path of a JSON file holding one."""
+    import json
+    from pathlib import Path
+
+    if text == "balanced":
+        return text
+    source = text
+    if not text.lstrip().startswith(("{", "[")):
+        path = Path(text)
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither 'balanced', a JSON object nor an existing .json file"
+            )
+        source = path.read_text()
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {source[:200]!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object of module -> device, got {value!r}"
+        )
+    return value
+
+
 def _dsnot_overrides(args: argparse.Namespace) -> dict | None:
     """The deprecated ``--dsnot-*`` flags as the old ``dsnot:`` mapping (None when unset)."""
     d = {}
@@ -162,6 +196,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         dsnot=_dsnot_overrides(args),
         calib=args.calib,
         device=args.device,
+        device_map=getattr(args, "device_map", None),
         dtype=args.dtype,
         save_dtype=args.save_dtype,
         seed=args.seed,

@@ -109,11 +109,13 @@ def summary_lines(summary: RunSummary) -> list[str]:
     ONNX export, ``check`` verdicts, total time and where the output is."""
     r, sp, ppl = summary.recipe, summary.sparsify, summary.perplexity
     ex = summary.exports
+    prune_s = summary.timings.get("prune")
     lines = [
         f"dsnt-export run: {summary.source_model['id']} -> {r['pattern']} "
         f"({method_label(r['init'], r['refine'])}, recipe {r['name']})",
         f"  pruned {sp['n_linears']} linears, sparsity {sp['sparsity']:.4f}, "
-        f"mask check {'OK' if summary.validation['ok'] else 'FAILED'}",
+        f"mask check {'OK' if summary.validation['ok'] else 'FAILED'}"
+        + (f", prune {prune_s:.0f} s" if prune_s is not None else ""),
     ]
     if ppl:
         lines.append(

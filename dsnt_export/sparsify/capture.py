@@ -129,7 +129,7 @@ def capture_block_inputs(
                 inputs.append(hidden.detach().to(store_dev))
             if seq_len not in kwargs[idx]:
                 keep = adapter.block_call_kwargs(kw)
-                kwargs[idx][seq_len] = {k: _shared_move(v, run_dev, moved) for k, v in keep.items()}
+                kwargs[idx][seq_len] = {k: shared_move(v, run_dev, moved) for k, v in keep.items()}
             if idx == len(blocks) - 1:
                 raise _StopForward
             return hidden
@@ -153,7 +153,10 @@ def capture_block_inputs(
     return Captured(inputs=inputs, block_kwargs=kwargs)
 
 
-def _shared_move(v: Any, device: torch.device | None, memo: dict[int, Any]) -> Any:
+def shared_move(v: Any, device: torch.device | None, memo: dict[int, Any]) -> Any:
+    """``v`` (tensors nested in tuples/lists/dicts) on ``device``, moved once per object: ``memo``
+    (``id -> (v, moved)``, kept by the caller) returns the same copy when the same object (e.g. the
+    rotary cos/sin every block is called with) comes again. None: ``v`` as it is."""
     if device is None:
         return v
     key = id(v)

@@ -49,6 +49,7 @@ from dsnt_export.sparsify.capture import (
     normalize_samples,
     run_block,
 )
+from dsnt_export.sparsify.devices import DeviceMap, KwargsByDevice, resolve_block_devices
 from dsnt_export.sparsify.heap import hold_freed_memory
 from dsnt_export.sparsify.plan import LinearTarget, Plan, plan_targets
 from dsnt_export.sparsify.record import LayerRecord, SparsifyReport
@@ -228,6 +229,7 @@ def sparsify(
     move_blocks: bool = True,
     progress: bool = True,
     plan: Plan | None = None,
+    device_map: DeviceMap = None,
 ) -> SparsifyReport:
     """Prune ``model`` in place, block by block; returns the run report.
 
@@ -238,13 +240,18 @@ def sparsify(
     (with ``device=None``): blocks stay where they are (e.g. a model dispatched over devices by
     accelerate) and each linear's statistics live on its weight's device. ``plan``: a precomputed
     :func:`~dsnt_export.sparsify.plan.plan_targets` (default: computed here). ``progress``: a tqdm
-    bar over blocks.
+    bar over blocks. ``device_map``: spread the blocks over several devices
+    (:func:`~dsnt_export.sparsify.devices.resolve_block_devices`: ``"balanced"`` or accelerate's
+    ``{module name: device}`` format): block ``i`` moves to its mapped device, the activations
+    follow it; the pre-block modules run on ``device``; the report's config lists the devices
+    (``block_devices``).
 
     On glibc, the process keeps freed host memory for reuse from here on
     (:func:`dsnt_export.sparsify.heap.hold_freed_memory`: the blocks' working tensors are not
     returned to the OS and faulted back in block after block).
 
-    Raises ``UserInputError`` for a bad device, ``ShapeError`` / ``NonFiniteError`` from the plan
+    Raises ``UserInputError`` for a bad device or device map (or a map with
+    ``move_blocks=False``), ``ShapeError`` / ``NonFiniteError`` from the plan
     (pattern vs. shapes, non-finite weights) and from the methods.
     """
     t_start = time.perf_counter()
@@ -253,15 +260,22 @@ def sparsify(
     plan = plan or plan_targets(
         model, config.pattern, exclude=config.exclude, refine_exclude=config.refine_exclude
     )
+    blocks = plan.adapter.get_blocks(model)
+    if device_map is not None and not move_blocks:
+        raise UserInputError(
+            "device_map places each block on a device, move_blocks=False keeps every block "
+            "where it is; pass one of them"
+        )
+    block_devs = resolve_block_devices(device_map, plan.adapter.blocks, len(blocks), dev)
     samples = calibration_samples(calibration, config)
     store = torch.device("cpu") if config.offload_activations else None
     t0 = time.perf_counter()
     cap = capture_block_inputs(model, plan.adapter, samples, device=dev, store_device=store)
-    report = new_report(plan, config, samples, dev)
+    report = new_report(plan, config, samples, dev, block_devs if device_map is not None else None)
     report.timings["capture_s"] = time.perf_counter() - t0
     start_stage_timings(report.timings)
     inputs = cap.inputs
-    blocks = plan.adapter.get_blocks(model)
+    kwargs = KwargsByDevice(dev)
     bar = _progress(len(blocks), progress)
     try:
         for i, block in enumerate(blocks):
@@ -270,11 +284,11 @@ def sparsify(
             entries, inputs = sparsify_block(
                 block,
                 inputs,
-                cap.block_kwargs[i],
+                kwargs.on(cap.block_kwargs[i], block_devs[i]),
                 plan,
                 targets,
                 config,
-                device=dev,
+                device=block_devs[i],
                 store=store,
                 timings=report.timings,
                 outputs=i + 1 < len(blocks),
@@ -343,16 +357,23 @@ def start_stage_timings(timings: dict[str, float]) -> None:
 
 
 def new_report(
-    plan: Plan, config: SparsifyConfig, samples: list[torch.Tensor], device: torch.device | None
+    plan: Plan,
+    config: SparsifyConfig,
+    samples: list[torch.Tensor],
+    device: torch.device | None,
+    block_devices: Sequence[torch.device] | None = None,
 ) -> SparsifyReport:
     """An empty :class:`SparsifyReport` of a run: the config (with ``matmul_precision_used``, what
-    "auto" resolved to on ``device``), the calibration's shape and the plan's skipped modules."""
+    "auto" resolved to on ``device``, and ``block_devices``, each block's device, when a device map
+    spread them), the calibration's shape and the plan's skipped modules."""
+    extra = {} if block_devices is None else {"block_devices": [str(d) for d in block_devices]}
     return SparsifyReport(
         model_type=plan.adapter.model_type,
         pattern=str(config.pattern),
         config={
             **config.to_json(),
             "matmul_precision_used": config.resolved_matmul_precision(device),
+            **extra,
         },
         calibration={
             "nsamples": len(samples),

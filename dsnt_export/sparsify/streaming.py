@@ -28,8 +28,15 @@ nor written, as ``save_pretrained`` drops them. Safetensors files are read and w
 file I/O (:mod:`dsnt_export.shards`), so a touched tensor never stays mapped into the process's
 resident memory.
 
-One compute device: every block runs on ``device`` (its tensors are read straight onto it). Blocks
-are never spread over several devices here; see docs/architecture.md.
+Devices: every block runs on ``device``, or, with a ``device_map``
+(:mod:`~dsnt_export.sparsify.devices`), on its mapped device; its tensors are read straight onto
+that device and the activations follow the blocks from device to device. While block ``i`` is
+calibrated and pruned, a background thread reads block ``i + 1`` onto its accelerator (file reads
+and host-to-device copies overlap the computation; two blocks are held in device memory, host
+memory holds one tensor in flight). Blocks that run on the CPU are not read ahead by default: that
+would hold a second block in host memory, the resource this path exists to save (measured on the
+2-core CPU, 3.5 GiB Llama: 10 % faster, peak RSS 30 % -> 35 % of the weights); ``prefetch=True``
+asks for it.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from dsnt_export.adapters import resolve
 from dsnt_export.errors import ArtifactError, NonFiniteError, UnsupportedModelError
 from dsnt_export.shards import SafetensorsCheckpoint, ShardWriter
 from dsnt_export.sparsify.capture import capture_block_inputs
+from dsnt_export.sparsify.devices import DeviceMap, KwargsByDevice, resolve_block_devices
 from dsnt_export.sparsify.driver import (
     SparsifyConfig,
     calibration_samples,
@@ -196,15 +204,31 @@ class _Streamer:
             return stored
         return self.save_dtype if self.save_dtype is not None else self.dtype
 
-    def load(self, t: torch.Tensor) -> torch.Tensor:
-        """A stored tensor as the in-memory path holds it: the compute dtype, on the device."""
-        return _cast(t, self.dtype).to(self.device)
+    def load(self, t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """A stored tensor as the in-memory path holds it: the compute dtype, on ``device``
+        (default: the streamer's device)."""
+        return _cast(t, self.dtype).to(self.device if device is None else device)
+
+    def slots(self, module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, str, bool]]:
+        """``module``'s tensor slots that the checkpoint holds (see :func:`_tensor_slots`)."""
+        return _tensor_slots(module, prefix, set(self.source))
+
+    def read(self, names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The stored tensors ``names`` (full names) read onto ``device`` in the compute dtype;
+        safe to call from one background thread while the main thread computes (it touches no
+        module)."""
+        return {full: self.load(self.ckpt.read(self.source[full]), device) for full in names}
+
+    @staticmethod
+    def fill(slots, tensors: dict[str, torch.Tensor]) -> None:
+        """Put :meth:`read`'s ``tensors`` into their ``slots``."""
+        for full, mod, attr, is_param in slots:
+            _set(mod, attr, tensors[full], is_param)
 
     def materialize(self, module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, str, bool]]:
         """Read ``module``'s tensors from the checkpoint onto the device; returns the slots."""
-        slots = _tensor_slots(module, prefix, set(self.source))
-        for full, mod, attr, is_param in slots:
-            _set(mod, attr, self.load(self.ckpt.read(self.source[full])), is_param)
+        slots = self.slots(module, prefix)
+        self.fill(slots, self.read([full for full, *_ in slots], self.device))
         return slots
 
     @staticmethod
@@ -232,6 +256,8 @@ def sparsify_streamed(
     save_dtype: torch.dtype | None,
     plan: Plan | None = None,
     progress: bool = True,
+    device_map: DeviceMap = None,
+    prefetch: bool | None = None,
 ) -> StreamedResult:
     """Prune the checkpoint behind the meta skeleton ``model`` block by block into ``out_dir``.
 
@@ -240,12 +266,16 @@ def sparsify_streamed(
     ``[T]`` tensors); ``config``: the driver's config, as for
     :func:`~dsnt_export.sparsify.driver.sparsify`; ``out_dir``: an existing directory receiving
     the shards and the index (config, tokenizer and manifest are the caller's). ``device``: where
-    every block runs (one device); ``dtype``: the compute dtype (what the in-memory path loads in);
-    ``save_dtype``: the written dtype (None: ``dtype``). ``progress``: a tqdm bar over blocks.
+    the pre-block modules run, and every block when ``device_map`` is None; ``device_map``: each
+    block's device (:func:`~dsnt_export.sparsify.devices.resolve_block_devices`; the report's
+    config lists them as ``block_devices``); ``dtype``: the compute dtype (what the in-memory path
+    loads in); ``save_dtype``: the written dtype (None: ``dtype``). ``progress``: a tqdm bar over
+    blocks. ``prefetch``: read block ``i + 1`` onto its device in a background thread while block
+    ``i`` is pruned (None: when that device is an accelerator; True: also onto the CPU).
 
-    Peak memory: the pre-block modules (during the capture only), one block, the calibration
-    activations (on the CPU with ``config.offload_activations``) and one non-block tensor at a
-    time while copying. Raises :class:`~dsnt_export.errors.ArtifactError` (checkpoint and config
+    Peak memory: the pre-block modules (during the capture only), one block (two when read
+    ahead, on their devices), the calibration activations (on the CPU with
+    ``config.offload_activations``) and one non-block tensor at a time while copying. Raises :class:`~dsnt_export.errors.ArtifactError` (checkpoint and config
     disagree: missing or mis-shaped tensors), ``NonFiniteError`` naming a NaN/Inf parameter,
     and what ``sparsify_block`` raises. On an error the caller removes ``out_dir``.
     """
@@ -260,6 +290,7 @@ def sparsify_streamed(
     )
     adapter = plan.adapter
     blocks = adapter.get_blocks(model)
+    block_devs = resolve_block_devices(device_map, adapter.blocks, len(blocks), device)
     st = _Streamer(model, ckpt, device, dtype, save_dtype)
     pin_mmap_threshold()
     block_keys = [
@@ -294,28 +325,34 @@ def sparsify_streamed(
     finally:
         st.release(pre)
         trim_heap()
-    report = new_report(plan, config, samples, device)
+    report = new_report(
+        plan, config, samples, device, block_devs if device_map is not None else None
+    )
     report.timings["capture_s"] = time.perf_counter() - t0
     start_stage_timings(report.timings)
     inputs = cap.inputs
+    kwargs = KwargsByDevice(device)
     tensors: dict[str, dict] = {}
     bar = _progress(len(blocks), progress)
+    slots_of = [st.slots(b, f"{adapter.blocks}.{i}.") for i, b in enumerate(blocks)]
+    reader = _BlockReader(st, slots_of, block_devs, prefetch)
     try:
         for i, block in enumerate(blocks):
             tb = time.perf_counter()
             prefix = f"{adapter.blocks}.{i}."
-            slots = st.materialize(block, prefix)
+            slots = slots_of[i]
+            st.fill(slots, reader.take(i))
             try:
                 _check_finite(block, prefix)
                 targets = plan.for_block(i)
                 records, inputs = sparsify_block(
                     block,
                     inputs,
-                    cap.block_kwargs[i],
+                    kwargs.on(cap.block_kwargs[i], block_devs[i]),
                     plan,
                     targets,
                     config,
-                    device=device,
+                    device=block_devs[i],
                     store=store,
                     timings=report.timings,
                     outputs=i + 1 < len(blocks),
@@ -338,12 +375,55 @@ def sparsify_streamed(
         writer.abort()
         raise
     finally:
+        reader.close()
         bar.close()
     index = writer.finish()
     report.timings["total_s"] = time.perf_counter() - t_start
     files = sorted(set(writer.weight_map.values())) + [index.name]
     out_dtype = save_dtype if save_dtype is not None else dtype
     return StreamedResult(report=report, tensors=tensors, files=files, save_dtype=out_dtype)
+
+
+class _BlockReader:
+    """Reads each block's tensors onto its device, block ``i + 1`` in a background thread while
+    block ``i`` is pruned (``prefetch`` True; None: only onto an accelerator), else each when it
+    is taken. Blocks are taken in order.
+
+    The thread only reads files and copies tensors (:meth:`_Streamer.read`), the modules are
+    filled by the caller; an error in it is raised by :meth:`take`."""
+
+    def __init__(self, st: _Streamer, slots_of, devices, prefetch: bool | None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.st, self.devices = st, devices
+        self.names = [[full for full, *_ in slots] for slots in slots_of]
+        self.ahead = [
+            bool(prefetch) if prefetch is not None else d is not None and d.type != "cpu"
+            for d in devices
+        ]
+        pool = prefetch if prefetch is not None else any(self.ahead)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dsnt-prefetch") if pool else None
+        self.pending: dict[int, Any] = {}
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        return self.st.read(self.names[i], self.devices[i])
+
+    def take(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s tensors (waiting for its read), with block ``i + 1``'s read started."""
+        fut = self.pending.pop(i, None)
+        out = fut.result() if fut is not None else self._read(i)
+        if self.pool is not None and i + 1 < len(self.names) and self.ahead[i + 1]:
+            self.pending[i + 1] = self.pool.submit(self._read, i + 1)
+        return out
+
+    def close(self) -> None:
+        """Drop any read in flight (waits for it to end, its tensors are released)."""
+        if self.pool is None:
+            return
+        for fut in self.pending.values():
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+        self.pending.clear()
 
 
 #: elements checked at once by :func:`_check_finite` (bounds its temporaries to ~5 bytes each)

@@ -340,7 +340,16 @@ def test_gpu_check_smoke(tmp_path, monkeypatch):
     assert rc == 0, [r for r in rows if r["status"] == "failed"]
     assert all(row_problems(r) == [] for r in rows)
     sections = {r["section"]: r["status"] for r in rows if r["bench"] == "section"}
-    assert sections == {"cuda": "skipped", "gemm": "ok", "layers": "ok", "pipeline": "ok"}
+    assert sections == {
+        "cuda": "skipped",
+        "gemm": "ok",
+        "layers": "ok",
+        "pipeline": "ok",
+        "devices": "ok",
+    }
+    (dev,) = [r for r in rows if r["bench"] == "devices"]
+    assert dev["status"] == "ok" and dev["streamed_equals_in_memory"] and dev["masks_ok"]
+    assert dev["block_devices"] == dev["streamed_block_devices"] == ["cpu"] * 4
     benches = {r["bench"] for r in rows if r["status"] == "ok"}
     assert benches >= {
         "gemm",

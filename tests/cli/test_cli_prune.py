@@ -197,6 +197,8 @@ def test_run_end_to_end_on_a_tiny_model(ckpt, text_file, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert rc == 0 and "dense" in printed and "mask check OK" in printed
+    s = json.loads((out / "report" / "summary.json").read_text())
+    assert f"mask check OK, prune {s['timings']['prune']:.0f} s" in printed, printed
     # the first line, printed before any work, names the model, the method and the output
     first = printed.splitlines()[0]
     assert str(src) in first and "sparsegpt" in first and str(out) in first, first
