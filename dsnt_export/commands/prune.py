@@ -65,7 +65,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dsnot-percdamp", type=float, help=f"= --refine-option percdamp=X ({legacy})")
     p.add_argument("--calib", help="calibration data, e.g. stdlib-docs:32x256, c4:128x2048")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (each block runs there)")
+    p.add_argument(
+        "--device", help="auto, cpu, cuda, cuda:N (every block runs there unless --device-map)"
+    )
     p.add_argument(
         "--device-map",
         type=_device_map_arg,

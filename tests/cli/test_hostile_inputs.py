@@ -84,7 +84,7 @@ def word_level_tokenizer(monkeypatch):
         return tok
 
     monkeypatch.setattr(hf_io, "load_tokenizer", load)
-    for mod in ("dsnt_export.workflow", "dsnt_export.commands.eval"):
+    for mod in ("dsnt_export.workflow.loading", "dsnt_export.commands.eval"):
         if hasattr(sys.modules.get(mod), "load_tokenizer"):
             monkeypatch.setattr(f"{mod}.load_tokenizer", load)
 
