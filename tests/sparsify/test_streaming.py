@@ -360,7 +360,6 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def big_llama_bytes(**cfg) -> int:
     """Bytes of :func:`write_big_llama`'s float32 weights for ``cfg``, without writing them."""
     import transformers as T
@@ -371,6 +370,7 @@ def big_llama_bytes(**cfg) -> int:
     return 4 * sum(v.numel() for v in skeleton.state_dict(keep_vars=True).values())
 
 
+@pytest.mark.slow
 def test_streamed_prune_of_a_4gb_llama_stays_under_40_percent_rss(tmp_path):
     root = tmp_path / "big"
     # The source and the pruned copy (both float32) lie on disk at once; a disk too full for them
