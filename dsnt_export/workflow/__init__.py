@@ -34,6 +34,7 @@ from dsnt_export.workflow.loading import (
     EMBEDDED_ID,
     LoadedModel,
     calibration_ids,
+    check_device_map,
     load_model_for,
     load_skeleton_for,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "SavedCheckpoint",
     "Stage",
     "calibration_ids",
+    "check_device_map",
     "check_out_dir",
     "default_run_dir",
     "load_model_for",

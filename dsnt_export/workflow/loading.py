@@ -66,6 +66,7 @@ def load_model_for(recipe: Recipe) -> LoadedModel:
     source = resolve_model_source(recipe.model)
     config = load_config(source)
     dev = resolve_device(recipe.device)
+    check_device_map(recipe, config, dev)
     dtype = resolve_dtype(recipe.dtype, dev, source_dtype(config))
     model = load_model(source, dtype, config)
     tok = load_tokenizer(source)
@@ -103,6 +104,7 @@ def load_skeleton_for(recipe: Recipe) -> LoadedModel:
         )
     check_weight_files(Path(source))
     dev = resolve_device(recipe.device)
+    check_device_map(recipe, config, dev)
     dtype = resolve_dtype(recipe.dtype, dev, source_dtype(config))
     model = empty_model(config, dtype)
     attach_generation_config(model, source)
@@ -115,6 +117,22 @@ def load_skeleton_for(recipe: Recipe) -> LoadedModel:
         dtype=dtype,
         timings={"load_s": time.perf_counter() - t0},
     )
+
+
+def check_device_map(recipe: Recipe, config: Any, device: torch.device) -> None:
+    """Resolve ``recipe.device_map`` against ``config`` (its ``model_type``'s block path and
+    ``num_hidden_layers``) before any weight is read, so a map that cannot apply (no accelerator
+    for ``balanced``, an uncovered block, a bad device) fails in seconds, not after the load. Raises
+    what :func:`~dsnt_export.sparsify.devices.resolve_block_devices` raises, and
+    ``UnsupportedModelError`` for a model_type without an adapter."""
+    if recipe.device_map is None:
+        return
+    from dsnt_export.adapters import get_adapter
+    from dsnt_export.sparsify.devices import resolve_block_devices
+
+    n = getattr(config, "num_hidden_layers", None)
+    if isinstance(n, int):
+        resolve_block_devices(recipe.device_map, get_adapter(config).blocks, n, device)
 
 
 def calibration_ids(recipe: Recipe, tokenizer: Any) -> tuple[torch.Tensor, dict]:

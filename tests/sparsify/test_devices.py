@@ -230,12 +230,22 @@ def test_cli_device_map_forms(tmp_path, capsys):
 
 
 def test_cli_balanced_without_accelerator_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import dsnt_export.hf_io as hf_io
+
     monkeypatch.setattr(devices, "_visible_accelerators", lambda: [])
+
+    def no_load(*a, **kw):
+        raise AssertionError("the map must be refused before any weight is read")
+
+    monkeypatch.setattr(hf_io, "load_model", no_load)
+    monkeypatch.setattr("dsnt_export.workflow.loading.load_model", no_load)
     src = _source(tmp_path, "llama")
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"w{i % 50}" for i in range(400)))
     args = ["prune", "--model", str(src), "--calib", f"file:{calib}:2x16", "--device", "cpu"]
-    rc = main([*args, "--device-map", "balanced", "--out", str(tmp_path / "o"), "--no-progress"])
-    assert rc == 2
-    assert "sees none" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    for extra in ([], ["--out-of-core"]):
+        out = tmp_path / "o"
+        rc = main([*args, *extra, "--device-map", "balanced", "--out", str(out), "--no-progress"])
+        assert rc == 2
+        assert "sees none" in capsys.readouterr().err
+        assert not out.exists()
