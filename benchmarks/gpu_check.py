@@ -319,12 +319,14 @@ def section_devices(ctx: Ctx) -> None:
     """A small Llama pruned (default recipe's SparseGPT + refit) with its blocks alternating
     between ``ctx.device`` and the CPU, in memory and streamed (prefetch on), against the same
     prune on ``ctx.device`` alone; see the module docstring."""
+    import copy
     import tempfile
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dsnt_export.masks import validate_mask
     from dsnt_export.recipe import Recipe
+    from dsnt_export.shards import SafetensorsCheckpoint
     from dsnt_export.sparsify.driver import SparsifyConfig, sparsify
     from dsnt_export.sparsify.streaming import empty_model, sparsify_streamed
 
@@ -351,12 +353,7 @@ def section_devices(ctx: Ctx) -> None:
         batch_size=8,
     )
 
-    def fresh():
-        m = LlamaForCausalLM(cfg).eval()
-        m.load_state_dict(source.state_dict())
-        return m
-
-    one, mixed = fresh(), fresh()
+    one, mixed = copy.deepcopy(source), copy.deepcopy(source)
     t0 = time.perf_counter()
     sparsify(one, ids, scfg, device=dev, progress=False)
     t_one = time.perf_counter() - t0
@@ -386,12 +383,8 @@ def section_devices(ctx: Ctx) -> None:
             prefetch=True,
         )
         t_streamed = time.perf_counter() - t0
-        from safetensors.torch import load_file
-
-        saved = {}
-        for f in sorted(out.glob("*.safetensors")):
-            saved.update(load_file(f))
-    identical = all(torch.equal(saved[n], pm[n].detach().cpu()) for n in names)
+        saved = SafetensorsCheckpoint(out)
+        identical = all(torch.equal(saved.read(n), pm[n].detach().cpu()) for n in names)
     ctx.emit(
         "devices",
         status="ok" if identical and masks_ok and agree >= 0.98 else "failed",

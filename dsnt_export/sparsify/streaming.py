@@ -275,9 +275,10 @@ def sparsify_streamed(
 
     Peak memory: the pre-block modules (during the capture only), one block (two when read
     ahead, on their devices), the calibration activations (on the CPU with
-    ``config.offload_activations``) and one non-block tensor at a time while copying. Raises :class:`~dsnt_export.errors.ArtifactError` (checkpoint and config
-    disagree: missing or mis-shaped tensors), ``NonFiniteError`` naming a NaN/Inf parameter,
-    and what ``sparsify_block`` raises. On an error the caller removes ``out_dir``.
+    ``config.offload_activations``) and one non-block tensor at a time while copying. Raises
+    :class:`~dsnt_export.errors.ArtifactError` (checkpoint and config disagree: missing or
+    mis-shaped tensors), ``NonFiniteError`` naming a NaN/Inf parameter, and what
+    ``sparsify_block`` raises. On an error the caller removes ``out_dir``.
     """
     t_start = time.perf_counter()
     ckpt = (
@@ -293,9 +294,8 @@ def sparsify_streamed(
     block_devs = resolve_block_devices(device_map, adapter.blocks, len(blocks), device)
     st = _Streamer(model, ckpt, device, dtype, save_dtype)
     pin_mmap_threshold()
-    block_keys = [
-        [k for k in st.keys if k.startswith(f"{adapter.blocks}.{i}.")] for i in range(len(blocks))
-    ]
+    prefixes = [f"{adapter.blocks}.{i}." for i in range(len(blocks))]
+    block_keys = [[k for k in st.keys if k.startswith(p)] for p in prefixes]
     in_blocks = {k for ks in block_keys for k in ks}
     rest = [k for k in st.keys if k not in in_blocks]
     writer = ShardWriter(out_dir, len(blocks) + (1 if rest else 0))
@@ -334,13 +334,12 @@ def sparsify_streamed(
     kwargs = KwargsByDevice(device)
     tensors: dict[str, dict] = {}
     bar = _progress(len(blocks), progress)
-    slots_of = [st.slots(b, f"{adapter.blocks}.{i}.") for i, b in enumerate(blocks)]
+    slots_of = [st.slots(b, p) for b, p in zip(blocks, prefixes, strict=True)]
     reader = _BlockReader(st, slots_of, block_devs, prefetch)
     try:
         for i, block in enumerate(blocks):
             tb = time.perf_counter()
-            prefix = f"{adapter.blocks}.{i}."
-            slots = slots_of[i]
+            prefix, slots = prefixes[i], slots_of[i]
             st.fill(slots, reader.take(i))
             try:
                 _check_finite(block, prefix)
@@ -401,8 +400,9 @@ class _BlockReader:
             bool(prefetch) if prefetch is not None else d is not None and d.type != "cpu"
             for d in devices
         ]
-        pool = prefetch if prefetch is not None else any(self.ahead)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dsnt-prefetch") if pool else None
+        self.pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="dsnt-prefetch") if any(self.ahead) else None
+        )
         self.pending: dict[int, Any] = {}
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
@@ -412,7 +412,7 @@ class _BlockReader:
         """Block ``i``'s tensors (waiting for its read), with block ``i + 1``'s read started."""
         fut = self.pending.pop(i, None)
         out = fut.result() if fut is not None else self._read(i)
-        if self.pool is not None and i + 1 < len(self.names) and self.ahead[i + 1]:
+        if i + 1 < len(self.names) and self.ahead[i + 1]:  # then there is a pool
             self.pending[i + 1] = self.pool.submit(self._read, i + 1)
         return out
 
