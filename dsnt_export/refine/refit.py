@@ -173,32 +173,33 @@ def refit_cg(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise UserInputError(f"steps must be an int >= 0, got {steps!r}")
     H, w0, keep, w, loss_before, g = _prepare(weight, keep, reference, hessian, percdamp)
-    # minimise over x = w_K - w0_K: residual r = -grad/2 = ((w0 - w) H) on K; z = M^-1 r
-    r = torch.where(keep, g, 0.0)
-    del g
-    # M^-1 on the kept entries (0 elsewhere); plain CG: M = I there
+    # Minimise over x = w_K - w0_K. The residual is r = -grad/2 = g on K, with g = (w0 - w) H the
+    # full gradient, kept up to date (g -= alpha p H) instead of r, so that no step needs a mask:
+    # M^-1 is 0 off K, hence z = M^-1 g and every direction p (a sum of z's) are 0 off K, so
+    # r.z = g.z, p.(Ap) = p.(pH) and w += alpha p stays 0 off K. The final g gives the loss
+    # sum((w0 - w) * g) without another product. In place, one [rows, in] buffer per vector.
     if precondition:
         dinv = torch.diagonal(H).clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
         minv = torch.where(keep, dinv, 0.0)
-    else:
+    else:  # plain CG: M = I on K
         minv = keep.to(torch.float32)
-    z = r * minv
+    z = g * minv
     p = z.clone()
-    rz = (r * z).sum(1, keepdim=True)
+    ph = torch.empty_like(p)
+    rz = torch.linalg.vecdot(g, z).unsqueeze(1)
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(steps):
-        Ap = torch.where(keep, p @ H, 0.0)
-        pAp = (p * Ap).sum(1, keepdim=True)
-        alpha = torch.where(pAp > tiny, rz / pAp.clamp_min(tiny), 0.0)
-        w = w + alpha * p
-        r = r - alpha * Ap
-        z = r * minv
-        rz_new = (r * z).sum(1, keepdim=True)
+        torch.mm(p, H, out=ph)
+        pap = torch.linalg.vecdot(p, ph).unsqueeze(1)
+        alpha = torch.where(pap > tiny, rz / pap.clamp_min(tiny), 0.0)
+        w.addcmul_(p, alpha)
+        g.addcmul_(ph, alpha, value=-1.0)
+        torch.mul(g, minv, out=z)
+        rz_new = torch.linalg.vecdot(g, z).unsqueeze(1)
         beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), 0.0)
-        p = z + beta * p
+        p.mul_(beta).add_(z)
         rz = rz_new
-    w = torch.where(keep, w, 0.0)
-    loss_after = quadratic_loss(w0 - w, H)
+    loss_after = float(torch.linalg.vecdot(w0 - w, g).sum()) if steps else loss_before
     return w.to(weight.dtype), RefitInfo(loss_before, loss_after, steps)
 
 
