@@ -262,22 +262,24 @@ def _prune_block_nm(Wt1: torch.Tensor, U1: torch.Tensor, pattern: NM, prune1: to
     inv_d = d.reciprocal()[:, None]
     inv_d2 = inv_d.square()
     err1 = torch.empty_like(Wt1)
-    scale = torch.empty_like(Wt1)  # mask / d: 0 where kept
+    scale = torch.empty_like(Wt1)  # 1/d where pruned, 0 where kept
     w_rows, e_rows, s_rows = Wt1.unbind(0), err1.unbind(0), scale.unbind(0)
     row = torch.arange(m, device=Wt1.device)[:, None]
     zero = Wt1.new_zeros(())
-    for g in range(0, count, m):
-        j = g + m
-        sal = Wt1[g:j].square().mul_(inv_d2[g:j])
-        torch.where(
-            _smallest_per_column(sal, pattern.n_prune, row), inv_d[g:j], zero, out=scale[g:j]
-        )
-        for i in range(g, j):
-            e = torch.mul(w_rows[i], s_rows[i], out=e_rows[i])
-            if i + 1 < j:
-                Wt1[i + 1 : j].addr_(U1[i, i + 1 : j], e, alpha=-1.0)
-        if j < count:
-            Wt1[j:].addmm_(U1[g:j, j:].t(), err1[g:j], alpha=-1.0)
+    # the rank-M products are tiny matmuls: at "highest" whatever the caller's setting (a lower
+    # float32 matmul precision routes them to slower kernels, and buys no speed at K = M)
+    with matmul_precision("highest"):
+        for g in range(0, count, m):
+            j = g + m
+            sal = Wt1[g:j].square().mul_(inv_d2[g:j])
+            prune_g = _smallest_per_column(sal, pattern.n_prune, row)
+            torch.where(prune_g, inv_d[g:j], zero, out=scale[g:j])
+            for i in range(g, j):
+                e = torch.mul(w_rows[i], s_rows[i], out=e_rows[i])
+                if i + 1 < j:
+                    Wt1[i + 1 : j].addr_(U1[i, i + 1 : j], e, alpha=-1.0)
+            if j < count:
+                Wt1[j:].addmm_(U1[g:j, j:].t(), err1[g:j], alpha=-1.0)
     torch.ne(scale, 0.0, out=prune1)  # 1/d > 0: exactly the pruned entries
     return err1
 
