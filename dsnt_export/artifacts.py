@@ -75,6 +75,15 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> dict:
     return {"bytes": n, "sha256": h.hexdigest()}
 
 
+def onnx_graphs_in(directory: str | os.PathLike) -> list[Path]:
+    """The ``*.onnx`` files directly in ``directory`` or one level below (sorted), where ONNX
+    exports keep their graphs (``model.onnx``, ``float32/model.onnx``). Deeper files are not
+    looked at: a directory that merely contains an export somewhere (a home or temp directory, a
+    venv with ONNX test data) is not an export itself."""
+    directory = Path(directory)
+    return sorted(directory.glob("*.onnx")) + sorted(directory.glob("*/*.onnx"))
+
+
 def new_manifest(kind: str, **fields: Any) -> dict:
     """A manifest dict of ``kind`` with the schema header, the tool and library versions, ``fields``.
 

@@ -120,14 +120,14 @@ def _load_hub(source: str, purpose: str, **kwargs: Any):
     try:
         datasets = require("datasets", "data", f"the {source} data source")
     except MissingDependencyError as e:
-        raise DataSourceError(f"{e}. Or use an {OFFLINE_ALTERNATIVES}.") from e
+        raise DataSourceError(f"{e}. Or use one of the {OFFLINE_ALTERNATIVES}.") from e
     try:
         return datasets.load_dataset(**kwargs)
     except Exception as e:  # network, hub and cache failures come in many types; chained below
         raise DataSourceError(
             f"could not load the {source} {purpose} data ({type(e).__name__}: {e}); it needs "
             f"network access to the Hugging Face hub or a local datasets cache. "
-            f"Use an {OFFLINE_ALTERNATIVES}."
+            f"Use one of the {OFFLINE_ALTERNATIVES}."
         ) from e
 
 

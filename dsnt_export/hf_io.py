@@ -74,7 +74,7 @@ def artifact_kind(path: str | Path) -> tuple[str | None, str]:
     holding ``hf/``) or None (none of these); ``evidence`` names the manifest or files seen, for
     messages (e.g. ``"model.onnx"``). Reads no weights.
     """
-    from dsnt_export.artifacts import MANIFEST_NAME, read_manifest
+    from dsnt_export.artifacts import MANIFEST_NAME, onnx_graphs_in, read_manifest
 
     p = Path(path)
     if not p.is_dir():
@@ -84,7 +84,7 @@ def artifact_kind(path: str | Path) -> tuple[str | None, str]:
     except ArtifactError:
         m = None
     kind = m.get("kind") if m else None
-    onnx = sorted(p.glob("*.onnx")) + sorted(p.glob("*/*.onnx"))
+    onnx = onnx_graphs_in(p)
     engines = sorted(p.glob("*.engine")) + sorted(p.glob("*.plan")) + sorted(p.glob("*/*.engine"))
     if kind == "onnx" or (kind is None and onnx):
         return "onnx", str(onnx[0].relative_to(p)) if onnx else f"{MANIFEST_NAME} kind 'onnx'"

@@ -24,7 +24,7 @@ from converters.checkers.onnx import check_onnx
 from converters.checkers.report import UNREADABLE, CheckReport
 from converters.checkers.tensorrt import check_tensorrt
 from converters.common.source import CONFIG_NAME, INDEX_NAME
-from dsnt_export.artifacts import read_manifest
+from dsnt_export.artifacts import onnx_graphs_in, read_manifest
 from dsnt_export.errors import ArtifactError, UserInputError
 from dsnt_export.patterns import parse_pattern
 
@@ -63,7 +63,8 @@ def detect_kind(path: Path) -> str:
     """The artifact kind of ``path`` (a key of :data:`CHECKERS`), or ``"unknown"``.
 
     A directory is the kind its manifest records; without a readable manifest, ``hf`` if it holds
-    config.json, a safetensors index or ``*.safetensors``, ``onnx`` if it holds any ``*.onnx``.
+    config.json, a safetensors index or ``*.safetensors``, ``onnx`` if it holds ``*.onnx`` graphs
+    directly or one level below (:func:`dsnt_export.artifacts.onnx_graphs_in`).
     A file is told by its suffix (``.safetensors``, ``.onnx``, ``.json`` for a TensorRT report).
     """
     if path.is_dir():
@@ -80,7 +81,7 @@ def detect_kind(path: Path) -> str:
             or any(path.glob("*.safetensors"))
         ):
             return "hf"
-        if any(path.rglob("*.onnx")):
+        if onnx_graphs_in(path):
             return "onnx"
         return "unknown"
     suffix = path.suffix.lower()

@@ -22,7 +22,7 @@ from converters.checkers.common import (
 )
 from converters.checkers.report import UNREADABLE, VIOLATION, WARNING, CheckReport
 from converters.common.onnx_graph import LinearWeight, constants, linear_weights, load_model
-from dsnt_export.artifacts import MANIFEST_NAME, read_manifest
+from dsnt_export.artifacts import MANIFEST_NAME, onnx_graphs_in, read_manifest
 from dsnt_export.errors import ArtifactError
 
 
@@ -69,9 +69,7 @@ def check_onnx(
     pat = resolve_pattern(report, pattern, man)
     graphs = (man or {}).get("extra", {}).get("graphs", {})
     if p.is_dir():
-        rels = (
-            sorted(graphs) if graphs else sorted(str(f.relative_to(p)) for f in p.rglob("*.onnx"))
-        )
+        rels = sorted(graphs) if graphs else [str(f.relative_to(p)) for f in onnx_graphs_in(p)]
         if hashes:
             check_files(report, root, man)
     else:

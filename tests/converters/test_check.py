@@ -371,3 +371,24 @@ def test_a_missing_path_is_unreadable_and_says_only_why(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(missing) in err and "no such file" in err
     assert "None" not in err
+
+
+def test_onnx_export_found_at_its_depth_not_anywhere_below(tmp_path):
+    """A directory is an ONNX export when graphs sit in it or one level below (how exports lay
+    them out); one that merely contains ONNX files deep down (a temp dir, a venv with ONNX test
+    data) is refused as an unknown kind at once, not walked and checked file by file."""
+    from converters.checkers import detect_kind
+
+    export = tmp_path / "export"
+    (export / "float32").mkdir(parents=True)
+    (export / "float32" / "model.onnx").write_bytes(b"")
+    assert detect_kind(export) == "onnx"
+    assert detect_kind(export / "float32") == "onnx"
+
+    wide = tmp_path / "wide"
+    (wide / "venv" / "lib" / "onnx" / "test").mkdir(parents=True)
+    (wide / "venv" / "lib" / "onnx" / "test" / "model.onnx").write_bytes(b"")
+    assert detect_kind(wide) == "unknown"
+    report = check_path(wide)
+    assert report.exit_code == 2
+    assert [f.code for f in report.findings] == ["unknown-kind"]
