@@ -293,17 +293,58 @@ def _options(r: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in opts.items()) or "no options"
 
 
+def _exports_lines(exports: dict) -> list[str]:
+    """summary.md's "Exports" section: per converter its directory, the mask re-check and the
+    parity checks against eager PyTorch; then ``dsnt-export check`` per artifact. Empty when the
+    run exported nothing."""
+    checks = exports.get("check") or {}
+    convs = {k: v for k, v in exports.items() if k != "check" and isinstance(v, dict)}
+    if not convs and not checks:
+        return []
+    lines = ["", "## Exports", ""]
+    for name, e in convs.items():
+        mc = e.get("mask_checks") or {}
+        failed = mc.get("failed") or []
+        lines.append(
+            f"- {name}: `{e.get('out_dir', name)}/` ({len(e.get('files') or [])} files); mask "
+            f"re-check of the written weights: "
+            + (f"{mc.get('tensors')} tensors, " if mc else "")
+            + ("OK" if not failed else f"FAILED ({', '.join(map(str, failed))})")
+        )
+        for key, c in (e.get("parity") or {}).items():
+            what = f"  - parity vs eager PyTorch, {key}: {'OK' if c.get('ok') else 'FAILED'}"
+            if "rel_diff" in c:
+                what += (
+                    f" (relative difference {c['rel_diff']:.2g}, bound {c['bound']:.2g}; "
+                    "on the stored reference's random token ids, so only the agreement is "
+                    "meaningful, not the perplexity itself)"
+                )
+            elif "max_abs_diff" in c:
+                what += f" (max |difference| {c['max_abs_diff']:.2g}, bound {c['bound']:.2g})"
+            lines.append(what)
+        for w in e.get("warnings") or []:
+            lines.append(f"  - warning: {w}")
+    for kind, c in checks.items():
+        lines.append(
+            f"- `dsnt-export check` {kind}: {'OK' if c.get('ok') else 'FAILED'} "
+            f"({c.get('n_tensors')} tensors, exit code {c.get('exit_code')})"
+        )
+    return lines
+
+
 def render_run_summary(summary: dict) -> str:
     """summary.md of ``dsnt-export run`` from its summary dict (:meth:`RunSummary.to_json
     <dsnt_export.workflow.RunSummary.to_json>`): recipe, calibration, pruning, mask check,
-    dense vs sparse perplexity and the seconds per stage."""
+    dense vs sparse perplexity, the exports (mask re-check, parity, ``check``) and the seconds
+    per stage."""
     r, s, ev = summary["recipe"], summary["sparsify"], summary.get("perplexity") or {}
     lines = [
         f"# dsnt-export run: {summary['source_model']['id']} at {r['pattern']}",
         "",
         f"- recipe: `{r['name']}` (hash `{summary['recipe_hash'][:12]}`), init `{r['init']}`, "
         f"refine `{r['refine']}` ({_options(r)}), "
-        f"refine excluded: {r['refine_exclude'] or 'none'}, excluded: {r['exclude'] or 'none'}",
+        f"linears not refined: {r['refine_exclude'] or 'none'}, "
+        f"linears not pruned: {r['exclude'] or 'none'}",
         f"- calibration: {summary['calibration'].get('source')} "
         f"{summary['calibration'].get('nsamples')} x {summary['calibration'].get('seqlen')} tokens, "
         f"seed {summary['calibration'].get('seed')}",
@@ -328,6 +369,7 @@ def render_run_summary(summary: dict) -> str:
             f"| dense | {_num(ev['dense'])} |",
             f"| sparse ({r['pattern']}, saved checkpoint) | {_num(ev['sparse'])} |",
         ]
+    lines += _exports_lines(summary.get("exports") or {})
     env = versions_line(summary.get("versions"))
     if env:
         lines += ["", f"Environment: {env}"]

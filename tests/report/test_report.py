@@ -269,6 +269,55 @@ def test_run_summary_markdown_new_and_old_recipe_keys():
     assert "refine `dsnot` (preset default, criterion hessian)" in render_run_summary(old)
 
 
+def test_run_summary_markdown_lists_exports_parity_and_checks():
+    """summary.md says what the export did: its mask re-check, each parity check against eager
+    PyTorch (with the caveat that the parity perplexity runs on random ids) and `check` per
+    artifact; a failed parity or mask check reads FAILED."""
+    from dsnt_export.report.markdown import render_run_summary
+
+    base = {
+        "source_model": {"id": "m"},
+        "recipe": {
+            "name": "default",
+            "pattern": "2:4",
+            "init": "sparsegpt",
+            "refine": "refit",
+            "refine_options": {},
+            "refine_exclude": ["mlp.down_proj"],
+            "exclude": [],
+        },
+        "recipe_hash": "0123456789abcdef",
+        "calibration": {"source": "stdlib-docs", "nsamples": 4, "seqlen": 32, "seed": 0},
+        "sparsify": {"n_linears": 14, "n_refined": 12, "n_skipped": 0, "sparsity": 0.5},
+        "validation": {"ok": True, "n_tensors": 14},
+        "perplexity": None,
+        "timings": {"total": 2.5},
+    }
+    assert "## Exports" not in render_run_summary(base)
+    exports = {
+        "onnx": {
+            "out_dir": "onnx",
+            "files": ["float32/model.onnx", "config.json"],
+            "mask_checks": {"tensors": 14, "failed": []},
+            "parity": {
+                "float32/model.onnx:logits": {"ok": True, "max_abs_diff": 7.4e-05, "bound": 3e-3},
+                "float32/model.onnx:perplexity": {"ok": False, "rel_diff": 0.02, "bound": 1e-3},
+            },
+            "warnings": ["opset 17 asked, 20 written"],
+        },
+        "check": {"hf": {"ok": True, "exit_code": 0, "n_tensors": 14}},
+    }
+    md = render_run_summary(dict(base, exports=exports))
+    assert "linears not refined: ['mlp.down_proj'], linears not pruned: none" in md
+    assert "- onnx: `onnx/` (2 files); mask re-check of the written weights: 14 tensors, OK" in md
+    assert "float32/model.onnx:logits: OK (max |difference| 7.4e-05, bound 0.003)" in md
+    assert "float32/model.onnx:perplexity: FAILED (relative difference 0.02, bound 0.001;" in md
+    assert "random token ids" in md and "warning: opset 17 asked, 20 written" in md
+    assert "- `dsnt-export check` hf: OK (14 tensors, exit code 0)" in md
+    bad = dict(exports, onnx=dict(exports["onnx"], mask_checks={"tensors": 14, "failed": ["w"]}))
+    assert "14 tensors, FAILED (w)" in render_run_summary(dict(base, exports=bad))
+
+
 def _zs(variant, task, value, stderr, metric="acc"):
     return make_row(
         "zero_shot",
