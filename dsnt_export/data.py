@@ -116,11 +116,25 @@ def topics_corpus(part: str, root: str | os.PathLike | None = None) -> Corpus:
     return Corpus(TOPICS_SOURCE, part, documents, info=info)
 
 
-def _load_hub(source: str, purpose: str, **kwargs: Any):
+def check_data_backend(spec: str | DataSpec) -> None:
+    """Fail fast, before any model is loaded, when the data source ``spec`` needs a package
+    that is not installed (``c4`` / ``wikitext2`` need ``datasets``): raises
+    :class:`DataSourceError` naming the extra to install and the offline alternatives. Other
+    sources are checked when they are read."""
+    source = (spec if isinstance(spec, DataSpec) else parse_data_spec(spec)).source
+    if source in HUB_SOURCES:
+        _require_datasets(source)
+
+
+def _require_datasets(source: str):
     try:
-        datasets = require("datasets", "data", f"the {source} data source")
+        return require("datasets", "data", f"the {source} data source")
     except MissingDependencyError as e:
         raise DataSourceError(f"{e}. Or use one of the {OFFLINE_ALTERNATIVES}.") from e
+
+
+def _load_hub(source: str, purpose: str, **kwargs: Any):
+    datasets = _require_datasets(source)
     try:
         return datasets.load_dataset(**kwargs)
     except Exception as e:  # network, hub and cache failures come in many types; chained below

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsnt_export.data import check_data_backend
 from dsnt_export.errors import UserInputError
 from dsnt_export.hf_io import (
     attach_generation_config,
@@ -58,11 +59,14 @@ class LoadedModel:
 def load_model_for(recipe: Recipe) -> LoadedModel:
     """Resolve, check and load ``recipe.model`` in the recipe's compute dtype.
 
-    The config is read first, so an unsupported ``model_type`` fails before any weight is read.
+    The calibration source's package (``datasets`` for c4 / wikitext2,
+    :func:`~dsnt_export.data.check_data_backend`) and then the config are checked first, so a
+    missing extra or an unsupported ``model_type`` fails before any weight is read.
     Raises :class:`~dsnt_export.errors.UserInputError` (or a subclass) for a missing, corrupt or
-    unsupported checkpoint.
+    unsupported checkpoint and :class:`~dsnt_export.errors.DataSourceError` for a missing extra.
     """
     t0 = time.perf_counter()
+    check_data_backend(recipe.calib)  # a missing 'datasets' fails before any weight is read
     source = resolve_model_source(recipe.model)
     config = load_config(source)
     dev = resolve_device(recipe.device)
@@ -94,6 +98,7 @@ def load_skeleton_for(recipe: Recipe) -> LoadedModel:
     from dsnt_export.sparsify.streaming import empty_model
 
     t0 = time.perf_counter()
+    check_data_backend(recipe.calib)
     source = resolve_model_source(recipe.model)
     config = load_config(source)
     if not Path(source).is_dir():

@@ -291,6 +291,28 @@ def test_missing_datasets_package(monkeypatch, source):
         data.get_calibration(source, TOK, 2, 16)
 
 
+@pytest.mark.parametrize("loader", ["load_model_for", "load_skeleton_for"])
+def test_missing_datasets_fails_before_the_model_is_read(monkeypatch, loader):
+    """A hub calibration source without ``datasets`` is refused before any config or weight is
+    read (a new-user trial saw the model load first, then the refusal); offline sources pass."""
+    from dsnt_export.recipe import Recipe
+    from dsnt_export.workflow import loading
+
+    def missing(pkg, extra=None, purpose=""):
+        raise MissingDependencyError(pkg, extra, purpose)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model source was resolved before the data source was checked")
+
+    monkeypatch.setattr(data, "require", missing)
+    monkeypatch.setattr(loading, "resolve_model_source", no_model)
+    with pytest.raises(DataSourceError, match=r"dsnt-export\[data\].*offline alternatives"):
+        getattr(loading, loader)(Recipe(calib="c4:4x32"))
+    data.check_data_backend("stdlib-docs:4x32")  # offline: nothing to check here
+    with pytest.raises(AssertionError, match="resolved before"):
+        getattr(loading, loader)(Recipe(calib="stdlib-docs:4x32"))
+
+
 def test_network_failure(monkeypatch):
     def offline(**kwargs):
         raise ConnectionError("no route to huggingface.co")
