@@ -238,27 +238,34 @@ def test_run_summary_rows_and_foreign_manifest(tmp_path):
     assert t["increase_vs_dense_pct"] == pytest.approx(50.0)
 
 
-def test_run_summary_markdown_new_and_old_recipe_keys():
-    from dsnt_export.report.markdown import render_run_summary
-
-    summary = {
+def _run_summary(**recipe: object) -> dict:
+    """A minimal ``dsnt-export run`` summary dict (no perplexity), ``recipe`` keys overridden."""
+    return {
         "source_model": {"id": "m"},
         "recipe": {
             "name": "default",
             "pattern": "2:4",
             "init": "sparsegpt",
-            "refine": "hessian-swap",
-            "refine_options": {"max_cycles": 50, "percdamp": 0.03},
             "refine_exclude": [],
             "exclude": [],
+            **recipe,
         },
         "recipe_hash": "0123456789abcdef",
         "calibration": {"source": "stdlib-docs", "nsamples": 4, "seqlen": 32, "seed": 0},
         "sparsify": {"n_linears": 14, "n_refined": 14, "n_skipped": 0, "sparsity": 0.5},
         "validation": {"ok": True, "n_tensors": 14},
         "perplexity": None,
-        "timings": {"load": 1.0, "total": 2.5},
+        "timings": {"total": 2.5},
     }
+
+
+def test_run_summary_markdown_new_and_old_recipe_keys():
+    from dsnt_export.report.markdown import render_run_summary
+
+    summary = _run_summary(
+        refine="hessian-swap", refine_options={"max_cycles": 50, "percdamp": 0.03}
+    )
+    summary["timings"] = {"load": 1.0, "total": 2.5}
     md = render_run_summary(summary)
     assert md.startswith("# dsnt-export run: m at 2:4")
     assert "refine `hessian-swap` (max_cycles 50, percdamp 0.03)" in md
@@ -275,24 +282,8 @@ def test_run_summary_markdown_lists_exports_parity_and_checks():
     artifact; a failed parity or mask check reads FAILED."""
     from dsnt_export.report.markdown import render_run_summary
 
-    base = {
-        "source_model": {"id": "m"},
-        "recipe": {
-            "name": "default",
-            "pattern": "2:4",
-            "init": "sparsegpt",
-            "refine": "refit",
-            "refine_options": {},
-            "refine_exclude": ["mlp.down_proj"],
-            "exclude": [],
-        },
-        "recipe_hash": "0123456789abcdef",
-        "calibration": {"source": "stdlib-docs", "nsamples": 4, "seqlen": 32, "seed": 0},
-        "sparsify": {"n_linears": 14, "n_refined": 12, "n_skipped": 0, "sparsity": 0.5},
-        "validation": {"ok": True, "n_tensors": 14},
-        "perplexity": None,
-        "timings": {"total": 2.5},
-    }
+    base = _run_summary(refine="refit", refine_options={}, refine_exclude=["mlp.down_proj"])
+    base["sparsify"]["n_refined"] = 12
     assert "## Exports" not in render_run_summary(base)
     exports = {
         "onnx": {
