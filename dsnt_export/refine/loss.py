@@ -105,13 +105,29 @@ def layer_loss(reference: torch.Tensor, weight: torch.Tensor, hessian: torch.Ten
     return quadratic_loss(d, hessian.to(torch.float32))
 
 
-def relative_loss(dense: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor) -> float:
+def relative_loss(
+    dense: torch.Tensor,
+    sparse: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    dampened_loss: tuple[float, float] | None = None,
+) -> float:
     """``||X W^T - X W'^T||^2 / ||X W^T||^2`` from ``H = 2/n X^T X`` (float32 [in, in]).
 
     ``dense`` and ``sparse`` are [out, in]; NaN when the dense layer's output energy is 0 (e.g. all
     calibration inputs of the layer were zero). The driver's ``rel_recon_loss`` per layer.
+    ``dampened_loss``: ``(loss, ridge)`` when ``loss`` = ``sum_r D_r (H + ridge * I) D_r^T`` of
+    these very weights (``D = dense - sparse``) is already known (a refiner's
+    ``RefineSummary.loss_after`` / ``loss_ridge``): the numerator is then ``loss - ridge *
+    ||D||^2`` (clamped at 0; equal to the direct product up to float32 rounding), one
+    ``[out, in] @ [in, in]`` product fewer.
     """
-    num = quadratic_loss(dense.float() - sparse.float(), hessian)
+    if dampened_loss is None:
+        num = quadratic_loss(dense.float() - sparse.float(), hessian)
+    else:
+        loss, ridge = dampened_loss
+        d = (dense.float() - sparse.float()).flatten()
+        num = max(0.0, loss - ridge * float(torch.linalg.vecdot(d, d)))
     den = quadratic_loss(dense.float(), hessian)
     return num / den if den > 0 else float("nan")
 

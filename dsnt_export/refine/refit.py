@@ -48,6 +48,7 @@ from dsnt_export.precision import matmul_precision
 from dsnt_export.refine.loss import (
     check_layer_shapes,
     dampened_hessian,
+    dampening,
     loss_and_gradient,
     mean_error_estimate,
     quadratic_loss,
@@ -262,7 +263,8 @@ def refine_layer(
     re-fitted by (1) on ``stats.hessian``; the mask (``keep``, hence the pattern) is unchanged.
 
     ``loss_before`` / ``loss_after`` are the dampened loss of (1); DSnoT's mean-based estimate is
-    reported too (as every refiner does). ``pattern``, ``metric`` and ``name`` are not used. The
+    reported too (as every refiner does); ``loss_ridge`` is the ridge of (1) (``loss_after`` is
+    the dampened loss of the returned weights). ``pattern``, ``metric`` and ``name`` are not used. The
     products run at ``stats.matmul_precision`` (:mod:`dsnt_export.precision`: the driver's
     resolved ``matmul_precision``; "highest" unless set).
     Raises ``EmptyStatisticsError`` when ``stats`` has no Hessian.
@@ -285,5 +287,6 @@ def refine_layer(
             cycles=info.steps,
             loss_before=info.loss_before,
             loss_after=info.loss_after,
+            loss_ridge=float(dampening(H.to(torch.float32), config.percdamp)),
         ),
     )

@@ -70,7 +70,11 @@ class RefineSummary:
     ``|sum_j (W_ref - W')[r, j] * s_j|`` (docs/dsnot-spec.md section 2, ``s`` = ``ActivationStats.sum``), before
     and after the refinement. ``loss_before`` / ``loss_after``: the exact layer loss
     (:mod:`dsnt_export.refine.loss`) where the refiner computed it, else None. ``swaps``: prune-and-grow
-    swaps applied over all rows; ``cycles``: cycles run (the longest row).
+    swaps applied over all rows; ``cycles``: cycles run (the longest row). ``loss_ridge``: set
+    (float >= 0) only when ``loss_after`` is the quadratic loss ``sum_r D_r (H + loss_ridge * I)
+    D_r^T`` of exactly the weights the refiner returns (``D = reference - weight``, float32, up to
+    rounding): the driver then reads its per-layer ``rel_recon_loss`` numerator off it
+    (``loss_after - loss_ridge * ||D||^2``) instead of another ``[out, in] @ [in, in]`` product.
     """
 
     err_before: float
@@ -79,6 +83,7 @@ class RefineSummary:
     cycles: int
     loss_before: float | None = None
     loss_after: float | None = None
+    loss_ridge: float | None = None
 
 
 @dataclass(frozen=True)

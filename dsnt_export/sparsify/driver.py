@@ -604,6 +604,7 @@ def _prune_one(
     )
     refiner = cfg.refiner
     do_refine = refiner is not None and t.refine
+    known_loss = None  # (dampened loss, ridge) of the written weights, when the refiner knows it
     if do_refine:
         out = refiner.refine(
             w, base, keep, stats, cfg.pattern, cfg.refine_config, metric=res.metric, name=t.name
@@ -613,6 +614,8 @@ def _prune_one(
         rec.loss_before, rec.loss_after = s.loss_before, s.loss_after
         rec.err_before, rec.err_after = s.err_before, s.err_after
         rec.swaps, rec.cycles = s.swaps, s.cycles
+        if s.loss_ridge is not None and s.loss_after is not None and w.dtype == torch.float32:
+            known_loss = (s.loss_after, s.loss_ridge)  # its weights are written unrounded
         logger.debug(
             "%s: %s mean|err| %.4g -> %.4g, %d swaps",
             t.name,
@@ -626,8 +629,10 @@ def _prune_one(
     t2 = time.perf_counter()
     lin.weight.data.copy_(torch.where(keep, base, torch.zeros((), dtype=w.dtype, device=w.device)))
     mask_report = check_mask(lin.weight.data, cfg.pattern, name=t.name)
-    if stats.has_hessian:  # two [out, in] @ [in, in] products (at the phase's precision)
-        rec.rel_recon_loss = relative_loss(w_dense, lin.weight.data, stats.hessian)
+    if stats.has_hessian:  # one or two [out, in] @ [in, in] products (the phase's precision)
+        rec.rel_recon_loss = relative_loss(
+            w_dense, lin.weight.data, stats.hessian, dampened_loss=known_loss
+        )
     rec.method = cfg.init + (f"+{refiner.record_refine}" if do_refine else "")
     rec.sparsity = 1.0 - float(keep.float().mean())
     rec.zeros = float((lin.weight.data == 0).float().mean())

@@ -150,3 +150,30 @@ def test_refit_refiner_keeps_the_mask_and_lowers_the_loss(solver):
     else:
         want = refit_exact(w_sg, keep, W, H, percdamp=0.1)[0]
     assert torch.equal(out.weight, want)
+
+
+@pytest.mark.parametrize("solver", ["cg", "exact"])
+def test_reported_dampened_loss_gives_the_relative_loss(solver):
+    """``loss_ridge``: loss_after is the loss of the returned weights on H + ridge * I, so the
+    driver's rel_recon_loss read off it (no product) equals the direct product's, and the ridge is
+    percdamp * mean(diag H)."""
+    from dsnt_export.refine.loss import relative_loss
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(512, 48, generator=g) * torch.linspace(0.1, 3.0, 48)
+    X[:, 3] = 0.0  # a dead input channel
+    W = torch.randn(24, 48, generator=g)
+    stats = ActivationStats(48, hessian=True, accumulate="sum", variance=False)
+    stats.update(X)
+    H = stats.hessian
+    w_sg, keep = sparsegpt_prune(W, H, "2:4", blocksize=16)
+    cfg = RefitConfig(solver=solver, percdamp=0.2)
+    s = refine_layer(W, torch.where(keep, w_sg, W), keep, stats, "2:4", cfg).summary
+    out = refine_layer(W, torch.where(keep, w_sg, W), keep, stats, "2:4", cfg).weight
+    assert s.loss_ridge == pytest.approx(0.2 * float(H.diagonal().mean()), rel=1e-6)
+    direct = relative_loss(W, out, H)
+    read_off = relative_loss(W, out, H, dampened_loss=(s.loss_after, s.loss_ridge))
+    d = (W - out).double()
+    exact = float(((d @ H.double()) * d).sum() / ((W.double() @ H.double()) * W.double()).sum())
+    assert 0 < read_off < 1
+    assert read_off == pytest.approx(exact, rel=1e-4) and direct == pytest.approx(exact, rel=1e-4)
