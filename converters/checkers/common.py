@@ -87,7 +87,8 @@ def check_tensor(
     entry["derived"] = derive_nm(keep, axis, m)
     entry.update(extra or {})
     if not rep.ok:
-        report.add(VIOLATION, "mask", name, rep.message)
+        # the finding's subject already names the tensor: not again at the message's start
+        report.add(VIOLATION, "mask", name, rep.message.removeprefix(f"{name}: "))
     if expected_sparsity is not None:
         entry["manifest_sparsity"] = expected_sparsity
         if abs(rep.sparsity - float(expected_sparsity)) > 0.5 / max(t.numel(), 1):

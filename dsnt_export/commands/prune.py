@@ -29,8 +29,25 @@ from dsnt_export.recipe import (
 )
 
 
+def recipe_default(key: str) -> str:
+    """`` (default recipe: VALUE)`` for a ``--help`` line: the ``default`` preset's value of the
+    recipe field ``key`` (what the flag is when neither it nor ``--recipe`` is given)."""
+    value = getattr(Recipe.preset("default"), key)
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, dict):
+        text = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    elif isinstance(value, (tuple, list)):
+        text = ", ".join(map(str, value)) or "none"
+    else:
+        text = "none" if value is None else str(value)
+    return f" (default recipe: {text})"
+
+
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``prune`` and ``run``; every one defaults to the recipe's value."""
+    """Flags shared by ``prune`` and ``run``; every one defaults to the recipe's value (shown in
+    ``--help`` as the ``default`` preset's, :func:`recipe_default`)."""
+    d = recipe_default
     p.add_argument(
         "--model",
         help="HF checkpoint directory or hub id; 'embedded:smollm2-135m' or omitted = embedded model",
@@ -38,21 +55,24 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--recipe", help="recipe preset name (default, official) or YAML file; flags override it"
     )
-    p.add_argument("--pattern", help="sparsity pattern: N:M (N kept of M, e.g. 2:4) or a ratio 0.6")
-    p.add_argument("--init", choices=init_choices(), help="initial mask")
+    p.add_argument(
+        "--pattern",
+        help="sparsity pattern: N:M (N kept of M, e.g. 2:4) or a ratio 0.6" + d("pattern"),
+    )
+    p.add_argument("--init", choices=init_choices(), help="initial mask" + d("init"))
     p.add_argument(
         "--refine",
         choices=refine_choices(),
         help="refinement of the initial mask: refit = least-squares re-fit of the kept weights "
         "(default recipe), hessian-swap = swaps chosen by the exact layer loss, dsnot = DSnoT "
-        "(official recipe), none",
+        "(official recipe), none" + d("refine"),
     )
     p.add_argument(
         "--refine-option",
         action="append",
         metavar="KEY=VALUE",
         help="a field of the refiner's config (repeatable; YAML value), e.g. percdamp=0.05, "
-        "steps=16, max_cycles=20, preset=official",
+        "steps=16, max_cycles=20, preset=official" + d("refine_options"),
     )
     legacy = "deprecated, read as the old recipe key 'dsnot:'"
     p.add_argument(
@@ -64,9 +84,12 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         help=f"hessian = --refine hessian-swap, mean = --refine dsnot ({legacy})",
     )
     p.add_argument("--dsnot-percdamp", type=float, help=f"= --refine-option percdamp=X ({legacy})")
-    p.add_argument("--calib", help="calibration data, e.g. stdlib-docs:32x256, c4:128x2048")
     p.add_argument(
-        "--device", help="auto, cpu, cuda, cuda:N (every block runs there unless --device-map)"
+        "--calib", help="calibration data, e.g. stdlib-docs:32x256, c4:128x2048" + d("calib")
+    )
+    p.add_argument(
+        "--device",
+        help="auto, cpu, cuda, cuda:N (every block runs there unless --device-map)" + d("device"),
     )
     p.add_argument(
         "--device-map",
@@ -75,40 +98,49 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         "runs of blocks), or accelerate's device_map as JSON text or a .json file, e.g. "
         '\'{"model.layers": 0, "model.layers.16": 1}\' (--device then runs the embeddings)',
     )
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (auto: fp32 on CPU)")
-    p.add_argument("--save-dtype", choices=SAVE_DTYPES, help="checkpoint dtype (source: as loaded)")
-    p.add_argument("--seed", type=int, help="random seed of the calibration sampling")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (auto: fp32 on CPU)" + d("dtype"))
+    p.add_argument(
+        "--save-dtype",
+        choices=SAVE_DTYPES,
+        help="checkpoint dtype (source: as loaded)" + d("save_dtype"),
+    )
+    p.add_argument("--seed", type=int, help="random seed of the calibration sampling" + d("seed"))
     p.add_argument(
         "--exclude",
         action="append",
         metavar="SEL",
-        help="never prune these linears (repeatable): attention, mlp, mlp.down_proj, 0-3:mlp, ...",
+        help="never prune these linears (repeatable): attention, mlp, mlp.down_proj, 0-3:mlp, ..."
+        + d("exclude"),
     )
     p.add_argument(
         "--refine-exclude",
         action="append",
         metavar="SEL",
-        help="prune but do not refine these linears (repeatable), e.g. mlp",
+        help="prune but do not refine these linears (repeatable), e.g. mlp" + d("refine_exclude"),
     )
     p.add_argument(
         "--sequential",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="statistics of later linears of a block from the already pruned earlier ones",
+        help="statistics of later linears of a block from the already pruned earlier ones"
+        + d("sequential"),
     )
-    p.add_argument("--batch-size", type=int, help="calibration samples per block forward")
+    p.add_argument(
+        "--batch-size", type=int, help="calibration samples per block forward" + d("batch_size")
+    )
     p.add_argument(
         "--offload-activations",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep calibration activations on the CPU between blocks",
+        help="keep calibration activations on the CPU between blocks" + d("offload_activations"),
     )
     p.add_argument(
         "--out-of-core",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="never load the whole model: read one block at a time from the checkpoint's "
-        "safetensors, prune it, write it (peak host memory ~ embeddings + one block; same weights)",
+        "safetensors, prune it, write it (peak host memory ~ embeddings + one block; same weights)"
+        + d("out_of_core"),
     )
     p.add_argument(
         "--matmul-precision",
@@ -117,7 +149,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         "set_float32_matmul_precision): highest = IEEE float32; high = TF32 or two bfloat16s "
         "where a kernel has them; medium = bfloat16-based; auto (default) = medium only where a "
         "probe finds it as accurate as float32 on this device (e.g. oneDNN on AVX512-BF16 CPUs), "
-        "else highest. The model's own forwards are never affected",
+        "else highest. The model's own forwards are never affected" + d("matmul_precision"),
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from dsnt_export.commands.prune import add_recipe_arguments, recipe_from_args
+from dsnt_export.commands.prune import add_recipe_arguments, recipe_default, recipe_from_args
 from dsnt_export.recipe import method_label
 from dsnt_export.workflow import ONNX_LEVELS, RunSummary
 
@@ -24,9 +24,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
     p.add_argument("--out", help="output directory (default: runs/run-<UTC timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--eval", help="perplexity data: stdlib-docs, stdlib-code, wikitext2, file:PATH")
-    p.add_argument("--eval-seqlen", type=int, help="perplexity window length (tokens)")
-    p.add_argument("--eval-max-windows", type=int, help="score only the first N windows")
+    d = recipe_default
+    p.add_argument(
+        "--eval",
+        help="perplexity data: stdlib-docs, stdlib-code, wikitext2, file:PATH" + d("eval"),
+    )
+    p.add_argument(
+        "--eval-seqlen", type=int, help="perplexity window length (tokens)" + d("eval_seqlen")
+    )
+    p.add_argument(
+        "--eval-max-windows",
+        type=int,
+        help="score only the first N windows" + d("eval_max_windows"),
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument(
         "--onnx",

@@ -271,9 +271,14 @@ def _zero_shot(rep: dict, figs: dict) -> list[str]:
         md.append(f"![zero-shot accuracy per task, dense vs sparse]({figs['zero_shot']})\n")
     md.append(table(markdown_rows(zs), ZS_COLS))
     e = next((x for x in zs if x.get("harness")), {})
+    limits = {x.get("limit") for x in zs}
     md.append(
         f"Value ± 1 stderr in percent; lm-eval {e.get('harness')}, "
-        f"limit {e.get('limit') or 'none'} docs per task.\n"
+        + (
+            f"limit {e.get('limit') or 'none'} docs per task.\n"
+            if len(limits) == 1
+            else "each task's documents in its row (dense and sparse paired on the same).\n"
+        )
     )
     return md
 

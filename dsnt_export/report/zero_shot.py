@@ -36,41 +36,47 @@ def _label(r: dict, runtimes: Sequence[str]) -> str:
 
 
 def zero_shot_table(rows: Sequence[dict]) -> list[dict]:
-    """One entry per runtime, task and metric of the ok ``zero_shot`` rows: ``runtime``, ``task``,
-    ``metric``, ``dense`` / ``sparse`` (value, %), ``dense_stderr`` / ``sparse_stderr`` (%),
-    ``delta`` (sparse - dense, points), ``n_samples``, ``limit``, ``harness`` (lm-eval version);
-    then one ``mean`` entry per runtime and metric (mean over the tasks each variant has). Values
-    of a missing variant are None."""
+    """One entry per runtime, task, metric and ``limit`` of the ok ``zero_shot`` rows:
+    ``runtime``, ``task``, ``metric``, ``dense`` / ``sparse`` (value, %), ``dense_stderr`` /
+    ``sparse_stderr`` (%), ``delta`` (sparse - dense, points), ``n_samples``, ``limit``,
+    ``harness`` (lm-eval version); then one ``mean`` entry per runtime, metric and limit (mean over
+    the tasks each variant has). Values of a missing variant are None. Dense and sparse are paired
+    only when scored on the same documents (same ``limit``: a ``--limit 30`` run never meets a
+    full one); for a repeated evaluation of the same runtime and limit the later row wins."""
     ok = _ok(rows)
-    cell = {(_rt(r), r["task"], r["metric"], r.get("variant")): r for r in ok}
-    keys = list(dict.fromkeys((_rt(r), r["task"], r["metric"]) for r in ok))
+    cell = {(_rt(r), r["task"], r["metric"], r.get("limit"), r.get("variant")): r for r in ok}
+    keys = list(dict.fromkeys((_rt(r), r["task"], r["metric"], r.get("limit")) for r in ok))
     out = []
-    for rt, task, metric in keys:
+    for rt, task, metric, limit in keys:
         e: dict = {"runtime": rt, "task": task, "metric": metric}
         for v in ("dense", "sparse"):
-            r = cell.get((rt, task, metric, v))
+            r = cell.get((rt, task, metric, limit, v))
             e[v] = None if r is None else 100 * r["value"]
             se = None if r is None else r.get("stderr")
             e[f"{v}_stderr"] = None if se is None else 100 * se
         any_r = (
-            cell.get((rt, task, metric, "sparse")) or cell.get((rt, task, metric, "dense")) or {}
+            cell.get((rt, task, metric, limit, "sparse"))
+            or cell.get((rt, task, metric, limit, "dense"))
+            or {}
         )
         e["delta"] = None if None in (e["dense"], e["sparse"]) else e["sparse"] - e["dense"]
         e["n_samples"] = any_r.get("n_samples")
-        e["limit"] = any_r.get("limit")
+        e["limit"] = limit
         e["harness"] = (any_r.get("harness") or {}).get("version")
         out.append(e)
-    for rt, metric in dict.fromkeys((rt, m) for rt, _, m in keys):
+    for rt, metric, limit in dict.fromkeys((rt, m, lim) for rt, _, m, lim in keys):
         e = {"runtime": rt, "task": "mean", "metric": metric}
         for v in ("dense", "sparse"):
             xs = [
                 x[v]
                 for x in out
-                if x["runtime"] == rt and x["metric"] == metric and x[v] is not None
+                if (x["runtime"], x["metric"], x["limit"]) == (rt, metric, limit)
+                and x[v] is not None
             ]
             e[v] = sum(xs) / len(xs) if xs else None
             e[f"{v}_stderr"] = None
         e["delta"] = None if None in (e["dense"], e["sparse"]) else e["sparse"] - e["dense"]
+        e["limit"] = limit
         out.append(e)
     return out
 
@@ -83,11 +89,20 @@ def _pm(x, se) -> str:
 
 def markdown_rows(table: Sequence[dict]) -> list[dict]:
     """:func:`zero_shot_table` entries as Markdown cells: ``dense`` / ``sparse`` as
-    "value ± stderr" (%), ``delta`` in points (for :data:`ZS_COLS`)."""
+    "value ± stderr" (%), ``delta`` in points (for :data:`ZS_COLS`); when the entries hold more
+    than one ``limit``, each task names its own ("boolq (first 30 docs)", "boolq (all docs)")."""
+    several = len({e.get("limit") for e in table}) > 1
+
+    def task(e: dict) -> str:
+        if not several:
+            return e["task"]
+        lim = e.get("limit")
+        return f"{e['task']} ({f'first {lim} docs' if lim else 'all docs'})"
+
     return [
         {
             "runtime": e.get("runtime", "torch"),
-            "task": e["task"],
+            "task": task(e),
             "metric": e["metric"],
             "dense": _pm(e["dense"], e["dense_stderr"]),
             "sparse": _pm(e["sparse"], e["sparse_stderr"]),

@@ -649,3 +649,25 @@ def test_a_hub_id_without_dns_fails_at_once_from_the_cache_only(tmp_path, monkey
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == len(set(lines)), err  # nothing printed twice
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "run"])
+def test_help_shows_the_default_recipe_values(command, capsys):
+    """A flag left unset takes the recipe's value: --help says which (the default preset's)."""
+    from dsnt_export.recipe import Recipe
+
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    r = Recipe.preset("default")
+    for flag, value in [
+        ("--pattern", r.pattern),
+        ("--init", r.init),
+        ("--refine", r.refine),
+        ("--calib", r.calib),
+        ("--batch-size", r.batch_size),
+        ("--matmul-precision", r.matmul_precision),
+    ]:
+        assert f"(default recipe: {value})" in text, flag
+    assert "(default recipe: off)" in text  # booleans: --sequential, --out-of-core, ...
+    if command == "run":
+        assert f"(default recipe: {r.eval_max_windows})" in text

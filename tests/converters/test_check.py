@@ -76,7 +76,10 @@ def test_single_flipped_weight(art, hashes):
     assert {"mask", "sparsity-mismatch"} <= codes(r)
     assert ("sha256" in codes(r)) == hashes
     bad = [f for f in r.violations if f.code == "mask"]
-    assert [f.subject for f in bad] == [UP] and "1 of" in bad[0].message
+    assert [f.subject for f in bad] == [UP] and bad[0].message.startswith("1 of")
+    # the printed line names the tensor once (subject), not again in the message
+    line = next(x for x in r.summary_lines() if "] mask " in x)
+    assert line.count(UP) == 1, line
     assert r.tensors[UP]["derived"] == "3:4"
 
 

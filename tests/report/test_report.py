@@ -506,3 +506,30 @@ def test_report_reads_like_prose_and_shows_the_exact_loss(tmp_path):
     )
     assert old["summary"]["layers_error_reduced"] == 1
     assert "| err before | err after |" in render_markdown(old)
+
+
+def test_zero_shot_pairs_dense_and_sparse_on_the_same_documents():
+    """A dense --limit 30 evaluation followed by a full sparse one must not be subtracted: each
+    limit is its own entry (and mean), the later row of one limit still wins, and the Markdown
+    rows name each task's documents."""
+    from dsnt_export.report.zero_shot import markdown_rows, zero_shot_table
+
+    full = [
+        {**_zs("dense", "boolq", 0.62, 0.02), "limit": None},
+        {**_zs("sparse", "boolq", 0.58, 0.02), "limit": None},
+    ]
+    short = [
+        {**_zs("dense", "boolq", 0.90, 0.05), "limit": 30},
+        {**_zs("sparse", "boolq", 0.70, 0.05), "limit": 30},
+    ]
+    later_short = {**_zs("sparse", "boolq", 0.80, 0.05), "limit": 30}
+    table = zero_shot_table([full[0], *short, full[1], later_short])
+    cells = {(e["task"], e["limit"]): e for e in table}
+    assert cells[("boolq", None)]["delta"] == pytest.approx(-4.0)
+    assert cells[("boolq", 30)]["delta"] == pytest.approx(-10.0)  # 80 - 90: the later row
+    assert cells[("mean", 30)]["sparse"] == pytest.approx(80.0)
+    assert cells[("mean", None)]["dense"] == pytest.approx(62.0)
+    tasks = {r["task"] for r in markdown_rows(table)}
+    assert {"boolq (first 30 docs)", "boolq (all docs)"} <= tasks
+    single = markdown_rows(zero_shot_table(full))
+    assert {r["task"] for r in single} == {"boolq", "mean"}
