@@ -126,8 +126,9 @@ def relative_loss(
         num = quadratic_loss(dense.float() - sparse.float(), hessian)
     else:
         loss, ridge = dampened_loss
-        d = (dense.float() - sparse.float()).flatten()
-        num = max(0.0, loss - ridge * float(torch.linalg.vecdot(d, d)))
+        # a plain reduction, not a BLAS dot: MKL's sdot may round differently with the
+        # buffers' alignment, and the records are compared bit for bit across processes
+        num = max(0.0, loss - ridge * float((dense.float() - sparse.float()).square().sum()))
     den = quadratic_loss(dense.float(), hessian)
     return num / den if den > 0 else float("nan")
 
