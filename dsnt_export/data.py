@@ -117,13 +117,19 @@ def topics_corpus(part: str, root: str | os.PathLike | None = None) -> Corpus:
 
 
 def check_data_backend(spec: str | DataSpec) -> None:
-    """Fail fast, before any model is loaded, when the data source ``spec`` needs a package
-    that is not installed (``c4`` / ``wikitext2`` need ``datasets``): raises
-    :class:`DataSourceError` naming the extra to install and the offline alternatives. Other
-    sources are checked when they are read."""
+    """Fail fast, before any model is loaded, when the data source ``spec`` is unknown, names a
+    missing file, or needs a package that is not installed (``c4`` / ``wikitext2`` need
+    ``datasets``): raises :class:`DataSourceError` saying what was expected (the known sources,
+    the extra to install, the offline alternatives). A file's content is checked when it is
+    read."""
     source = (spec if isinstance(spec, DataSpec) else parse_data_spec(spec)).source
-    if source in HUB_SOURCES:
-        _require_datasets(source)
+    kind, arg = resolve_source(source)
+    if kind == "hub":
+        _require_datasets(arg)
+    elif kind == "file" and not Path(arg).expanduser().is_file():
+        raise DataSourceError(
+            f"data file {Path(arg).expanduser()} does not exist; expected a .txt or .jsonl file"
+        )
 
 
 def _require_datasets(source: str):
@@ -208,26 +214,40 @@ def file_corpus(path: str | os.PathLike) -> Corpus:
     return Corpus(f"file:{p}", "all", texts, info=info)
 
 
-def load_corpus(source: str, part: str) -> Corpus:
-    """Resolve a source name to its calibration or evaluation part."""
-    if part not in ("calibration", "evaluation"):
-        raise UserInputError(f"part must be 'calibration' or 'evaluation', got {part!r}")
+def resolve_source(source: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a data source name: ``("stdlib", name)``, ``("topics", name)``,
+    ``("hub", "c4" | "wikitext2")``, or ``("file", path)`` for ``file:PATH`` or an existing
+    file's path. Raises :class:`DataSourceError` for anything else, listing what is accepted."""
     name = source.strip()
     key = name.lower().replace("-", "").replace("_", "")
     if name in STDLIB_SOURCES:
-        return stdlib_corpus(name, part)
+        return "stdlib", name
     if name == TOPICS_SOURCE:
-        return topics_corpus(part)
-    if key in ("c4", "wikitext2"):
-        return hub_corpus(key, part)
+        return "topics", name
+    if key in HUB_SOURCES:
+        return "hub", key
     if name.startswith("file:"):
-        return file_corpus(name[len("file:") :])
+        return "file", name[len("file:") :]
     if Path(name).expanduser().is_file():
-        return file_corpus(name)
+        return "file", name
     raise DataSourceError(
-        f"unknown data source {source!r}: not one of {', '.join(KNOWN_SOURCES)} and not an "
-        f"existing file. Use one of those names or 'file:PATH' ({OFFLINE_ALTERNATIVES})."
+        f"unknown data source {source!r}: expected one of {', '.join(KNOWN_SOURCES)}, or a "
+        f"text file as 'file:PATH' ({OFFLINE_ALTERNATIVES})."
     )
+
+
+def load_corpus(source: str, part: str) -> Corpus:
+    """Resolve a source name (:func:`resolve_source`) to its calibration or evaluation part."""
+    if part not in ("calibration", "evaluation"):
+        raise UserInputError(f"part must be 'calibration' or 'evaluation', got {part!r}")
+    kind, arg = resolve_source(source)
+    if kind == "stdlib":
+        return stdlib_corpus(arg, part)
+    if kind == "topics":
+        return topics_corpus(part)
+    if kind == "hub":
+        return hub_corpus(arg, part)
+    return file_corpus(arg)
 
 
 # ---------------------------------------------------------------- tokens

@@ -105,8 +105,13 @@ def artifact_kind(path: str | Path) -> tuple[str | None, str]:
     return None, "no config.json"
 
 
-def require_hf_checkpoint(path: str | Path, command: str | None = None) -> Path:
+def require_hf_checkpoint(
+    path: str | Path, command: str | None = None, mode: str | None = None
+) -> Path:
     """The HF checkpoint directory behind ``path``, or a clear error naming what it holds instead.
+
+    ``command`` / ``mode``: the command that asked and in which mode, for the message (e.g.
+    ``"eval"``, ``"on the torch runtime"``: "`dsnt-export eval` on the torch runtime reads ...").
 
     A run directory gives its ``hf/``. Raises :class:`WrongArtifactKindError` for an ONNX export,
     a TensorRT engine or a report (with the command that reads it), and :class:`ArtifactError` for
@@ -124,7 +129,9 @@ def require_hf_checkpoint(path: str | Path, command: str | None = None) -> Path:
         return p / "hf"
     if kind in _OTHER_KINDS:
         what, use = _OTHER_KINDS[kind]
-        who = f"`dsnt-export {command}` reads" if command else "expected"
+        who = (
+            f"`dsnt-export {command}`{f' {mode}' if mode else ''} reads" if command else "expected"
+        )
         raise WrongArtifactKindError(
             f"{p} is not an HF checkpoint: found {what} ({evidence}); {who} a Hugging Face "
             f"checkpoint directory (config.json + *.safetensors + tokenizer). Use "

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the artifact at ``args.path`` (:func:`converters.checkers.check_path`); print the
-    summary (stdout when it holds, stderr otherwise) or the JSON report, write the JUnit XML if
+    summary (stdout, also for violations; stderr when the artifact could not be read) or the
+    JSON report, write the JUnit XML if
     asked. Returns the report's exit code: 0 every check holds, 1 a violation, 2 unreadable or bad
     input; a UserInputError raised on the way is exit code 2 in the CLI."""
     from converters.checkers import check_path
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(report.dumps())
     else:
-        out = sys.stdout if report.ok else sys.stderr
+        # a verdict is the command's output (stdout, also when it fails: `check X > log`);
+        # an artifact it could not read at all is an input error (stderr, exit code 2)
+        out = sys.stderr if report.unreadable else sys.stdout
         print("\n".join(report.summary_lines()), file=out)
     return report.exit_code

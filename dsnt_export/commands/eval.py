@@ -105,7 +105,7 @@ def checkpoint_dir(spec: str) -> str:
             f"{spec} does not exist; expected an HF checkpoint directory (config.json + "
             "safetensors + tokenizer), a run directory with hf/, or embedded:smollm2-135m"
         )
-    return str(require_hf_checkpoint(p, "eval"))
+    return str(require_hf_checkpoint(p, "eval", "on the torch runtime"))
 
 
 def run(args: argparse.Namespace) -> int:

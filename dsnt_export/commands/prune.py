@@ -30,7 +30,7 @@ from dsnt_export.recipe import (
 
 
 def recipe_default(key: str) -> str:
-    """`` (default recipe: VALUE)`` for a ``--help`` line: the ``default`` preset's value of the
+    """`` [default recipe: VALUE]`` for a ``--help`` line: the ``default`` preset's value of the
     recipe field ``key`` (what the flag is when neither it nor ``--recipe`` is given)."""
     value = getattr(Recipe.preset("default"), key)
     if isinstance(value, bool):
@@ -41,7 +41,7 @@ def recipe_default(key: str) -> str:
         text = ", ".join(map(str, value)) or "none"
     else:
         text = "none" if value is None else str(value)
-    return f" (default recipe: {text})"
+    return f" [default recipe: {text}]"
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,9 +63,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--refine",
         choices=refine_choices(),
-        help="refinement of the initial mask: refit = least-squares re-fit of the kept weights "
-        "(default recipe), hessian-swap = swaps chosen by the exact layer loss, dsnot = DSnoT "
-        "(official recipe), none" + d("refine"),
+        help="refinement of the initial mask: refit = least-squares re-fit of the kept weights, "
+        "hessian-swap = swaps chosen by the exact layer loss, dsnot = DSnoT "
+        "(official recipe), none = no refinement" + d("refine"),
     )
     p.add_argument(
         "--refine-option",
@@ -147,7 +147,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         choices=MATMUL_PRECISIONS,
         help="internal precision of the float32 Hessian and solver products (torch's "
         "set_float32_matmul_precision): highest = IEEE float32; high = TF32 or two bfloat16s "
-        "where a kernel has them; medium = bfloat16-based; auto (default) = medium only where a "
+        "where a kernel has them; medium = bfloat16-based; auto = medium only where a "
         "probe finds it as accurate as float32 on this device (e.g. oneDNN on AVX512-BF16 CPUs), "
         "else highest. The model's own forwards are never affected" + d("matmul_precision"),
     )

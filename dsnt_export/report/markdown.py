@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dsnt_export.artifacts import MANIFEST_NAME
+
 
 def _fmt(v: Any) -> str:
     if v is None:
@@ -311,7 +313,8 @@ def _exports_lines(exports: dict) -> list[str]:
         mc = e.get("mask_checks") or {}
         failed = mc.get("failed") or []
         lines.append(
-            f"- {name}: `{e.get('out_dir', name)}/` ({len(e.get('files') or [])} files); mask "
+            f"- {name}: `{e.get('out_dir', name)}/` ({len(e.get('files') or [])} files and its "
+            f"{MANIFEST_NAME}); mask "
             f"re-check of the written weights: "
             + (f"{mc.get('tensors')} tensors, " if mc else "")
             + ("OK" if not failed else f"FAILED ({', '.join(map(str, failed))})")
@@ -355,7 +358,8 @@ def render_run_summary(summary: dict) -> str:
         f"seed {summary['calibration'].get('seed')}",
         f"- linears pruned: {s['n_linears']} ({s['n_refined']} refined, "
         f"{s['n_skipped']} skipped), sparsity {s['sparsity']:.4f}",
-        f"- mask check of the saved checkpoint: {'OK' if summary['validation']['ok'] else 'FAILED'}"
+        f"- the pruned checkpoint: `hf/` (Hugging Face format, loadable by transformers and vLLM); "
+        f"mask check of it: {'OK' if summary['validation']['ok'] else 'FAILED'}"
         f" ({summary['validation']['n_tensors']} tensors)",
     ]
     if s.get("mean_abs_err_before") is not None:

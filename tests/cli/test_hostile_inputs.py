@@ -667,7 +667,7 @@ def test_help_shows_the_default_recipe_values(command, capsys):
         ("--batch-size", r.batch_size),
         ("--matmul-precision", r.matmul_precision),
     ]:
-        assert f"(default recipe: {value})" in text, flag
-    assert "(default recipe: off)" in text  # booleans: --sequential, --out-of-core, ...
+        assert f"[default recipe: {value}]" in text, flag
+    assert "[default recipe: off]" in text  # booleans: --sequential, --out-of-core, ...
     if command == "run":
-        assert f"(default recipe: {r.eval_max_windows})" in text
+        assert f"[default recipe: {r.eval_max_windows}]" in text

@@ -83,11 +83,16 @@ def test_single_flipped_weight(art, hashes):
     assert r.tensors[UP]["derived"] == "3:4"
 
 
-def test_flipped_weight_without_manifest(art):
+def test_flipped_weight_without_manifest(art, capsys):
     edit_weights(art, lambda sd: sd[Q].__setitem__((0, int((sd[Q][0] == 0).nonzero()[0])), 0.5))
     (art / MANIFEST_NAME).unlink()
     r = check_path(art, pattern="2:4")
     assert r.exit_code == 1 and codes(r) == {"mask"}
+    capsys.readouterr()
+    assert main(["check", str(art), "--pattern", "2:4"]) == 1
+    out = capsys.readouterr()
+    # a failed verdict is output, not an error: `dsnt-export check X > log` keeps it
+    assert out.out.startswith("FAILED: ") and "] mask " in out.out and not out.err
     assert r.derived_pattern == "3:4"
 
 

@@ -313,6 +313,42 @@ def test_missing_datasets_fails_before_the_model_is_read(monkeypatch, loader):
         getattr(loading, loader)(Recipe(calib="stdlib-docs:4x32"))
 
 
+@pytest.mark.parametrize("loader", ["load_model_for", "load_skeleton_for"])
+@pytest.mark.parametrize(
+    ("calib", "match"),
+    [
+        ("nosuchsource:8x16", r"unknown data source 'nosuchsource'.*stdlib-docs.*file:PATH"),
+        ("file:/no/such/file.txt:8x16", r"data file /no/such/file.txt does not exist"),
+    ],
+)
+def test_unknown_or_missing_source_fails_before_the_model_is_read(
+    monkeypatch, loader, calib, match
+):
+    """An unknown source name or a missing data file is refused before the model is touched (a
+    new-user trial waited for the weights to load first)."""
+    from dsnt_export.recipe import Recipe
+    from dsnt_export.workflow import loading
+
+    def no_model(*a, **k):
+        raise AssertionError("the model source was resolved before the data source was checked")
+
+    monkeypatch.setattr(loading, "resolve_model_source", no_model)
+    with pytest.raises(DataSourceError, match=match):
+        getattr(loading, loader)(Recipe(calib=calib))
+
+
+def test_resolve_source_kinds(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("hello")
+    assert data.resolve_source("stdlib-docs") == ("stdlib", "stdlib-docs")
+    assert data.resolve_source("stdlib-topics") == ("topics", "stdlib-topics")
+    assert data.resolve_source("WikiText-2") == ("hub", "wikitext2")
+    assert data.resolve_source(f"file:{f}") == ("file", str(f))
+    assert data.resolve_source(str(f)) == ("file", str(f))
+    with pytest.raises(DataSourceError, match="expected one of"):
+        data.resolve_source("nope")
+
+
 def test_network_failure(monkeypatch):
     def offline(**kwargs):
         raise ConnectionError("no route to huggingface.co")

@@ -300,7 +300,11 @@ def test_run_summary_markdown_lists_exports_parity_and_checks():
     }
     md = render_run_summary(dict(base, exports=exports))
     assert "linears not refined: ['mlp.down_proj'], linears not pruned: none" in md
-    assert "- onnx: `onnx/` (2 files); mask re-check of the written weights: 14 tensors, OK" in md
+    assert (
+        "- onnx: `onnx/` (2 files and its dsnt_manifest.json); mask re-check of the written "
+        "weights: 14 tensors, OK"
+    ) in md
+    assert "the pruned checkpoint: `hf/`" in md
     assert "float32/model.onnx:logits: OK (max |difference| 7.4e-05, bound 0.003)" in md
     assert "float32/model.onnx:perplexity: FAILED (relative difference 0.02, bound 0.001;" in md
     assert "random token ids" in md and "warning: opset 17 asked, 20 written" in md
