@@ -126,10 +126,8 @@ def check_data_backend(spec: str | DataSpec) -> None:
     kind, arg = resolve_source(source)
     if kind == "hub":
         _require_datasets(arg)
-    elif kind == "file" and not Path(arg).expanduser().is_file():
-        raise DataSourceError(
-            f"data file {Path(arg).expanduser()} does not exist; expected a .txt or .jsonl file"
-        )
+    elif kind == "file":
+        _data_file(arg)
 
 
 def _require_datasets(source: str):
@@ -182,11 +180,17 @@ def hub_corpus(source: str, part: str) -> Corpus:
     raise UserInputError(f"unknown hub source {source!r}; expected one of {HUB_SOURCES}")
 
 
-def file_corpus(path: str | os.PathLike) -> Corpus:
-    """A local .txt (one stream of text) or .jsonl file (one document per line, field "text")."""
+def _data_file(path: str | os.PathLike) -> Path:
+    """``path`` as an existing file's Path; raises :class:`DataSourceError` when it is not one."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataSourceError(f"data file {p} does not exist; expected a .txt or .jsonl file")
+    return p
+
+
+def file_corpus(path: str | os.PathLike) -> Corpus:
+    """A local .txt (one stream of text) or .jsonl file (one document per line, field "text")."""
+    p = _data_file(path)
     try:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -15,6 +15,7 @@ directory is written atomically: on any error nothing is left behind.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from dsnt_export.errors import UserInputError
@@ -29,10 +30,16 @@ from dsnt_export.recipe import (
 )
 
 
+@functools.cache
+def _default_recipe() -> Recipe:
+    """The ``default`` preset, built once per process for the ``--help`` lines."""
+    return Recipe.preset("default")
+
+
 def recipe_default(key: str) -> str:
     """`` [default recipe: VALUE]`` for a ``--help`` line: the ``default`` preset's value of the
     recipe field ``key`` (what the flag is when neither it nor ``--recipe`` is given)."""
-    value = getattr(Recipe.preset("default"), key)
+    value = getattr(_default_recipe(), key)
     if isinstance(value, bool):
         text = "on" if value else "off"
     elif isinstance(value, dict):

@@ -168,8 +168,8 @@ def test_reported_dampened_loss_gives_the_relative_loss(solver):
     H = stats.hessian
     w_sg, keep = sparsegpt_prune(W, H, "2:4", blocksize=16)
     cfg = RefitConfig(solver=solver, percdamp=0.2)
-    s = refine_layer(W, torch.where(keep, w_sg, W), keep, stats, "2:4", cfg).summary
-    out = refine_layer(W, torch.where(keep, w_sg, W), keep, stats, "2:4", cfg).weight
+    res = refine_layer(W, torch.where(keep, w_sg, W), keep, stats, "2:4", cfg)
+    s, out = res.summary, res.weight
     assert s.loss_ridge == pytest.approx(0.2 * float(H.diagonal().mean()), rel=1e-6)
     direct = relative_loss(W, out, H)
     read_off = relative_loss(W, out, H, dampened_loss=(s.loss_after, s.loss_ridge))
