@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from dsnt_export.errors import NonFiniteError, ShapeError, UserInputError
+from dsnt_export.methods.nm_sweep_cpu import kernel_available, nm_block_sweep_cpu
 from dsnt_export.patterns import NM, Pattern, Unstructured, parse_pattern
 from dsnt_export.precision import matmul_precision
 from dsnt_export.refine.loss import dampening
@@ -87,16 +88,43 @@ def sparsegpt_prune(
     pattern = parse_pattern(pattern)
     _validate(weight, hessian, pattern, blocksize, percdamp)
     dev = torch.device(device) if device is not None else weight.device
-    rows, cols = weight.shape
-
-    # Work on a float32 copy of W^T [in, out]: a column of W is then a contiguous row, which makes
-    # the per-column rank-1 updates (the hot loop) several times faster on CPU.
-    Wt = torch.empty(cols, rows, dtype=torch.float32, device=dev).copy_(weight.detach().t())
     U, dead = factor if factor is not None else sparsegpt_factor(hessian, percdamp, device=dev)
+    if isinstance(pattern, NM) and dev.type == "cpu" and kernel_available():
+        W, keep, vals = _sweep_nm_cpu(weight, U, dead, pattern, blocksize, return_pruned_values)
+    else:
+        W, keep, vals = _sweep(weight, U, dead, pattern, blocksize, dev, return_pruned_values)
+    out = W.to(device=weight.device, dtype=weight.dtype)
+    keep = keep.to(weight.device)
+    if weight.dtype != torch.float32 and logger.isEnabledFor(logging.DEBUG):
+        n_under = int(((out == 0) & keep).sum())
+        if n_under:
+            logger.debug(
+                "%d kept weights became exactly 0 in the cast to %s", n_under, weight.dtype
+            )
+    if vals is not None:
+        return out, keep, vals.to(device=weight.device, dtype=weight.dtype)
+    return out, keep
+
+
+def _sweep(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    dead: torch.Tensor,
+    pattern: Pattern,
+    blocksize: int,
+    dev: torch.device,
+    want_vals: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The sweep as torch ops on any device: float32 ``(W' [out, in], keep [out, in], pruned
+    values [out, in] or None)`` on ``dev``."""
+    rows, cols = weight.shape
+    # Work on a float32 copy of W^T [in, out]: a column of W is then a contiguous row, which makes
+    # the per-column rank-1 updates (the hot loop) several times faster.
+    Wt = torch.empty(cols, rows, dtype=torch.float32, device=dev).copy_(weight.detach().t())
     Wt[dead] = 0.0
 
     prune = torch.zeros(cols, rows, dtype=torch.bool, device=dev)
-    loss = torch.zeros(rows, dtype=torch.float32, device=dev)
+    loss = torch.zeros(rows, dtype=torch.float32, device=dev) if _debug() else None
     total_prune = rows * pattern.n_prune_per_row(cols) if isinstance(pattern, Unstructured) else 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -106,17 +134,57 @@ def sparsegpt_prune(
             k = total_prune * i2 // cols - total_prune * i1 // cols
             prune[i1:i2] = _smallest_in_tile(Wt[i1:i2], torch.diagonal(U1), k)
         err1 = _prune_block(Wt[i1:i2], U1, pattern, prune[i1:i2])
-        loss += (err1 * err1).sum(dim=0)
+        if loss is not None:
+            loss += (err1 * err1).sum(dim=0)
         if i2 < cols:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), err1, alpha=-1.0)
     # A processed column is never updated again (its own rank-1 update is skipped, the later
     # ones only reach columns to its right), so its pruned entries still hold the values they had
     # when pruned: kept for the caller, then zeroed. Kept entries only ever received zero errors
     # from their own column.
-    pruned_vals = Wt.masked_fill(prune.logical_not(), 0.0) if return_pruned_values else None
+    pruned_vals = Wt.masked_fill(prune.logical_not(), 0.0) if want_vals else None
     Wt.masked_fill_(prune, 0.0)
+    _log_loss(loss, pattern, rows, cols)
+    vals = pruned_vals.t().contiguous() if pruned_vals is not None else None
+    return Wt.t().contiguous(), prune.logical_not_().t().contiguous(), vals
 
-    if logger.isEnabledFor(logging.DEBUG):
+
+def _sweep_nm_cpu(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    dead: torch.Tensor,
+    pattern: NM,
+    blocksize: int,
+    want_vals: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_sweep` for N:M on CPU, in W's own [out, in] layout: each block's sweep is the
+    compiled kernel :func:`~dsnt_export.methods.nm_sweep_cpu.nm_block_sweep_cpu` (which also
+    writes the mask, the zeros and the pruned values: no transposes, no masked fills), the
+    columns right of the block get its errors in one product, as in :func:`_sweep`."""
+    rows, cols = weight.shape
+    W = weight.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+    W[:, dead] = 0.0
+    U = U.contiguous()
+    keep = torch.empty(rows, cols, dtype=torch.bool)
+    vals = torch.empty(rows, cols, dtype=torch.float32) if want_vals else None
+    loss = torch.zeros(rows, dtype=torch.float32) if _debug() else None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        err = nm_block_sweep_cpu(W, U, i1, i2, pattern.n_prune, pattern.m, keep, vals)
+        if loss is not None:
+            loss += (err * err).sum(dim=1)
+        if i2 < cols:
+            W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1.0)
+    _log_loss(loss, pattern, rows, cols)
+    return W, keep, vals
+
+
+def _debug() -> bool:
+    return logger.isEnabledFor(logging.DEBUG)
+
+
+def _log_loss(loss: torch.Tensor | None, pattern: Pattern, rows: int, cols: int) -> None:
+    if loss is not None:
         logger.debug(
             "sparsegpt %s on [%d, %d]: OBS loss estimate %.6g (sum over rows of err^2 / 2)",
             pattern,
@@ -124,18 +192,6 @@ def sparsegpt_prune(
             cols,
             float(loss.sum()) / 2,
         )
-    out = Wt.t().to(device=weight.device, dtype=weight.dtype).contiguous()
-    keep = prune.logical_not_().t().to(weight.device).contiguous()
-    if weight.dtype != torch.float32 and logger.isEnabledFor(logging.DEBUG):
-        n_under = int(((out == 0) & keep).sum())
-        if n_under:
-            logger.debug(
-                "%d kept weights became exactly 0 in the cast to %s", n_under, weight.dtype
-            )
-    if pruned_vals is not None:
-        vals = pruned_vals.t().to(device=weight.device, dtype=weight.dtype).contiguous()
-        return out, keep, vals
-    return out, keep
 
 
 def sparsegpt_factor(
@@ -166,10 +222,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tor
     warning); if that fails too, raises ``UserInputError``. ``hessian`` is not modified.
     """
     Hf = hessian.to(torch.float32).flip(0, 1)
-    eye = torch.eye(Hf.shape[0], dtype=torch.float32, device=Hf.device)
     for attempt, damp in enumerate((percdamp, 10 * percdamp)):
+        A = Hf.clone()
+        A.diagonal().add_(dampening(Hf, damp))
         with matmul_precision("highest"):
-            L_inv, info = inverse_cholesky(Hf + dampening(Hf, damp) * eye)
+            L_inv, info = inverse_cholesky(A)
         if int(info) == 0:
             U = L_inv.flip(0, 1)
             if bool(torch.isfinite(U.sum())) or bool(torch.isfinite(U).all()):
@@ -255,7 +312,8 @@ def _prune_block_nm(Wt1: torch.Tensor, U1: torch.Tensor, pattern: NM, prune1: to
     differs from the plain sweep (float32 rounding). Per column this is two small ops (the CPU
     loop is bound by op dispatch, not by arithmetic): the error ``e = w * (mask / d)`` from a
     per-group scale, and the in-group update; the rows are views taken once (``unbind``), and
-    the mask is read off the scales once per block.
+    the mask is read off the scales once per block. (On CPU, :func:`_sweep_nm_cpu` runs the
+    same steps as one compiled kernel when Numba is available.)
     """
     count, m = Wt1.shape[0], pattern.m
     d = torch.diagonal(U1)
