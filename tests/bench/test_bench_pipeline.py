@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dsnt_export.bench.schema import row_problems
+from dsnt_export.methods.nm_sweep_cpu import kernel_available
 from tests._scripts import load_script
 from tests.tiny_models import calib_ids, make_dense_and_sparse_dirs, tiny_model
 
@@ -145,6 +146,8 @@ def test_script_on_a_tiny_checkpoint(bp, tmp_path, capsys):
         assert r["stages"]["save_s"] > 0 and r["stages"]["total_s"] == r["seconds"]
         assert r["peak_host_bytes"] >= r["host_after_load_bytes"] > 0
         assert r["peak_device_bytes"] is None  # CPU
+        want = "numba" if kernel_available() else "torch ops"
+        assert r["sparsegpt_sweep"] == want  # SparseGPT's compiled CPU sweep, where it runs
         assert r["ppl"]["ppl"] > 1 and r["ppl"]["dataset_hash"] == floor["ppl"]["dataset_hash"]
     assert by["sparsegpt"]["stages"]["refine_s"] < by["recipe"]["stages"]["refine_s"]
     printed = capsys.readouterr().out
