@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the artifact at ``args.path`` (:func:`converters.checkers.check_path`); print the
     summary (stdout, also for violations; stderr when the artifact could not be read) or the
-    JSON report, write the JUnit XML if asked. Returns the report's exit code: 0 every check holds, 1 a violation, 2 unreadable or bad
-    input; a UserInputError raised on the way is exit code 2 in the CLI."""
+    JSON report, write the JUnit XML if asked. Returns the report's exit code: 0 every check
+    holds, 1 a violation, 2 unreadable or bad input; a UserInputError raised on the way is exit
+    code 2 in the CLI."""
     from converters.checkers import check_path
 
     report = check_path(

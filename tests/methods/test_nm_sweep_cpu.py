@@ -30,7 +30,7 @@ def _problem(count: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _torch_sweep(wt: torch.Tensor, u: torch.Tensor, pat) -> tuple:
-    """The torch-ops path of the same block sweep (the kernel switched off)."""
+    """The same block sweep as torch ops (``_prune_block_nm``, the path without the kernel)."""
     prune = torch.zeros(wt.shape, dtype=torch.bool)
     err = sg._prune_block_nm(wt, u, pat, prune)
     return wt, err, prune

@@ -17,8 +17,8 @@ The SparseGPT N:M sweep's group-wise updates and refit's mask-free CG (float32 r
 were recorded on AVX2; the AVX512 recordings of the two SparseGPT cases were dropped then (the
 cases those changes do not reach stay recorded there). The two SparseGPT cases were re-recorded on
 AVX2 when the CPU N:M sweep became one compiled kernel (Numba, a core dependency: it runs where
-installed, so the recordings assume it; float32 rounding only, same masks here). The model and data are built here,
-independent of the shared tiny-model fixtures.
+installed, so the recordings assume it; float32 rounding only, same masks here). The model and
+data are built here, independent of the shared tiny-model fixtures.
 """
 
 from __future__ import annotations
